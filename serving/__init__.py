@@ -1,0 +1,1 @@
+"""gRPC serving of the MNIST CNN."""

@@ -1,0 +1,203 @@
+"""`mnist-train`: fit the article's CNN, export it to ONNX, prove parity, publish a model version."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from training.config import RECIPES, TrainConfig, make_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-train",
+        description="Train the article's MNIST CNN, export it to ONNX, verify ONNX against Keras "
+                    "on every test image, and add a version to a Triton-style model repository.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="article",
+                        help="article: the article's SGD recipe (0.9704); best: the strongest CPU recipe")
+    parser.add_argument("--summary", action="store_true", help="print the network's Keras summary and exit")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
+    data.add_argument("--data-dir", help="folder of the four IDX files (default: $MNIST_DATA_DIR, else download)")
+    data.add_argument("--limit", type=int, help="train on the first N training images only (quick looks, tests)")
+    hyper = parser.add_argument_group("hyper-parameters (default: the recipe's)")
+    hyper.add_argument("--epochs", type=int)
+    hyper.add_argument("--batch-size", type=int)
+    hyper.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop"])
+    hyper.add_argument("--learning-rate", type=float)
+    hyper.add_argument("--validation-split", type=float, default=0.1,
+                       help="fraction of the training set held out and reported each epoch")
+    hyper.add_argument("--seed", type=int, default=42, help="fixes initialisation, shuffling and augmentation")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path("model_repository"), help="model repository folder")
+    out.add_argument("--model-name", default="mnist")
+    out.add_argument("--artifacts", type=Path, default=Path("artifacts"),
+                     help="folder for the .keras model and the PNG plots")
+    out.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size written to config.pbtxt")
+    out.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be a positive number of images")
+    if args.opset < 17:
+        raise ValueError("--opset must be 17 or newer")
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size,
+                 "optimizer": args.optimizer, "learning_rate": args.learning_rate}
+    return make_config(
+        args.recipe, overrides, dataset=args.dataset, data_dir=args.data_dir,
+        validation_split=args.validation_split, seed=args.seed, limit=args.limit, out=args.out,
+        model_name=args.model_name, artifacts=args.artifacts, max_batch_size=args.max_batch_size,
+        opset=args.opset,
+    )
+
+
+def source_revision() -> str:
+    """The git commit the code came from (with -dirty for uncommitted changes), else 'unknown'."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                                text=True, check=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def summary_table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    line = "-" * (width + 3 + max(len(value) for _, value in rows))
+    return "\n".join([line, *(f"{name:<{width}} | {value}" for name, value in rows), line])
+
+
+def _progress(message: str) -> None:
+    print(f"[mnist-train] {message}", file=sys.stderr, flush=True)
+
+
+def run(config: TrainConfig) -> int:
+    # Heavy imports after argument parsing, so --help and bad flags answer at once.
+    from training.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import keras
+    import numpy as np
+
+    from serving.repository import INPUT_NAME, OUTPUT_NAME, write_version
+    from training import plots
+    from training.data import load_dataset, to_model_input
+    from training.export import export_onnx
+    from training.fit import fit
+    from training.verify import check_parity
+
+    started = time.perf_counter()
+    data = load_dataset(config.dataset, config.data_dir)
+    _progress(f"{config.dataset}: {len(data.train_images):,} training / {len(data.test_images):,} test images "
+              f"from {data.source}; recipe '{config.recipe_name}'")
+    result = fit(config, data)
+
+    trained_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+    revision = source_revision()
+    onnx_metadata = {
+        "class_names": data.class_names, "recipe": config.recipe_name,
+        "test_accuracy": f"{result.test_accuracy:.4f}", "trained_at": trained_at,
+        "source_revision": revision, "dataset": config.dataset,
+    }
+    _progress(f"exporting to ONNX (opset {config.opset}) with tf2onnx")
+    onnx_bytes = export_onnx(result.model, onnx_metadata, config.opset).SerializeToString()
+
+    test_images = to_model_input(data.test_images)
+    _progress(f"verifying ONNX against Keras on all {len(test_images):,} test images")
+    parity = check_parity(result.model, onnx_bytes, test_images, data.test_labels, config.parity_tolerance)
+
+    metadata = {
+        **onnx_metadata,
+        "test_accuracy": result.test_accuracy,
+        "onnx_test_accuracy": parity.onnx_accuracy,
+        "train_accuracy": result.train_accuracy,
+        "val_accuracy": result.val_accuracy,
+        "test_loss": result.test_loss,
+        "hyperparameters": config.hyperparameters(),
+        "architecture": result.model.name,
+        "parameters": int(result.model.count_params()),
+        "train_images": result.train_size,
+        "validation_images": result.val_size,
+        "history": result.history,
+        "parity": {"images": parity.images, "max_abs_diff": parity.max_abs_diff,
+                   "mean_abs_diff": parity.mean_abs_diff, "argmax_mismatches": len(parity.argmax_mismatches),
+                   "tolerance": parity.tolerance},
+        "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 28, 28, 1]},
+        "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(data.class_names)]},
+        "opset": config.opset,
+        "fit_seconds": round(result.wall_seconds, 1),
+        "versions": {"tensorflow": __import__("tensorflow").__version__, "keras": keras.__version__,
+                     "tf2onnx": __import__("tf2onnx").__version__, "onnx": __import__("onnx").__version__},
+    }
+    metadata["wall_seconds"] = round(time.perf_counter() - started, 1)
+    version = write_version(config.out, config.model_name, onnx_bytes, metadata, config.max_batch_size)
+
+    artifacts = config.artifacts / f"{config.model_name}-v{version.version}"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    result.model.save(artifacts / "model.keras")
+    predicted = result.model.predict(test_images, batch_size=1000, verbose=0).argmax(axis=1)
+    plots.plot_training_curves(result.history, artifacts / "training_curves.png")
+    plots.plot_confusion_matrix(plots.confusion_matrix(data.test_labels, predicted, len(data.class_names)),
+                                data.class_names, artifacts / "confusion_matrix.png")
+    plots.plot_misclassified(data.test_images, data.test_labels, predicted, data.class_names,
+                             artifacts / "misclassified.png")
+
+    percent = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    print(summary_table([
+        ("recipe", f"{config.recipe_name} ({result.model.name}, {result.model.count_params():,} parameters)"),
+        ("epochs", str(config.recipe.epochs)),
+        ("wall time", f"{result.wall_seconds:.1f} s fitting, {metadata['wall_seconds']:.1f} s in all"),
+        ("train accuracy", percent(result.train_accuracy)),
+        ("val accuracy", percent(result.val_accuracy)),
+        ("test accuracy", f"{percent(result.test_accuracy)} (Keras), {percent(parity.onnx_accuracy)} (ONNX)"),
+        ("parity", f"max |Δp| {parity.max_abs_diff:.1e} over {parity.images:,} images, "
+                   f"{len(parity.argmax_mismatches)} argmax differences"),
+        ("model", str(version.model_path)),
+        ("artifacts", str(artifacts)),
+    ]))
+    return 0
+
+
+def print_summary(config: TrainConfig) -> int:
+    from training.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    from training.model import ARCHITECTURES
+
+    ARCHITECTURES[config.recipe.architecture]().summary()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from serving.repository import RepositoryError
+    from training.data import DatasetError
+
+    try:
+        config = config_from_args(args)
+        if args.summary:
+            return print_summary(config)
+        return run(config)
+    except KeyboardInterrupt:
+        print("mnist-train: interrupted", file=sys.stderr)
+        return 130
+    except (DatasetError, RepositoryError, ValueError, OSError) as err:
+        print(f"mnist-train: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # ParityError and anything unforeseen: one line, not a traceback
+        print(f"mnist-train: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
