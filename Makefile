@@ -1,0 +1,58 @@
+# One entry point for people and CI. `make demo` and `make test` set everything up on a fresh machine.
+PYTHON      ?= python3
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+REPOSITORY  ?= model_repository
+# The local MNIST copy when there is one (offline machines); otherwise mnist-train downloads it.
+MNIST_DATA_DIR ?= $(wildcard ../shared/datasets/mnist)
+export MNIST_DATA_DIR
+
+.PHONY: install demo train serve test proto proto-check loadtest batching-study bench lock clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+## The main job: train (article recipe), export, verify parity, publish to $(REPOSITORY); then serve it
+## and load-test it for a minute.
+demo: install
+	$(BIN)/mnist-train --out $(REPOSITORY)
+	$(MAKE) loadtest
+
+train: install
+	$(BIN)/mnist-train --out $(REPOSITORY) $(ARGS)
+
+serve: install
+	$(BIN)/mnist-serve --model-repository $(REPOSITORY) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(ARGS)
+
+## Regenerate the gRPC stubs from proto/*.proto (committed; `make proto-check` proves they match).
+proto: install
+	$(BIN)/python proto/generate.py
+
+proto-check: install
+	$(BIN)/python proto/generate.py --check
+
+loadtest: install
+	$(BIN)/python loadtest/run.py --model-repository $(REPOSITORY) $(ARGS)
+
+batching-study: install
+	$(BIN)/python loadtest/batching_study.py --model-repository $(REPOSITORY) $(ARGS)
+
+bench: install
+	$(BIN)/python bench/bench_serving.py --model-repository $(REPOSITORY) $(ARGS)
+
+## Refresh constraints.txt from a fresh resolve of pyproject.toml.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install -q -e '.[dev]'
+	( head -2 constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v mnist-cnn-serving ) > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) artifacts reports bench/results

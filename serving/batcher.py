@@ -1,0 +1,182 @@
+"""Dynamic batching: one queue of requests, coalesced into batches for a blocking `infer` function.
+
+Knows nothing of gRPC or ONNX: it takes arrays and returns arrays. While one
+batch runs (in a worker thread, which the inference library runs without the
+GIL), new requests queue up; the next batch takes all of them, up to
+`max_batch_size` images. So an idle server runs a lone request at once, and a
+busy one forms large batches without ever waiting on a timer. A positive
+`max_queue_delay` lets a batch that is not full wait that much longer for company.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """The queue holds --max-queue-size requests already: shed load rather than queue forever."""
+
+
+class DeadlineExceeded(Exception):
+    """The caller's deadline passed while its request waited in the queue."""
+
+
+class ShuttingDown(Exception):
+    """The batcher is closed and takes no new work."""
+
+
+class BatchObserver(Protocol):
+    """Where the batcher reports what it does (the server plugs Prometheus metrics in)."""
+
+    def batch_started(self, images: int, requests: int, waits: list[float]) -> None: ...
+    def batch_finished(self, images: int, seconds: float) -> None: ...
+    def request_dropped(self, reason: str) -> None: ...
+    def queue_depth(self, requests: int) -> None: ...
+
+
+class _NoObserver:
+    def batch_started(self, images: int, requests: int, waits: list[float]) -> None: ...
+    def batch_finished(self, images: int, seconds: float) -> None: ...
+    def request_dropped(self, reason: str) -> None: ...
+    def queue_depth(self, requests: int) -> None: ...
+
+
+@dataclass
+class _Pending:
+    images: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+    deadline: float | None  # time.monotonic() after which the answer is useless
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        infer: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int = 64,
+        max_queue_delay: float = 0.0,
+        max_queue_size: int = 1024,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay
+        self.max_queue_size = max_queue_size
+        self._observer = observer or _NoObserver()
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._worker: asyncio.Task | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
+
+    async def submit(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Queue `images` [n, ...] (n ≤ max_batch_size) and return the model's outputs for them."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down and takes no new requests")
+        if len(self._queue) >= self.max_queue_size:
+            self._observer.request_dropped("queue_full")
+            raise QueueFull(
+                f"the request queue is full ({self.max_queue_size} requests waiting); retry with backoff"
+            )
+        if len(images) > self.max_batch_size:
+            raise ValueError(f"{len(images)} images exceed the batch limit of {self.max_batch_size}")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(images, future, time.monotonic(), deadline))
+        self._observer.queue_depth(len(self._queue))
+        self._arrived.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            future.cancel()  # the caller went away: the batcher will skip this request
+            raise
+
+    async def close(self) -> None:
+        """Finish what is queued, then stop the worker."""
+        self._closing = True
+        while self._queue:
+            await asyncio.sleep(0.005)
+        if self._worker:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self.max_queue_delay > 0:
+                await self._wait_for_company()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            started = time.monotonic()
+            images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+            self._observer.batch_started(len(images), len(batch), [started - p.enqueued for p in batch])
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._infer, images)
+            except Exception as err:  # noqa: BLE001 - the failure belongs to the callers, not the worker
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(err)
+                continue
+            self._observer.batch_finished(len(images), time.monotonic() - started)
+            offset = 0
+            for pending in batch:
+                count = len(pending.images)
+                if not pending.future.done():
+                    pending.future.set_result(outputs[offset: offset + count])
+                offset += count
+
+    async def _wait_for_company(self) -> None:
+        """Hold a partial batch until it fills or its oldest request has waited max_queue_delay."""
+        oldest = self._queue[0].enqueued
+        while self._queued_images() < self.max_batch_size:
+            remaining = oldest + self.max_queue_delay - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _queued_images(self) -> int:
+        return sum(len(p.images) for p in self._queue)
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pop requests in arrival order while they fit; drop the cancelled and the expired."""
+        batch: list[_Pending] = []
+        size = 0
+        now = time.monotonic()
+        while self._queue:
+            pending = self._queue[0]
+            if pending.future.done():  # cancelled by its caller while queued
+                self._queue.popleft()
+                self._observer.request_dropped("cancelled")
+                continue
+            if pending.deadline is not None and pending.deadline <= now:
+                self._queue.popleft()
+                pending.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+                self._observer.request_dropped("deadline")
+                continue
+            if size + len(pending.images) > self.max_batch_size:
+                break
+            self._queue.popleft()
+            batch.append(pending)
+            size += len(pending.images)
+        self._observer.queue_depth(len(self._queue))
+        return batch

@@ -1,0 +1,31 @@
+"""`mnist-serve`: the gRPC prediction server."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from serving.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ValueError as err:
+        print(f"mnist-serve: error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Imported after parsing so that --help answers without loading onnxruntime and grpc.
+    from serving.repository import RepositoryError
+    from serving.runtime import DeviceUnavailable
+    from serving.server import serve
+
+    try:
+        return asyncio.run(serve(config))
+    except (RepositoryError, DeviceUnavailable, OSError) as err:
+        print(f"mnist-serve: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

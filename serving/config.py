@@ -1,0 +1,107 @@
+"""Server configuration: one typed dataclass, filled from flags, each also an environment variable."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ENV_PREFIX = "MNIST_SERVE_"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_repository: Path = Path("model_repository")
+    model_name: str = "mnist"
+    model_version: int | None = None  # None: the newest version in the repository
+    host: str = "0.0.0.0"
+    port: int = 8500
+    metrics_port: int = 9100  # 0 turns the Prometheus endpoint off
+    device: str = "auto"  # auto | cuda | cpu
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0  # extra wait allowed to fill a batch; 0 never delays a request
+    max_queue_size: int = 1024  # queued requests beyond which calls are shed with RESOURCE_EXHAUSTED
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"  # disable | basic | extended | all
+    warmup_runs: int = 3
+    max_message_bytes: int = 16 * 1024 * 1024
+    grace_period: float = 10.0
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, not '{self.device}'"),
+            (self.graph_optimization in ("disable", "basic", "extended", "all"),
+             "--graph-optimization must be disable, basic, extended or all"),
+            (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
+            (self.max_queue_delay_us >= 0, "--max-queue-delay-us cannot be negative"),
+            (self.max_queue_size >= 1, "--max-queue-size must be at least 1"),
+            (self.intra_op_threads >= 0 and self.inter_op_threads >= 0, "thread counts cannot be negative"),
+            (0 < self.port < 65536 and 0 <= self.metrics_port < 65536, "ports must be in 1..65535"),
+            (self.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
+            (self.grace_period >= 0, "--grace-period cannot be negative"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def describe(self) -> str:
+        return " ".join(f"{key}={value}" for key, value in asdict(self).items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-serve",
+        description="Serve the MNIST CNN over gRPC (mnist.v1.Classifier and KServe v2 "
+                    "inference.GRPCInferenceService) with dynamic batching on onnxruntime. "
+                    f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>, "
+                    f"e.g. {ENV_PREFIX}MAX_BATCH_SIZE=32.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = ServeConfig()
+    model = parser.add_argument_group("model")
+    model.add_argument("--model-repository", type=Path, default=d.model_repository)
+    model.add_argument("--model-name", default=d.model_name)
+    model.add_argument("--model-version", type=int, default=d.model_version, help="default: the newest")
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default=d.host)
+    net.add_argument("--port", type=int, default=d.port)
+    net.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics; 0: off")
+    net.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    net.add_argument("--grace-period", type=float, default=d.grace_period,
+                     help="seconds to finish accepted calls after SIGTERM/SIGINT")
+    batching = parser.add_argument_group("batching")
+    batching.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                          help="most images per onnxruntime call (and per request)")
+    batching.add_argument("--max-queue-delay-us", type=int, default=d.max_queue_delay_us,
+                          help="longest extra wait to fill a batch; 0: never wait (a lone request runs at once)")
+    batching.add_argument("--max-queue-size", type=int, default=d.max_queue_size,
+                          help="queued requests beyond which new calls get RESOURCE_EXHAUSTED")
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device)
+    runtime.add_argument("--intra-op-threads", type=int, default=d.intra_op_threads,
+                         help="onnxruntime threads inside an operator; 0: one per core")
+    runtime.add_argument("--inter-op-threads", type=int, default=d.inter_op_threads)
+    runtime.add_argument("--graph-optimization", choices=["disable", "basic", "extended", "all"],
+                         default=d.graph_optimization)
+    runtime.add_argument("--warmup-runs", type=int, default=d.warmup_runs)
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level)
+    return parser
+
+
+def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> None:
+    """Let MNIST_SERVE_<FLAG> set each flag's default; the command line still wins."""
+    environ = os.environ if environ is None else environ
+    for action in parser._actions:  # argparse converts string defaults with the action's type
+        value = environ.get(ENV_PREFIX + action.dest.upper())
+        if value not in (None, "") and action.dest != "help":
+            if action.choices and value not in action.choices:
+                raise ValueError(f"{ENV_PREFIX}{action.dest.upper()}={value}: choose one of {', '.join(action.choices)}")
+            action.default = value
+
+
+def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
+    parser = build_parser()
+    apply_environment(parser, environ)
+    return ServeConfig(**vars(parser.parse_args(argv)))

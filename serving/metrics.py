@@ -1,0 +1,82 @@
+"""Prometheus metrics of the server, and the gRPC interceptor that counts every call."""
+from __future__ import annotations
+
+import time
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+REQUESTS = Counter("mnist_requests_total", "gRPC calls answered, by method and status code", ["method", "code"])
+LATENCY = Histogram("mnist_request_latency_seconds", "Time from receiving a call to answering it", ["method"],
+                    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+QUEUE_WAIT = Histogram("mnist_queue_wait_seconds", "Time a request waited in the batching queue",
+                       buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
+BATCH_SIZE = Histogram("mnist_batch_size", "Images per onnxruntime call",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_REQUESTS = Histogram("mnist_batch_requests", "Requests coalesced into one onnxruntime call",
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+INFERENCE = Histogram("mnist_inference_seconds", "onnxruntime time per batch",
+                      buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
+IMAGES = Counter("mnist_images_total", "Images classified")
+QUEUE_DEPTH = Gauge("mnist_queue_depth", "Requests waiting in the batching queue")
+DROPPED = Counter("mnist_dropped_requests_total", "Requests dropped before inference", ["reason"])
+MODEL = Gauge("mnist_model_info", "The served model (value 1)", ["model", "version", "provider"])
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
+    """Expose /metrics over HTTP from a background thread."""
+    start_http_server(port, addr=host)
+
+
+class PrometheusBatchObserver:
+    """The batcher's observer, feeding the histograms above."""
+
+    def batch_started(self, images: int, requests: int, waits: list[float]) -> None:
+        BATCH_SIZE.observe(images)
+        BATCH_REQUESTS.observe(requests)
+        for wait in waits:
+            QUEUE_WAIT.observe(wait)
+
+    def batch_finished(self, images: int, seconds: float) -> None:
+        INFERENCE.observe(seconds)
+        IMAGES.inc(images)
+
+    def request_dropped(self, reason: str) -> None:
+        DROPPED.labels(reason).inc()
+
+    def queue_depth(self, requests: int) -> None:
+        QUEUE_DEPTH.set(requests)
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every unary call by method and final status code."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        behaviour = handler.unary_unary
+
+        async def timed(request, context):
+            started = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                response = await behaviour(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return response
+            except BaseException:
+                code = context.code() or grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                REQUESTS.labels(method, _code_name(code)).inc()
+                LATENCY.labels(method).observe(time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            timed, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _code_name(code) -> str:
+    return code.name if isinstance(code, grpc.StatusCode) else str(code)

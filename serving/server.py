@@ -1,0 +1,99 @@
+"""Server start-up and shutdown: wires repository → runtime → batcher → APIs, health and reflection."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving import metrics
+from serving.batcher import DynamicBatcher
+from serving.classifier_api import ClassifierServicer
+from serving.config import ServeConfig
+from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from serving.generated import mnist_classifier_pb2, mnist_classifier_pb2_grpc
+from serving.kserve_api import KServeServicer
+from serving.repository import load_version
+from serving.runtime import OnnxRuntimeSession, RuntimeOptions
+from serving.served_model import ServedModel
+
+log = logging.getLogger("mnist-serve")
+
+SERVICE_NAMES = (
+    mnist_classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
+    grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+)
+
+
+class PortInUse(OSError):
+    """The gRPC port could not be bound."""
+
+
+def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+    ]
+
+
+async def serve(config: ServeConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new calls, finish accepted ones."""
+    log.info("configuration: %s", config.describe())
+    version = load_version(config.model_repository, config.model_name, config.model_version)
+    sha = version.verify_checksum()
+    runtime = OnnxRuntimeSession(str(version.model_path), RuntimeOptions(
+        device=config.device, intra_op_threads=config.intra_op_threads, inter_op_threads=config.inter_op_threads,
+        graph_optimization=config.graph_optimization, warmup_runs=config.warmup_runs,
+        max_batch_size=config.max_batch_size,
+    ))
+    batcher = DynamicBatcher(runtime.run, config.max_batch_size, config.max_queue_delay_us / 1e6,
+                             config.max_queue_size, metrics.PrometheusBatchObserver())
+    model = ServedModel(version, runtime.provider, config.max_batch_size, batcher)
+    ready = False
+
+    server = grpc.aio.server(interceptors=[metrics.MetricsInterceptor()], options=channel_options(config))
+    mnist_classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(model), server)
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(model, lambda: ready), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    address = f"{config.host}:{config.port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise PortInUse(f"cannot listen on {address} ({err}); is another server running? choose --port") from err
+    if bound == 0:
+        raise PortInUse(f"cannot listen on {address}; is another server running? choose --port")
+    await server.start()
+    if config.metrics_port:
+        metrics.serve_metrics(config.metrics_port, config.host)
+    metrics.MODEL.labels(version.name, str(version.version), runtime.provider).set(1)
+
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, runtime.warm_up)
+    batcher.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    ready = True
+    log.info("serving model '%s' version %d (sha256 %s…, %s) on %s; metrics on :%s",
+             version.name, version.version, sha[:12], runtime.provider, address, config.metrics_port or "off")
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("draining: NOT_SERVING, refusing new calls, finishing accepted ones (grace %.1f s)", config.grace_period)
+    ready = False
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.grace_period)
+    await batcher.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,64 @@
+"""Shared fixtures: the real MNIST files, a small model trained for the tests, a running server."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mnist_dir() -> Path:
+    configured = os.environ.get("MNIST_DATA_DIR")
+    path = Path(configured) if configured else ROOT.parent / "shared" / "datasets" / "mnist"
+    if not (path / "t10k-images-idx3-ubyte.gz").exists() and not (path / "t10k-images-idx3-ubyte").exists():
+        pytest.fail(f"MNIST files not found in {path}: set MNIST_DATA_DIR to the folder of the IDX files")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_path() -> Path:
+    return mnist_dir()
+
+
+@pytest.fixture(scope="session")
+def mnist_test_set(mnist_path) -> tuple[np.ndarray, np.ndarray]:
+    """The real 10,000 MNIST test images (uint8 [N,28,28]) and labels."""
+    from training.data import load_idx_dir
+
+    data = load_idx_dir(mnist_path)
+    return data.test_images, data.test_labels
+
+
+def run_train(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout, env={**os.environ, "MNIST_DATA_DIR": str(mnist_dir())})
+
+
+# A few seconds of training that still reads digits well (~95 %): what the serving tests need.
+QUICK_TRAIN_ARGS = ("--limit", "6000", "--epochs", "2", "--optimizer", "adam", "--learning-rate", "0.002")
+
+
+@pytest.fixture(scope="session")
+def trained_repository(tmp_path_factory) -> Path:
+    """A model repository holding one small but competent model, trained once per session."""
+    root = tmp_path_factory.mktemp("trained")
+    result = run_train(*QUICK_TRAIN_ARGS, "--out", str(root / "model_repository"),
+                       "--artifacts", str(root / "artifacts"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "model_repository"
+
+
+@pytest.fixture(scope="session")
+def server(trained_repository, tmp_path_factory):
+    """One real `mnist-serve` process on loopback for the whole session (CPU provider)."""
+    from serving.process import start_server
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with start_server(trained_repository, "--device", "auto", "--max-batch-size", "64",
+                      log_path=log) as running:
+        yield running
