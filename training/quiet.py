@@ -31,6 +31,9 @@ def import_tensorflow_quietly() -> None:
     with _stderr_to_devnull():
         import tensorflow as tf  # noqa: F401
         import tf2onnx  # noqa: F401
+
+        # Device discovery logs (e.g. a failed cuInit on machines without a GPU) happen on first use.
+        tf.config.list_physical_devices()
     tf.get_logger().setLevel(logging.ERROR)
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     from tf2onnx import verbose_logging  # tf2onnx keeps a logger of its own

@@ -1,0 +1,92 @@
+"""`mnist-predict`: classify PNG/JPEG files, or the first N MNIST test images, on a running server."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from serving.client import ClassifierClient
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-predict",
+        description="Send images to mnist-serve and print its predictions "
+                    "(and the accuracy when the true labels are known).",
+    )
+    parser.add_argument("images", nargs="*", type=Path, help="PNG or JPEG files of digits")
+    parser.add_argument("--target", default="localhost:8500", help="host:port of the server")
+    parser.add_argument("--mnist-test", type=int, metavar="N",
+                        help="send the first N MNIST test images instead of files")
+    parser.add_argument("--data-dir", help="folder of the MNIST IDX files (default: $MNIST_DATA_DIR)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per call")
+    parser.add_argument("--api", choices=["classifier", "kserve"], default="classifier",
+                        help="mnist.v1.Classifier or the KServe v2 ModelInfer")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary line")
+    return parser
+
+
+def _load_mnist(count: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    from training.data import load_idx_dir  # numpy-only module; no TensorFlow import
+
+    folder = data_dir or os.environ.get("MNIST_DATA_DIR")
+    if not folder:
+        raise ValueError("--mnist-test needs the MNIST files: pass --data-dir or set MNIST_DATA_DIR")
+    data = load_idx_dir(Path(folder))
+    return data.test_images[:count], data.test_labels[:count]
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.images and not args.mnist_test:
+        raise ValueError("give PNG/JPEG files, or --mnist-test N")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    with ClassifierClient(args.target, timeout=args.timeout) as client:
+        if args.mnist_test:
+            images, labels = _load_mnist(args.mnist_test, args.data_dir)
+            names = [f"mnist-test[{i}]" for i in range(len(images))]
+            batches = [images[i: i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+            if args.api == "kserve":
+                predicted = np.concatenate([client.infer_kserve(batch).argmax(axis=1) for batch in batches])
+            else:
+                predicted = np.concatenate([client.classify(batch).labels for batch in batches])
+        else:
+            if args.api == "kserve":
+                raise ValueError("--api kserve takes --mnist-test; files go through the classifier API")
+            labels = None
+            names = [str(path) for path in args.images]
+            blobs = [path.read_bytes() for path in args.images]
+            predicted = np.concatenate([
+                client.classify_encoded(blobs[i: i + args.batch_size]).labels
+                for i in range(0, len(blobs), args.batch_size)
+            ])
+    if not args.quiet:
+        for index, (name, label) in enumerate(zip(names, predicted)):
+            truth = "" if labels is None else f"  (true {labels[index]}{'' if labels[index] == label else ', WRONG'})"
+            print(f"{name}: {label}{truth}")
+    if labels is not None:
+        correct = int((predicted == labels).sum())
+        print(f"accuracy: {correct}/{len(labels)} = {correct / len(labels):.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except grpc.RpcError as err:
+        print(f"mnist-predict: error: {args.target} answered {err.code().name}: {err.details()}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"mnist-predict: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - e.g. a data-set error: one line, not a traceback
+        print(f"mnist-predict: error: {type(err).__name__}: {err}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Training stage: data reading, the article's network, export, parity, the model repository."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from google.protobuf import text_format
+
+from tests.conftest import ROOT, run_train
+from training.data import DatasetError, load_dataset, load_idx_dir, parse_idx
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def test_reads_the_real_mnist_files(mnist_path):
+    data = load_idx_dir(mnist_path)
+    assert data.train_images.shape == (60000, 28, 28) and data.test_images.shape == (10000, 28, 28)
+    assert data.train_labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert data.test_labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert np.bincount(data.train_labels)[:2].tolist() == [5923, 6742]
+
+
+def test_reads_raw_uncompressed_files_too(mnist_path, tmp_path):
+    for gz in mnist_path.glob("*.gz"):
+        (tmp_path / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    data = load_idx_dir(tmp_path)
+    assert data.test_labels[:3].tolist() == [7, 2, 1]
+
+
+def test_parse_idx_rejects_bad_magic_and_truncation():
+    good = bytes([0, 0, 8, 1]) + (3).to_bytes(4, "big") + bytes([1, 2, 3])
+    assert parse_idx(good).tolist() == [1, 2, 3]
+    with pytest.raises(DatasetError, match="bad magic"):
+        parse_idx(b"\x1f\x8b\x08\x00" + good[4:])
+    with pytest.raises(DatasetError, match="truncated or corrupt"):
+        parse_idx(good[:-1], "labels")
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for path in src.iterdir():
+        shutil.copy(path, dst / path.name)
+    return dst
+
+
+def test_missing_file_is_named(mnist_path, tmp_path):
+    folder = _copy_dataset(mnist_path, tmp_path / "mnist")
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte\(\.gz\) is missing"):
+        load_idx_dir(folder)
+
+
+def test_corrupt_file_fails_its_checksum(mnist_path, tmp_path):
+    folder = _copy_dataset(mnist_path, tmp_path / "mnist")
+    labels = bytearray(gzip.decompress((folder / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    labels[100] = (labels[100] + 1) % 10  # still a well-formed IDX file: only the checksum can tell
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(labels)))
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte: sha256 .* differs from the expected"):
+        load_idx_dir(folder)
+
+
+def test_truncated_gzip_is_a_clear_error(mnist_path, tmp_path):
+    folder = _copy_dataset(mnist_path, tmp_path / "mnist")
+    blob = (folder / "train-labels-idx1-ubyte.gz").read_bytes()
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DatasetError, match="cannot be decompressed"):
+        load_idx_dir(folder)
+
+
+def test_cli_reports_a_bad_data_folder_in_one_line(tmp_path):
+    result = run_train("--data-dir", str(tmp_path / "nowhere"), "--limit", "10", "--epochs", "1",
+                       "--out", str(tmp_path / "repo"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in result.stderr
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_fashion_mnist_is_a_second_real_dataset():
+    if not FASHION.is_dir():
+        pytest.fail("Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (.ci/run does)")
+    data = load_dataset("fashion-mnist")
+    assert data.class_names[9] == "Ankle boot" and data.test_images.shape == (10000, 28, 28)
+    assert np.bincount(data.train_labels).tolist() == [6000] * 10
+
+
+# --- the network -----------------------------------------------------------------------------
+
+def test_article_network_shapes_and_parameters():
+    from training.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    from training.model import build_article_cnn
+
+    model = build_article_cnn()
+    shapes = [tuple(layer.output.shape) for layer in model.layers]
+    params = [layer.count_params() for layer in model.layers]
+    assert shapes == [(None, 24, 24, 32), (None, 12, 12, 32), (None, 8, 8, 64), (None, 4, 4, 64),
+                      (None, 1024), (None, 10)]
+    assert params == [832, 0, 51264, 0, 0, 10250]
+    assert model.count_params() == 62346
+
+
+def test_summary_flag_prints_the_keras_summary():
+    result = subprocess.run([sys.executable, "-m", "training.cli", "--summary"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "62,346" in result.stdout and "(None, 8, 8, 64)" in result.stdout
+    assert result.stderr.strip() == "", "TensorFlow's import chatter must not reach the user"
+
+
+def test_summary_table_lines_up():
+    from training.cli import summary_table
+
+    table = summary_table([("recipe", "article"), ("test accuracy", "0.9704")]).splitlines()
+    assert table[1] == "recipe        | article" and table[2] == "test accuracy | 0.9704"
+    assert table[0] == table[-1] and set(table[0]) == {"-"}
+
+
+def test_same_seed_same_model(mnist_path):
+    from training.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    from training.config import make_config
+    from training.fit import fit
+
+    data = load_idx_dir(mnist_path)
+    config = make_config("article", {"epochs": 1}, limit=1000, seed=7)
+    first, second = fit(config, data, verbose=0), fit(config, data, verbose=0)
+    assert first.test_accuracy == second.test_accuracy
+    for a, b in zip(first.model.get_weights(), second.model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- end to end: fit → export → parity → repository ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small_run")
+    result = run_train("--limit", "2000", "--epochs", "1", "--out", str(root / "repo"),
+                       "--artifacts", str(root / "artifacts"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+def test_end_to_end_writes_a_triton_repository(small_run):
+    root, result = small_run
+    model_dir = root / "repo" / "mnist"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt"]
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["metadata.json", "model.onnx"]
+    for png in ("training_curves.png", "confusion_matrix.png", "misclassified.png"):
+        assert (root / "artifacts" / "mnist-v1" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (root / "artifacts" / "mnist-v1" / "model.keras").is_file()
+    for row in ("recipe", "epochs", "wall time", "train accuracy", "val accuracy", "test accuracy", "parity"):
+        assert any(line.startswith(row) for line in result.stdout.splitlines()), row
+
+
+def test_config_pbtxt_is_a_valid_triton_model_config(small_run):
+    from tritonclient.grpc import model_config_pb2
+
+    root, _ = small_run
+    config = text_format.Parse((root / "repo" / "mnist" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == "mnist" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 64
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
+        ("images", model_config_pb2.TYPE_FP32, [28, 28, 1])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [
+        ("probabilities", model_config_pb2.TYPE_FP32, [10])]
+    assert config.HasField("dynamic_batching")
+
+
+def test_onnx_model_interface_and_metadata(small_run):
+    root, _ = small_run
+    model = onnx.load(root / "repo" / "mnist" / "1" / "model.onnx")
+    onnx.checker.check_model(model)
+    (inp,), (out,) = model.graph.input, model.graph.output
+    dims = lambda t: [d.dim_value or d.dim_param or None for d in t.type.tensor_type.shape.dim]  # noqa: E731
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert dims(inp)[1:] == [28, 28, 1] and isinstance(dims(inp)[0], (str, type(None)))  # dynamic batch
+    assert out.name == "probabilities" and dims(out)[1:] == [10]
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["class_names"]) == [str(i) for i in range(10)]
+    assert props["recipe"] == "article" and float(props["test_accuracy"]) > 0
+    assert {"trained_at", "source_revision"} <= set(props)
+
+
+def test_metadata_records_parity_and_checksum(small_run):
+    from serving.repository import load_version, sha256_of
+
+    root, _ = small_run
+    version = load_version(root / "repo", "mnist")
+    meta = version.metadata
+    assert meta["model_sha256"] == sha256_of(version.model_path)
+    assert meta["parity"]["images"] == 10000 and meta["parity"]["max_abs_diff"] <= 1e-4
+    assert meta["parity"]["argmax_mismatches"] == 0
+    assert meta["parameters"] == 62346 and meta["hyperparameters"]["batch_size"] == 100
+    assert meta["hyperparameters"]["epochs"] == 1 and meta["train_images"] == 1800
+    assert abs(meta["test_accuracy"] - meta["onnx_test_accuracy"]) < 1e-3
+    assert meta["wall_seconds"] > 0 and meta["recipe"] == "article"
+
+
+def test_a_new_run_adds_the_next_version(small_run):
+    root, _ = small_run
+    before = (root / "repo" / "mnist" / "1" / "model.onnx").read_bytes()
+    result = run_train("--limit", "500", "--epochs", "1", "--out", str(root / "repo"),
+                       "--artifacts", str(root / "artifacts"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (root / "repo" / "mnist" / "2" / "model.onnx").is_file()
+    assert (root / "repo" / "mnist" / "1" / "model.onnx").read_bytes() == before
+
+
+def test_parity_failure_names_the_images(small_run, mnist_test_set):
+    from training.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import keras
+
+    from training.data import to_model_input
+    from training.verify import ParityError, check_parity
+
+    root, _ = small_run
+    keras_model = keras.models.load_model(root / "artifacts" / "mnist-v1" / "model.keras")
+    onnx_model = onnx.load(root / "repo" / "mnist" / "1" / "model.onnx")
+    # Nudge the final bias: the exported graph no longer computes what Keras computes.
+    bias = max(onnx_model.graph.initializer, key=lambda t: t.dims == [10])
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[3] += 0.5
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    images, labels = mnist_test_set
+    with pytest.raises(ParityError, match=r"ONNX differs from Keras: max \|Δp\| .* on \d+ images \(0, 1, 2"):
+        check_parity(keras_model, onnx_model.SerializeToString(), to_model_input(images[:200]), labels[:200])
