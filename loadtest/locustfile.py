@@ -1,0 +1,312 @@
+"""Locust users that call mnist-serve over gRPC with real MNIST test digits.
+
+    locust -f loadtest/locustfile.py --host 127.0.0.1:8500 --scenario mix --mix-weights 6,3,1
+
+Scenarios (`--scenario`, also settable in the web UI):
+  single  one image per call through mnist.v1 Classify
+  batch   --images-per-call images per Classify call (default 16)
+  kserve  one image per call through KServe v2 ModelInfer
+  mix     all three, weighted by --mix-weights single,batch,kserve (default 6,3,1)
+
+Every call is reported through Locust's request event, so its statistics, charts, CSV and
+HTML report count gRPC calls the way they count HTTP requests. `make loadtest`
+(loadtest/run.py) starts a server and runs this file headless.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import gevent
+from gevent.lock import BoundedSemaphore
+from gevent.pool import Pool
+from locust import User, constant, events, task
+from locust.exception import StopUser
+from locust.runners import MasterRunner, WorkerRunner
+
+# grpcio's own threads block the gevent loop unless grpc cooperates with gevent: without this,
+# one user waiting on a reply stalls every other user in the process (8 users then keep a single
+# call in flight, and the latencies look better than any real client would see). It has to run
+# before any channel is created, so here, at import, before Locust starts a single user.
+import grpc  # noqa: E402  (after locust, which monkey-patches the interpreter)
+import grpc.experimental.gevent as grpc_gevent  # noqa: E402
+
+grpc_gevent.init_gevent()
+
+import numpy as np  # noqa: E402
+
+_HERE = Path(__file__).resolve().parent
+for _path in (str(_HERE), str(_HERE.parent)):  # locust_runner, and serving/training without an install
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from locust_runner import (  # noqa: E402
+    DEFAULT_MIX_WEIGHTS,
+    SCENARIOS,
+    LoadTestError,
+    batch_request_name,
+    kserve_request_name,
+    normalize_target,
+    parse_mix_weights,
+    single_request_name,
+)
+from serving.client import ClassifierClient  # noqa: E402
+
+log = logging.getLogger("mnist-loadtest")
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser) -> None:
+    # On the parser itself: Locust's include_in_web_ui works there, not on argument groups.
+    parser.add_argument("--scenario", choices=SCENARIOS, default="mix", include_in_web_ui=True,
+                       help="single: 1 image per Classify call; batch: --images-per-call per Classify call; "
+                            "kserve: KServe v2 ModelInfer; mix: all three by --mix-weights (default: mix)")
+    parser.add_argument("--images-per-call", type=int, default=16, include_in_web_ui=True,
+                       help="images in each call of the batch scenario (default: 16)")
+    parser.add_argument("--mix-weights", default=",".join(map(str, DEFAULT_MIX_WEIGHTS)), include_in_web_ui=True,
+                       help="relative weights of single,batch,kserve calls in the mix scenario (default: 6,3,1)")
+    parser.add_argument("--pool-size", type=int, default=2000, include_in_web_ui=True,
+                       help="how many of the first MNIST test images to screen for the load pool (default: 2000)")
+    parser.add_argument("--rpc-timeout", type=float, default=10.0, include_in_web_ui=True,
+                       help="deadline of each gRPC call in seconds (default: 10)")
+    parser.add_argument("--mnist-dir", default=os.environ.get("MNIST_DATA_DIR", ""), include_in_web_ui=False,
+                       help="folder of the MNIST IDX files (default: $MNIST_DATA_DIR, else ../shared/datasets/mnist)")
+
+
+# --- the load pool -----------------------------------------------------------------------------
+#
+# A small model is not 100 % accurate, so "the served label differs from the true label" would
+# count the model's honest mistakes as failures of the service. Instead, once at test start, the
+# server classifies the first --pool-size test images while it is idle, and only the images whose
+# served label equals the true label go into the pool. Under load, a wrong answer for a pool image
+# therefore means the server returned something other than its own idle answer (a batching mix-up,
+# a corrupted tensor, a race): that is the correctness signal, and each one is a Locust failure.
+
+class LoadPool:
+    images: np.ndarray | None = None  # uint8 [P, 28, 28]
+    labels: np.ndarray | None = None  # int64 [P]: the true label, which the idle server also answered
+    key: tuple | None = None  # (target, pool size, MNIST folder) the pool was built for
+    max_batch_size: int = 0  # the most images the server accepts per call
+    lock = BoundedSemaphore()  # one build at a time (init and test_start may overlap on a worker)
+
+
+_SCREEN_BATCH = 250  # images per screening call (fewer when the server accepts fewer)
+_SCREEN_CONCURRENCY = 8
+
+
+def _mnist_dir(configured: str) -> Path:
+    if configured:
+        return Path(configured)
+    return _HERE.parent.parent / "shared" / "datasets" / "mnist"
+
+
+def build_pool(target: str, mnist_dir: Path, pool_size: int, timeout: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The pool images, their labels and the server's per-call image limit."""
+    from training.data import load_idx_dir
+
+    data = load_idx_dir(mnist_dir)
+    images = np.ascontiguousarray(data.test_images[:pool_size], dtype=np.uint8)
+    truth = np.asarray(data.test_labels[:pool_size], dtype=np.int64)
+    served = np.empty_like(truth)
+    with ClassifierClient(target, timeout=timeout) as client:
+        model = client.describe()
+        limit = model.max_batch_size or _SCREEN_BATCH  # the server refuses calls with more images
+        log.info("server: model %s version %s on %s, at most %d images per call", model.model_name,
+                 model.model_version, model.execution_provider or "?", limit)
+        step = min(_SCREEN_BATCH, limit)
+
+        def screen(start: int) -> None:
+            served[start:start + step] = client.classify(images[start:start + step]).labels
+
+        # Several calls in flight (greenlets), so that a server with batching off screens quickly too.
+        Pool(_SCREEN_CONCURRENCY).map(screen, range(0, len(images), step))
+    keep = served == truth
+    if not keep.any():
+        raise LoadTestError(f"the server got none of the first {len(images)} test images right; "
+                            "is the model in the repository trained?")
+    log.info("load pool: %d of the first %d MNIST test images, the ones the idle server classifies correctly "
+             "(%.1f %%)", int(keep.sum()), len(images), 100.0 * keep.mean())
+    return images[keep], truth[keep], limit
+
+
+def prepare(environment) -> None:
+    """Check the options and build the load pool for environment.host (reused when already built)."""
+    options = environment.parsed_options
+    target = normalize_target(environment.host or "")
+    weights = parse_mix_weights(options.mix_weights) if options.scenario == "mix" else None
+    if options.images_per_call < 1 or options.pool_size < 1:
+        raise LoadTestError("--images-per-call and --pool-size must be at least 1")
+    key = (target, options.pool_size, options.mnist_dir)
+    with LoadPool.lock:
+        if LoadPool.images is None or LoadPool.key != key:
+            LoadPool.images = None
+            images, labels, LoadPool.max_batch_size = build_pool(
+                target, _mnist_dir(options.mnist_dir), options.pool_size, options.rpc_timeout)
+            LoadPool.images, LoadPool.labels, LoadPool.key = images, labels, key
+    batch_calls = options.scenario == "batch" or (weights is not None and weights[1] > 0)
+    if batch_calls and options.images_per_call > LoadPool.max_batch_size:
+        raise LoadTestError(f"--images-per-call {options.images_per_call} is more than the server accepts per "
+                            f"call (its max batch size is {LoadPool.max_batch_size}); lower it or use "
+                            "--scenario single")
+
+
+def _prepare_or_report(environment) -> bool:
+    try:
+        prepare(environment)
+        return True
+    except (LoadTestError, OSError, ValueError, grpc.RpcError) as error:
+        message = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
+        log.error("cannot start the load test against %s: %s", environment.host, message)
+        LoadPool.images = None
+        return False
+
+
+@events.init.add_listener
+def _on_init(environment, **_kwargs) -> None:
+    # Headless, the host is known now: build the pool before Locust's --run-time clock starts, so
+    # that screening does not eat into the measured window (test_start then reuses it).
+    options = environment.parsed_options
+    if options is not None and options.headless and environment.host \
+            and not isinstance(environment.runner, MasterRunner):
+        _prepare_or_report(environment)
+
+
+@events.test_start.add_listener
+def _on_test_start(environment, **_kwargs) -> None:
+    if isinstance(environment.runner, MasterRunner):
+        return  # only the processes that run users need images (each worker builds its own pool)
+    if not _prepare_or_report(environment):
+        environment.process_exit_code = 3
+        if type(environment.runner).__name__ == "LocalRunner":
+            gevent.spawn(environment.runner.quit)  # nothing to test: end the run instead of idling
+
+
+@events.quitting.add_listener
+def _write_final_csv(environment, **_kwargs) -> None:
+    """Rewrite the stats and failures CSVs with the final numbers.
+
+    Locust rewrites them once a second while it runs, so their last version misses the calls of
+    the final second, failures included; run.py and the batching study read these files.
+    """
+    prefix = getattr(environment.parsed_options, "csv_prefix", None)
+    if not prefix or isinstance(environment.runner, WorkerRunner):
+        return
+    from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
+
+    writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
+    for suffix, write in (("_stats.csv", writer.requests_csv), ("_failures.csv", writer.failures_csv)):
+        with open(f"{prefix}{suffix}", "w", newline="") as handle:
+            write(csv.writer(handle))
+
+
+class WrongPrediction(Exception):
+    """The server answered a pool image with a label other than the one it gave when idle."""
+
+
+def _check(name: str, served: np.ndarray, expected: np.ndarray) -> Exception | None:
+    if served.shape != expected.shape:
+        return WrongPrediction(f"{name}: {len(served)} predictions for {len(expected)} images")
+    if np.array_equal(served, expected):
+        return None
+    # One message per request name, so that Locust's failure table groups them into one row.
+    return WrongPrediction(f"{name}: wrong prediction under load: a digit other than the one the server "
+                           "answered for the same image when idle")
+
+
+class MnistGrpcUser(User):
+    """One simulated client: its own gRPC channel, calls back to back (no think time)."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        self.client = None
+        if LoadPool.images is None:
+            return  # the pool could not be built (test_start logged why): the first task stops this user
+        options = self.environment.parsed_options
+        self.target = normalize_target(self.environment.host or "")
+        self.client = ClassifierClient(self.target, timeout=options.rpc_timeout)
+        self.images_per_call = max(1, int(options.images_per_call))
+        calls = {"single": self.call_single, "batch": self.call_batch, "kserve": self.call_kserve}
+        if options.scenario == "mix":
+            weights = parse_mix_weights(options.mix_weights)
+            self.plan = [(calls[key], w) for key, w in zip(("single", "batch", "kserve"), weights) if w > 0]
+        else:
+            self.plan = [(calls[options.scenario], 1)]
+        self.plan_calls = [call for call, _ in self.plan]
+        self.plan_weights = [weight for _, weight in self.plan]
+
+    def on_stop(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    @task
+    def call(self) -> None:
+        if self.client is None:
+            raise StopUser()
+        random.choices(self.plan_calls, weights=self.plan_weights)[0]()
+
+    # --- the three kinds of call -------------------------------------------------------------
+
+    def _pick(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        index = np.random.randint(0, len(LoadPool.images), size=count)
+        return LoadPool.images[index], LoadPool.labels[index]
+
+    def call_single(self) -> None:
+        self._classify(single_request_name(), 1)
+
+    def call_batch(self) -> None:
+        self._classify(batch_request_name(self.images_per_call), self.images_per_call)
+
+    def _classify(self, name: str, count: int) -> None:
+        images, expected = self._pick(count)
+        start = time.perf_counter()
+        length, error = 0, None
+        try:
+            result = self.client.classify(images)
+            length = result.response_bytes
+            error = _check(name, result.labels, expected)
+        except grpc.RpcError as rpc_error:
+            error = _rpc_failure(rpc_error)
+        self._report(name, start, length, error)
+
+    def call_kserve(self) -> None:
+        name = kserve_request_name()
+        images, expected = self._pick(1)
+        start = time.perf_counter()
+        length, error = 0, None
+        try:
+            probabilities = self.client.infer_kserve(images)
+            length = probabilities.nbytes
+            error = _check(name, probabilities.argmax(axis=-1), expected)
+        except grpc.RpcError as rpc_error:
+            error = _rpc_failure(rpc_error)
+        except ValueError as bad_reply:  # e.g. an output of the wrong type or shape
+            error = bad_reply
+        self._report(name, start, length, error)
+
+    def _report(self, name: str, start: float, length: int, error: Exception | None) -> None:
+        self.environment.events.request.fire(
+            request_type="grpc",
+            name=name,
+            response_time=(time.perf_counter() - start) * 1000.0,
+            response_length=length,
+            exception=error,
+            context={"target": self.target},
+        )
+
+
+class GrpcCallFailed(Exception):
+    pass
+
+
+def _rpc_failure(error: grpc.RpcError) -> Exception:
+    """The status code and details only, so that Locust groups identical failures together."""
+    code = error.code().name if hasattr(error, "code") and error.code() else "UNKNOWN"
+    details = error.details() if hasattr(error, "details") else str(error)
+    return GrpcCallFailed(f"{code}: {details}")

@@ -1,0 +1,173 @@
+"""`make loadtest`: a minute of Locust load against mnist-serve, with a summary and reports.
+
+    python loadtest/run.py --model-repository model_repository            # starts a server itself
+    python loadtest/run.py --host 127.0.0.1:8500 --users 64 --run-time 2m  # a server that already runs
+    python loadtest/run.py --processes 2 --scenario single                 # Locust on two processes
+
+Writes reports/<name>_stats.csv (and Locust's other CSVs), reports/<name>.html and
+reports/<name>.log; prints requests/s, p50/p95/p99 and failures. Exits 1 when any call failed
+(an RPC error or a wrong prediction), 2 when the test could not run at all.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+
+from locust_runner import (  # noqa: E402
+    DEFAULT_MIX_WEIGHTS,
+    ROOT,
+    SCENARIOS,
+    LoadTestError,
+    check_reachable,
+    format_stats_table,
+    locust_problem,
+    normalize_target,
+    parse_mix_weights,
+    parse_seconds,
+    run_locust,
+)
+
+PROG = "loadtest"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    target = parser.add_argument_group("what to load")
+    target.add_argument("--model-repository", type=Path, default=ROOT / "model_repository",
+                        help="start mnist-serve on the latest model here (ignored with --host)")
+    target.add_argument("--host", help="host:port of an mnist-serve that already runs; no server is started")
+    target.add_argument("--server-args", default="",
+                        help="extra mnist-serve flags for the server this script starts, "
+                             "e.g. --server-args='--max-batch-size 32'")
+    load = parser.add_argument_group("the load")
+    load.add_argument("--scenario", choices=SCENARIOS, default="mix")
+    load.add_argument("--users", "-u", type=int, default=32, help="simulated clients")
+    load.add_argument("--spawn-rate", "-r", type=float, default=10.0, help="users started per second")
+    load.add_argument("--run-time", "-t", default="60s", help="how long, in Locust's notation (60s, 2m, 1m30s)")
+    load.add_argument("--images-per-call", type=int, default=16, help="images per call in the batch scenario")
+    load.add_argument("--mix-weights", default=",".join(map(str, DEFAULT_MIX_WEIGHTS)),
+                      help="relative weights of single,batch,kserve calls in the mix scenario")
+    load.add_argument("--pool-size", type=int, default=2000,
+                      help="MNIST test images screened at start; the ones the idle server gets right are sent")
+    load.add_argument("--processes", type=int, default=None,
+                      help="run Locust on this many worker processes (-1: one per CPU) for more load "
+                           "than one process can make")
+    out = parser.add_argument_group("reports")
+    out.add_argument("--reports-dir", type=Path, default=ROOT / "reports")
+    out.add_argument("--name", default="loadtest", help="file name stem of the reports")
+    out.add_argument("--connect-timeout", type=float, default=5.0,
+                     help="seconds to wait for the server's health check before giving up")
+    out.add_argument("--verbose", action="store_true", help="show Locust's own output instead of logging it")
+    args = parser.parse_args(argv)
+    if args.users < 1:
+        parser.error("--users must be at least 1")
+    if args.spawn_rate <= 0:
+        parser.error("--spawn-rate must be above 0")
+    if args.images_per_call < 1 or args.pool_size < 1:
+        parser.error("--images-per-call and --pool-size must be at least 1")
+    if args.processes is not None and (args.processes == 0 or args.processes < -1):
+        parser.error("--processes must be a positive count, or -1 for one per CPU")
+    try:
+        parse_seconds(args.run_time)
+        parse_mix_weights(args.mix_weights)
+        if args.host:
+            args.host = normalize_target(args.host)
+    except LoadTestError as error:
+        parser.error(str(error))
+    return args
+
+
+def summary(run, args, target: str) -> str:
+    total = run.total
+    lines = [
+        f"{args.scenario} load, {args.users} users, {args.run_time} against {target}:",
+        f"  {total.requests_per_s:.1f} requests/s, p50 {total.p50_ms:.0f} ms, p95 {total.p95_ms:.0f} ms, "
+        f"p99 {total.p99_ms:.0f} ms; {total.failures} failed of {total.requests} calls",
+        "",
+        format_stats_table(run.stats),
+    ]
+    for name, error, count in run.failures[:5]:
+        lines.append(f"  failure x{count} {name}: {error}")
+    lines.append("")
+    lines.append(f"reports: {run.csv_prefix}_stats.csv, {run.html_path}" + (f", {run.log_path}" if run.log_path else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    reports = args.reports_dir
+    server = None
+    try:
+        reports.mkdir(parents=True, exist_ok=True)
+        if args.host:
+            target = args.host
+            check_reachable(target, args.connect_timeout)
+        else:
+            server = start_own_server(args.model_repository, shlex.split(args.server_args),
+                                      reports / f"{args.name}-server.log")
+            target = server.target
+            print(f"{PROG}: mnist-serve on {target} (model repository {args.model_repository}; "
+                  f"log {reports / (args.name + '-server.log')})", flush=True)
+        print(f"{PROG}: {args.scenario} load, {args.users} users for {args.run_time}"
+              + (f" on {args.processes} Locust processes" if args.processes else "") + " ...", flush=True)
+        run = run_locust(target, scenario=args.scenario, users=args.users, spawn_rate=args.spawn_rate,
+                         run_time=args.run_time, csv_prefix=reports / args.name,
+                         html_path=reports / f"{args.name}.html",
+                         log_path=reports / f"{args.name}.log", processes=args.processes,
+                         images_per_call=args.images_per_call, mix_weights=args.mix_weights,
+                         extra=["--pool-size", str(args.pool_size)], stream=args.verbose)
+    except LoadTestError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if server is not None:
+            server.stop()
+    total = run.total
+    if total.requests:
+        print(summary(run, args, target))
+    else:
+        reason = locust_problem(run.log_path)
+        print(f"{PROG}: error: no call completed (Locust exit status {run.returncode})"
+              + (f": {reason}" if reason else "") + f"; see {run.log_path or 'its output'}", file=sys.stderr)
+        return 2
+    if total.failures:
+        print(f"{PROG}: FAILED: {total.failures} of {total.requests} calls failed "
+              f"({100 * total.failure_ratio:.2f} %)", file=sys.stderr)
+        return 1
+    if run.returncode != 0:  # no failed call, yet Locust saw an error (e.g. an exception in a user)
+        reason = locust_problem(run.log_path)
+        print(f"{PROG}: error: Locust exited with status {run.returncode}" + (f": {reason}" if reason else "")
+              + f"; see {run.log_path or 'its output'}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def start_own_server(repository: Path, extra: list[str], log_path: Path):
+    """mnist-serve on free loopback ports, or LoadTestError with the reason in one line."""
+    from serving.process import start_server
+
+    if not Path(repository).is_dir():
+        raise LoadTestError(f"model repository {repository} does not exist: train a model first (make train), "
+                            "pass --model-repository, or point --host at a running server")
+    try:
+        return start_server(repository, *extra, log_path=log_path, ready_timeout=60.0)
+    except (RuntimeError, TimeoutError, OSError) as error:
+        last = ""
+        if log_path.exists():
+            lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+            last = lines[-1].strip() if lines else ""
+        raise LoadTestError(f"mnist-serve did not start: {error}" + (f"; its last words: {last}" if last else "")
+                            + f" (log: {log_path})") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
