@@ -34,6 +34,7 @@ class RuntimeOptions:
     graph_optimization: str = "all"
     warmup_runs: int = 3
     max_batch_size: int = 64
+    allow_spinning: bool = False
 
 
 class OnnxRuntimeSession:
@@ -59,6 +60,10 @@ def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
     settings.intra_op_num_threads = options.intra_op_threads
     settings.inter_op_num_threads = options.inter_op_threads
     settings.graph_optimization_level = _OPTIMIZATION[options.graph_optimization]
+    if not options.allow_spinning:
+        # Idle onnxruntime threads busy-wait by default, taking the cores gRPC needs between batches.
+        settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        settings.add_session_config_entry("session.inter_op.allow_spinning", "0")
     settings.log_severity_level = 3  # errors only; the provider choice is logged by us
     return settings
 

@@ -1,0 +1,48 @@
+"""A server that answers Classify with a canned response through the same gRPC stack as mnist-serve.
+
+Same grpc.aio server, options and metrics interceptor; no decoding, batching or
+inference. Its throughput is the ceiling the RPC layer puts on the real server.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+import grpc
+
+from serving import metrics
+from serving.config import ServeConfig
+from serving.generated import mnist_classifier_pb2 as pb
+from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
+from serving.server import channel_options
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+CANNED_PREDICTION = pb.Prediction(label=7, class_name="7", confidence=0.99, probabilities=[0.001] * 9 + [0.99])
+
+
+class CannedClassifier(pb_grpc.ClassifierServicer):
+    async def Classify(self, request, context):
+        return pb.ClassifyResponse(predictions=[CANNED_PREDICTION] * len(request.images),
+                                   model_name="mnist", model_version="1")
+
+
+async def main(port: int) -> None:
+    server = grpc.aio.server(interceptors=[metrics.MetricsInterceptor()], options=channel_options(ServeConfig()))
+    pb_grpc.add_ClassifierServicer_to_server(CannedClassifier(), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    asyncio.run(main(parser.parse_args().port))
