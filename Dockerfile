@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1
+# CPU images, one target per stage of the project (docker-compose.yml builds all three):
+#   docker build --target trainer -t mnist-trainer .   TensorFlow: mnist-train
+#   docker build --target server  -t mnist-server  .   onnxruntime + gRPC only, no TensorFlow: mnist-serve
+#   docker build --target locust  -t mnist-locust  .   Locust + the gRPC client: loadtest/locustfile.py
+# Every install goes through constraints.txt, as `make install` does. GPU server: Dockerfile.gpu.
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---- builders: one virtual environment per target, installed from the package (not editable), then
+# copied into a clean runtime stage, so pip's work files, the build backend and the source stay here.
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml constraints.txt README.md ./
+COPY serving ./serving
+COPY training ./training
+
+FROM builder AS trainer-venv
+RUN pip install -c constraints.txt --no-cache-dir '.[training]'
+
+FROM builder AS server-venv
+RUN pip install -c constraints.txt --no-cache-dir '.[serving]'
+
+FROM builder AS locust-venv
+RUN pip install -c constraints.txt --no-cache-dir '.[loadtest]'
+
+# ---- runtime base: an unprivileged user (uid 1000) and the mount points it owns. A named volume
+# takes the ownership of the folder it is first mounted on, so /models etc. are writable by it.
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH
+RUN useradd --create-home --uid 1000 --user-group app \
+ && mkdir -p /models /artifacts /reports /data/mnist /data/mnist-download \
+ && chown app:app /models /artifacts /reports /data/mnist /data/mnist-download
+WORKDIR /app
+
+FROM runtime AS trainer
+COPY --from=trainer-venv /opt/venv /opt/venv
+COPY docker/train-if-needed.sh docker/fetch_mnist.py docker/
+USER app
+CMD ["sh", "docker/train-if-needed.sh", "--out", "/models", "--artifacts", "/artifacts"]
+
+FROM runtime AS locust
+COPY --from=locust-venv /opt/venv /opt/venv
+COPY loadtest ./loadtest
+USER app
+EXPOSE 8089 5557
+CMD ["locust", "-f", "loadtest/locustfile.py"]
+
+# Last, so a plain `docker build .` gives the server.
+FROM runtime AS server
+COPY --from=server-venv /opt/venv /opt/venv
+USER app
+EXPOSE 8500 9100
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["mnist-health-probe", "--target", "localhost:8500"]
+CMD ["mnist-serve", "--model-repository", "/models", "--port", "8500", "--metrics-port", "9100"]
