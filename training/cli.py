@@ -94,6 +94,7 @@ def run(config: TrainConfig) -> int:
     from training.data import load_dataset, to_model_input
     from training.export import export_onnx
     from training.fit import fit
+    from training.model import DESCRIPTIONS
     from training.verify import check_parity
 
     started = time.perf_counter()
@@ -125,6 +126,7 @@ def run(config: TrainConfig) -> int:
         "test_loss": result.test_loss,
         "hyperparameters": config.hyperparameters(),
         "architecture": result.model.name,
+        "architecture_description": DESCRIPTIONS[config.recipe.architecture],
         "parameters": int(result.model.count_params()),
         "train_images": result.train_size,
         "validation_images": result.val_size,

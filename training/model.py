@@ -52,3 +52,10 @@ def build_best_cnn(num_classes: int = 10) -> keras.Model:
 
 
 ARCHITECTURES = {"article": build_article_cnn, "best": build_best_cnn}
+
+# Written into metadata.json, so a published model says how it differs from the article's.
+DESCRIPTIONS = {
+    "article": "the article's: Conv2D(32,5x5,relu) > MaxPool(2) > Conv2D(64,5x5,relu) > MaxPool(2) > Flatten > Dense(10,softmax)",
+    "best": "grown from the article's: Conv2D(32,5x5) > BatchNorm > relu > MaxPool(2) > Conv2D(64,5x5) > BatchNorm > "
+            "relu > MaxPool(2) > Flatten > Dropout(0.25) > Dense(128,relu) > Dropout(0.4) > Dense(10,softmax)",
+}
