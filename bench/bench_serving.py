@@ -89,6 +89,7 @@ def in_process(model_path: str, batch: np.ndarray, seconds: float, threads: int)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", default="model_repository")
+    parser.add_argument("--model-version", type=int, help="default: the newest")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario")
     parser.add_argument("--intra-op-threads", type=int, default=None,
                         help="server's onnxruntime threads (default: the server's default)")
@@ -96,11 +97,11 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    version = load_version(Path(args.model_repository), "mnist")
+    version = load_version(Path(args.model_repository), "mnist", args.model_version)
     from training.data import load_idx_dir
 
     images = load_idx_dir(Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared/datasets/mnist"))).test_images
-    server_args = args.server_args.split()
+    server_args = args.server_args.split() + ["--model-version", str(version.version)]
     if args.intra_op_threads is not None:
         server_args += ["--intra-op-threads", str(args.intra_op_threads)]
     from serving.config import ServeConfig
