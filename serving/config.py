@@ -26,7 +26,6 @@ class ServeConfig:
     graph_optimization: str = "all"  # disable | basic | extended | all
     warmup_runs: int = 3
     allow_spinning: bool = False  # onnxruntime threads busy-wait between runs (faster only on idle cores)
-    inference_executor: str = "auto"  # thread | inline | auto (inline on 1-2 cores, else thread)
     max_message_bytes: int = 16 * 1024 * 1024
     grace_period: float = 10.0
     log_level: str = "info"
@@ -34,8 +33,6 @@ class ServeConfig:
     def __post_init__(self) -> None:
         checks = [
             (self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, not '{self.device}'"),
-            (self.inference_executor in ("auto", "thread", "inline"),
-             "--inference-executor must be auto, thread or inline"),
             (self.graph_optimization in ("disable", "basic", "extended", "all"),
              "--graph-optimization must be disable, basic, extended or all"),
             (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
@@ -49,12 +46,6 @@ class ServeConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-
-    @property
-    def inline_inference(self) -> bool:
-        if self.inference_executor == "auto":
-            return (os.cpu_count() or 1) <= 2
-        return self.inference_executor == "inline"
 
     def describe(self) -> str:
         return " ".join(f"{key}={value}" for key, value in asdict(self).items())
@@ -106,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--warmup-runs", type=int, default=d.warmup_runs)
     runtime.add_argument("--allow-spinning", type=_boolean, default=d.allow_spinning,
                          help="let idle onnxruntime threads busy-wait (true/false)")
-    runtime.add_argument("--inference-executor", choices=["auto", "thread", "inline"], default=d.inference_executor,
-                         help="run batches in a worker thread or on the event loop; auto: inline on 1-2 cores")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level)
     return parser
 

@@ -51,7 +51,7 @@ async def serve(config: ServeConfig) -> int:
         max_batch_size=config.max_batch_size, allow_spinning=config.allow_spinning,
     ))
     batcher = DynamicBatcher(runtime.run, config.max_batch_size, config.max_queue_delay_us / 1e6,
-                             config.max_queue_size, metrics.PrometheusBatchObserver(), config.inline_inference)
+                             config.max_queue_size, metrics.PrometheusBatchObserver())
     model = ServedModel(version, runtime.provider, config.max_batch_size, batcher)
     ready = False
 
@@ -82,10 +82,8 @@ async def serve(config: ServeConfig) -> int:
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ready = True
-    log.info("serving model '%s' version %d (sha256 %s…, %s, batches run %s) on %s; metrics on :%s",
-             version.name, version.version, sha[:12], runtime.provider,
-             "inline on the event loop" if config.inline_inference else "in a worker thread",
-             address, config.metrics_port or "off")
+    log.info("serving model '%s' version %d (sha256 %s…, %s) on %s; metrics on :%s",
+             version.name, version.version, sha[:12], runtime.provider, address, config.metrics_port or "off")
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

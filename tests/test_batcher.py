@@ -175,18 +175,3 @@ def test_a_failing_model_fails_its_callers_and_the_batcher_goes_on():
 
     assert run(scenario())[0, 0] == 784.0
 
-
-def test_inline_mode_runs_on_the_loop_and_still_coalesces_arrivals():
-    async def scenario():
-        model = RecordingModel()
-        batcher = DynamicBatcher(model, max_batch_size=64, inline=True)
-        batcher.start()
-        lone = await batcher.submit(batch_of(1.0))
-        together = await asyncio.gather(*(batcher.submit(batch_of(i / 10)) for i in range(10)))
-        await batcher.close()
-        return model, lone, together
-
-    model, lone, together = run(scenario())
-    assert [len(b) for b in model.batches] == [1, 10]
-    assert lone[0, 0] == 784.0
-    assert [round(float(out[0, 0]), 3) for out in together] == [round(784 * i / 10, 3) for i in range(10)]
