@@ -1,6 +1,6 @@
 """Throughput and latency of mnist-serve over loopback, beside its two ceilings, in one run.
 
-Scenarios (callers × images per call): 1×1, 32×1, 8×64. Each runs against
+Scenarios (callers × images per call): 1×1, 32×1, 8×64. Each runs, in alternating slices, against
   - mnist-serve (dynamic batching, onnxruntime on the CPU),
   - a canned server: the same gRPC stack answering without any model (the RPC ceiling),
 and the model's own ceiling is onnxruntime called in-process on the same batches.
@@ -45,8 +45,8 @@ class Result:
     p99_ms: float
 
 
-async def drive(target: str, callers: int, images: np.ndarray, seconds: float, warmup: float = 1.0) -> Result:
-    """`callers` coroutines each sending back-to-back Classify calls for `seconds`."""
+async def drive(target: str, callers: int, images: np.ndarray, seconds: float, warmup: float = 0.3) -> list[float]:
+    """`callers` coroutines each sending back-to-back Classify calls for `seconds`; the latencies."""
     payload = pb.ClassifyRequest(images=[pb.Image(raw_pixels=i.tobytes()) for i in images]).SerializeToString()
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
@@ -62,10 +62,23 @@ async def drive(target: str, callers: int, images: np.ndarray, seconds: float, w
                     latencies.append(time.perf_counter() - now)
 
         await asyncio.gather(*(caller() for _ in range(callers)))
-    latencies.sort()
+    return latencies
+
+
+def summarize(name: str, callers: int, count: int, latencies: list[float], seconds: float) -> Result:
+    latencies = sorted(latencies)
     rps = len(latencies) / seconds
-    return Result(target, callers, len(images), rps, rps * len(images),
+    return Result(name, callers, count, rps, rps * count,
                   1000 * statistics.median(latencies), 1000 * latencies[int(0.99 * (len(latencies) - 1))])
+
+
+def compare(targets: dict[str, str], callers: int, images: np.ndarray, rounds: int, seconds: float) -> list[Result]:
+    """Alternate short slices between the servers, so the machine's drifts hit both alike."""
+    latencies: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, target in targets.items():
+            latencies[name] += asyncio.run(drive(target, callers, images, seconds))
+    return [summarize(name, callers, len(images), values, rounds * seconds) for name, values in latencies.items()]
 
 
 def in_process(model_path: str, batch: np.ndarray, seconds: float, threads: int) -> float:
@@ -90,7 +103,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", default="model_repository")
     parser.add_argument("--model-version", type=int, help="default: the newest")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per scenario")
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per scenario and server")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="slices the seconds are cut into, alternating between the servers")
     parser.add_argument("--intra-op-threads", type=int, default=None,
                         help="server's onnxruntime threads (default: the server's default)")
     parser.add_argument("--server-args", default="", help="extra mnist-serve flags, e.g. '--max-queue-delay-us 200'")
@@ -109,17 +124,14 @@ def main() -> int:
     threads = args.intra_op_threads if args.intra_op_threads is not None else ServeConfig().intra_op_threads
 
     results: list[Result] = []
-    with start_server(args.model_repository, "--metrics-port", "0", *server_args) as server:
-        for callers, count in SCENARIOS:
-            results.append(asyncio.run(drive(server.target, callers, images[:count], args.seconds)))
-            results[-1].target = "mnist-serve"
     port = free_port()
     canned = subprocess.Popen([sys.executable, str(ROOT / "bench" / "canned_server.py"), "--port", str(port)])
     try:
         wait_until_serving(f"127.0.0.1:{port}", 30, canned)
-        for callers, count in SCENARIOS:
-            results.append(asyncio.run(drive(f"127.0.0.1:{port}", callers, images[:count], args.seconds)))
-            results[-1].target = "canned"
+        with start_server(args.model_repository, "--metrics-port", "0", *server_args) as server:
+            for callers, count in SCENARIOS:
+                targets = {"mnist-serve": server.target, "canned": f"127.0.0.1:{port}"}
+                results += compare(targets, callers, images[:count], args.rounds, args.seconds / args.rounds)
     finally:
         canned.terminate()
         canned.wait()

@@ -26,6 +26,7 @@ class ServeConfig:
     graph_optimization: str = "all"  # disable | basic | extended | all
     warmup_runs: int = 3
     allow_spinning: bool = False  # onnxruntime threads busy-wait between runs (faster only on idle cores)
+    switch_interval_us: int = 200  # how long a thread may hold the GIL while another waits (Python's default: 5000)
     max_message_bytes: int = 16 * 1024 * 1024
     grace_period: float = 10.0
     log_level: str = "info"
@@ -42,6 +43,7 @@ class ServeConfig:
             (0 < self.port < 65536 and 0 <= self.metrics_port < 65536, "ports must be in 1..65535"),
             (self.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
             (self.grace_period >= 0, "--grace-period cannot be negative"),
+            (self.switch_interval_us >= 1, "--switch-interval-us must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--warmup-runs", type=int, default=d.warmup_runs)
     runtime.add_argument("--allow-spinning", type=_boolean, default=d.allow_spinning,
                          help="let idle onnxruntime threads busy-wait (true/false)")
+    runtime.add_argument("--switch-interval-us", type=int, default=d.switch_interval_us,
+                         help="Python's GIL switch interval: short lets the inference thread hand results back "
+                              "without waiting out the event loop (Python's default is 5000)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level)
     return parser
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,6 +44,9 @@ def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
 async def serve(config: ServeConfig) -> int:
     """Run until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new calls, finish accepted ones."""
     log.info("configuration: %s", config.describe())
+    # The inference thread needs the GIL back for a moment after every batch; under load the event
+    # loop would otherwise keep it for up to 5 ms (Python's default), stalling the answers.
+    sys.setswitchinterval(config.switch_interval_us / 1e6)
     version = load_version(config.model_repository, config.model_name, config.model_version)
     sha = version.verify_checksum()
     runtime = OnnxRuntimeSession(str(version.model_path), RuntimeOptions(

@@ -58,8 +58,8 @@ def test_requests_queued_during_a_batch_are_coalesced_and_answered_in_order():
         model = RecordingModel(gate=gate)
         batcher = DynamicBatcher(model, max_batch_size=64)
         batcher.start()
-        first = asyncio.ensure_future(batcher.submit(batch_of(0.0)))
-        await asyncio.sleep(0.05)  # the first batch is now blocked inside the model
+        first = asyncio.ensure_future(batcher.submit(batch_of(0.0, count=2)))
+        await asyncio.sleep(0.05)  # the first batch is now blocked inside the model, in the worker thread
         rest = [asyncio.ensure_future(batcher.submit(batch_of(i / 100, count=i % 3 + 1))) for i in range(1, 21)]
         await asyncio.sleep(0.05)
         gate.set()
@@ -68,7 +68,7 @@ def test_requests_queued_during_a_batch_are_coalesced_and_answered_in_order():
         return model, results
 
     model, results = run(scenario())
-    assert [len(b) for b in model.batches] == [1, sum(i % 3 + 1 for i in range(1, 21))]
+    assert [len(b) for b in model.batches] == [2, sum(i % 3 + 1 for i in range(1, 21))]
     for i, out in enumerate(results[1:], start=1):
         assert out.shape == (i % 3 + 1, 10)
         np.testing.assert_allclose(out[:, 0], 784 * i / 100, rtol=1e-5)  # each caller gets its own rows
@@ -114,14 +114,14 @@ def test_queue_delay_waits_for_company_but_not_longer_than_the_cap():
 def test_a_full_queue_sheds_load_at_once():
     async def scenario():
         gate = threading.Event()
-        batcher = DynamicBatcher(RecordingModel(gate=gate), max_batch_size=1, max_queue_size=2)
+        batcher = DynamicBatcher(RecordingModel(gate=gate), max_batch_size=2, max_queue_size=2)
         batcher.start()
-        running = asyncio.ensure_future(batcher.submit(batch_of(1.0)))
+        running = asyncio.ensure_future(batcher.submit(batch_of(1.0, count=2)))
         await asyncio.sleep(0.05)
-        queued = [asyncio.ensure_future(batcher.submit(batch_of(1.0))) for _ in range(2)]
+        queued = [asyncio.ensure_future(batcher.submit(batch_of(1.0, count=2))) for _ in range(2)]
         await asyncio.sleep(0)
         with pytest.raises(QueueFull, match="queue is full"):
-            await batcher.submit(batch_of(1.0))
+            await batcher.submit(batch_of(1.0, count=2))
         gate.set()
         await asyncio.gather(running, *queued)
         await batcher.close()
@@ -135,7 +135,7 @@ def test_expired_and_cancelled_requests_are_dropped_not_computed():
         model = RecordingModel(gate=gate)
         batcher = DynamicBatcher(model, max_batch_size=64)
         batcher.start()
-        blocker = asyncio.ensure_future(batcher.submit(batch_of(0.0)))
+        blocker = asyncio.ensure_future(batcher.submit(batch_of(0.0, count=2)))
         await asyncio.sleep(0.05)
         expired = asyncio.ensure_future(batcher.submit(batch_of(5.0), deadline=time.monotonic() + 0.01))
         cancelled = asyncio.ensure_future(batcher.submit(batch_of(7.0)))
@@ -175,3 +175,24 @@ def test_a_failing_model_fails_its_callers_and_the_batcher_goes_on():
 
     assert run(scenario())[0, 0] == 784.0
 
+
+
+def test_a_lone_image_runs_on_the_loop_and_batches_in_the_worker_thread():
+    class ThreadRecorder(RecordingModel):
+        threads: list[str] = []
+
+        def __call__(self, images):
+            self.threads.append(threading.current_thread().name)
+            return super().__call__(images)
+
+    async def scenario():
+        model = ThreadRecorder()
+        batcher = DynamicBatcher(model, max_batch_size=64)
+        batcher.start()
+        await batcher.submit(batch_of(1.0))
+        await batcher.submit(batch_of(1.0, count=2))
+        await batcher.close()
+        return model.threads
+
+    on_loop, in_worker = run(scenario())
+    assert on_loop == threading.main_thread().name and in_worker.startswith("inference")
