@@ -108,25 +108,23 @@ class DynamicBatcher:
             raise
 
     async def close(self) -> None:
-        """Finish what is queued, then stop the worker."""
+        """Refuse new work, finish every queued and running batch, then stop the worker."""
         self._closing = True
-        while self._queue:
-            await asyncio.sleep(0.005)
+        self._arrived.set()  # wake an idle worker so that it sees the queue is done
         if self._worker:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
+            await self._worker
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
+                if self._closing:
+                    return
                 self._arrived.clear()
                 await self._arrived.wait()
-            if self.max_queue_delay > 0:
+                continue
+            if self.max_queue_delay > 0 and not self._closing:
                 await self._wait_for_company()
             batch = self._take_batch()
             if not batch:

@@ -29,6 +29,10 @@ SERVICE_NAMES = (
 )
 
 
+# After the queue is done, how long predictions are still refused by the app before gRPC stops.
+REFUSAL_WINDOW = 0.2
+
+
 class PortInUse(OSError):
     """The gRPC port could not be bound."""
 
@@ -96,8 +100,23 @@ async def serve(config: ServeConfig) -> int:
 
     log.info("draining: NOT_SERVING, refusing new calls, finishing accepted ones (grace %.1f s)", config.grace_period)
     ready = False
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(config.grace_period)
-    await batcher.close()
+    await drain(server, batcher, health_servicer, loop.time() + config.grace_period)
     log.info("stopped")
     return 0
+
+
+async def drain(server: grpc.aio.Server, batcher: DynamicBatcher, health_servicer, deadline: float) -> None:
+    """Finish accepted calls; new predictions get UNAVAILABLE from us, not a reset from gRPC.
+
+    The batcher closes first: it refuses new work with a clear status while it finishes what is
+    queued, and callers in mid-call meet that refusal rather than a connection being torn down.
+    Only then does gRPC stop, with whatever is left of the grace period.
+    """
+    loop = asyncio.get_running_loop()
+    await health_servicer.enter_graceful_shutdown()
+    try:
+        await asyncio.wait_for(batcher.close(), timeout=max(0.0, deadline - loop.time()))
+    except asyncio.TimeoutError:
+        log.warning("grace period over with calls still queued: they are cancelled")
+    await asyncio.sleep(min(REFUSAL_WINDOW, max(0.0, deadline - loop.time())))
+    await server.stop(max(0.0, deadline - loop.time()))

@@ -196,3 +196,23 @@ def test_a_lone_image_runs_on_the_loop_and_batches_in_the_worker_thread():
 
     on_loop, in_worker = run(scenario())
     assert on_loop == threading.main_thread().name and in_worker.startswith("inference")
+
+
+def test_close_answers_everything_queued_and_running_before_it_returns():
+    async def scenario():
+        gate = threading.Event()
+        model = RecordingModel(gate=gate)
+        batcher = DynamicBatcher(model, max_batch_size=4)
+        batcher.start()
+        calls = [asyncio.ensure_future(batcher.submit(batch_of(float(i), count=2))) for i in range(6)]
+        await asyncio.sleep(0.05)  # the first batch is running, the rest are queued
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(batch_of(1.0))
+        gate.set()
+        await closing
+        return [call.result() for call in calls]
+
+    results = run(scenario())
+    assert [float(out[0, 0]) for out in results] == [784.0 * i for i in range(6)]
