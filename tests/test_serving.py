@@ -343,6 +343,34 @@ def test_a_full_queue_answers_resource_exhausted_and_the_rest_are_served(trained
     assert set(served) == {int(np.argmax(np.bincount(served)))}  # all served answers agree
 
 
+def test_calls_that_expire_while_queued_are_dropped_not_computed(trained_repository, mnist_test_set, tmp_path):
+    images, _ = mnist_test_set
+    with start_server(trained_repository, log_path=tmp_path / "server.log") as server:
+        def heavy(_):  # keeps the queue busy with 64-image batches
+            with ClassifierClient(server.target, timeout=30) as c:
+                return sum(len(c.classify(images[:64]).labels) for _ in range(8))
+
+        def hasty(_):  # one image with a deadline shorter than the wait
+            with ClassifierClient(server.target, timeout=0.002) as c:
+                try:
+                    return len(c.classify(images[:1]).labels)
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+                    return 0
+
+        with ThreadPoolExecutor(24) as pool:
+            heavy_calls = [pool.submit(heavy, i) for i in range(8)]
+            hasty_answered = sum(pool.map(hasty, range(64)))
+            heavy_images = sum(call.result() for call in heavy_calls)
+        computed = metric(server, "mnist_images_total")
+        dropped = metric(server, "mnist_dropped_requests_total")
+        assert dropped >= 1 and hasty_answered < 64
+        # What was dropped was never run: the model saw fewer images than were asked of it.
+        assert computed < heavy_images + 64
+        with ClassifierClient(server.target) as c:
+            assert c.classify(images[:4]).labels.shape == (4,)
+
+
 def test_sigterm_during_load_loses_no_accepted_call(trained_repository, mnist_test_set, reference, tmp_path):
     images, _ = mnist_test_set
     expected = reference(images[:32]).argmax(axis=1).tolist()
