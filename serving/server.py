@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 
 import grpc
@@ -34,7 +35,18 @@ REFUSAL_WINDOW = 0.2
 
 
 class PortInUse(OSError):
-    """The gRPC port could not be bound."""
+    """A port the server needs is taken."""
+
+
+def ensure_port_free(host: str, port: int, flag: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise PortInUse(f"cannot listen on {host}:{port} ({err.strerror}); "
+                            f"is another server running? choose another {flag}") from err
 
 
 def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -58,6 +70,15 @@ async def serve(config: ServeConfig) -> int:
         graph_optimization=config.graph_optimization, warmup_runs=config.warmup_runs,
         max_batch_size=config.max_batch_size, allow_spinning=config.allow_spinning,
     ))
+    # Ports are checked before gRPC binds, so a taken port is one clear line, not gRPC's own log.
+    address = f"{config.host}:{config.port}"
+    ensure_port_free(config.host, config.port, "--port")
+    if config.metrics_port:
+        try:
+            metrics.serve_metrics(config.metrics_port, config.host)
+        except OSError as err:
+            raise PortInUse(f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
+                            f"choose another --metrics-port, or 0 to turn metrics off") from err
     batcher = DynamicBatcher(runtime.run, config.max_batch_size, config.max_queue_delay_us / 1e6,
                              config.max_queue_size, metrics.PrometheusBatchObserver())
     model = ServedModel(version, runtime.provider, config.max_batch_size, batcher)
@@ -72,16 +93,11 @@ async def serve(config: ServeConfig) -> int:
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    address = f"{config.host}:{config.port}"
     try:
-        bound = server.add_insecure_port(address)
+        server.add_insecure_port(address)
     except RuntimeError as err:
         raise PortInUse(f"cannot listen on {address} ({err}); is another server running? choose --port") from err
-    if bound == 0:
-        raise PortInUse(f"cannot listen on {address}; is another server running? choose --port")
     await server.start()
-    if config.metrics_port:
-        metrics.serve_metrics(config.metrics_port, config.host)
     metrics.MODEL.labels(version.name, str(version.version), runtime.provider).set(1)
 
     loop = asyncio.get_running_loop()

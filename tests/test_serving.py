@@ -458,6 +458,18 @@ def test_start_up_errors_are_one_line(trained_repository, tmp_path):
     assert bad_flag.returncode == 2 and "--max-batch-size" in bad_flag.stderr
 
 
+def test_taken_ports_are_one_clear_line(server, trained_repository):
+    grpc_taken = subprocess.run([sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository),
+                                 "--host", "127.0.0.1", "--port", str(server.port), "--metrics-port", "0"],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert grpc_taken.returncode == 1 and "Traceback" not in grpc_taken.stderr
+    assert grpc_taken.stderr.strip().splitlines()[-1].startswith(f"mnist-serve: error: cannot listen on 127.0.0.1:{server.port}")
+    metrics_taken = _serve_and_fail("--model-repository", str(trained_repository), "--host", "127.0.0.1",
+                                    "--metrics-port", str(server.metrics_port))
+    assert metrics_taken.returncode == 1 and "Traceback" not in metrics_taken.stderr
+    assert "choose another --metrics-port" in metrics_taken.stderr.strip().splitlines()[-1]
+
+
 def test_a_tampered_model_file_is_refused(trained_repository, tmp_path):
     import shutil
 
