@@ -51,31 +51,42 @@ class PrometheusBatchObserver:
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every unary call by method and final status code."""
 
+    def __init__(self) -> None:
+        # gRPC asks for the handler on every call; the timed wrapper is built once per method.
+        self._timed_handlers: dict[str, grpc.RpcMethodHandler] = {}
+
     async def intercept_service(self, continuation, handler_call_details):
+        full_method = handler_call_details.method
+        if full_method in self._timed_handlers:
+            return self._timed_handlers[full_method]
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        behaviour = handler.unary_unary
+        self._timed_handlers[full_method] = _timed(handler, full_method.rsplit("/", 1)[-1])
+        return self._timed_handlers[full_method]
 
-        async def timed(request, context):
-            started = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            try:
-                response = await behaviour(request, context)
-                code = context.code() or grpc.StatusCode.OK
-                return response
-            except BaseException:
-                code = context.code() or grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                REQUESTS.labels(method, _code_name(code)).inc()
-                LATENCY.labels(method).observe(time.perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(
-            timed, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+def _timed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    behaviour = handler.unary_unary
+
+    async def timed(request, context):
+        started = time.perf_counter()
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            response = await behaviour(request, context)
+            code = context.code() or grpc.StatusCode.OK
+            return response
+        except BaseException:
+            code = context.code() or grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            REQUESTS.labels(method, _code_name(code)).inc()
+            LATENCY.labels(method).observe(time.perf_counter() - started)
+
+    return grpc.unary_unary_rpc_method_handler(
+        timed, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _code_name(code) -> str:

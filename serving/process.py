@@ -14,8 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving.client import ClassifierClient
 
 
 def free_port() -> int:
@@ -25,21 +24,19 @@ def free_port() -> int:
 
 
 def wait_until_serving(target: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll grpc.health.v1 until the server says SERVING; fail early if the process died."""
+    """The client's health polling, in short slices so that a server that died fails at once."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
+    with ClassifierClient(target) as client:
+        while True:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
+            remaining = deadline - time.monotonic()
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"no SERVING answer from {target} within {timeout:.0f} s")
+                client.wait_until_ready(min(0.5, max(remaining, 0.01)))
+                return
+            except TimeoutError:
+                if remaining <= 0.5:
+                    raise
 
 
 @dataclass
