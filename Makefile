@@ -6,6 +6,9 @@ REPOSITORY  ?= model_repository
 # The local MNIST copy when there is one (offline machines); otherwise mnist-train downloads it.
 MNIST_DATA_DIR ?= $(wildcard ../shared/datasets/mnist)
 export MNIST_DATA_DIR
+# Likewise Fashion-MNIST, the second data set (else /usr/share/datasets/fashion-mnist, else a download).
+FASHION_MNIST_DATA_DIR ?= $(wildcard ../shared/datasets/fashion-mnist)
+export FASHION_MNIST_DATA_DIR
 
 .PHONY: install demo train serve test proto proto-check loadtest batching-study bench lock clean
 
@@ -40,13 +43,13 @@ proto-check: install
 	$(BIN)/python proto/generate.py --check
 
 loadtest: install
-	$(BIN)/python loadtest/run.py --model-repository $(REPOSITORY) $(ARGS)
+	$(BIN)/python -m loadtest.run --model-repository $(REPOSITORY) $(ARGS)
 
 batching-study: install
-	$(BIN)/python loadtest/batching_study.py --model-repository $(REPOSITORY) $(ARGS)
+	$(BIN)/python -m loadtest.batching_study --model-repository $(REPOSITORY) $(ARGS)
 
 bench: install
-	$(BIN)/python bench/bench_serving.py --model-repository $(REPOSITORY) $(ARGS)
+	$(BIN)/python -m bench.bench_serving --model-repository $(REPOSITORY) $(ARGS)
 
 ## Refresh constraints.txt from a fresh resolve of pyproject.toml.
 lock:

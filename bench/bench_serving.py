@@ -23,12 +23,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from core.contract import INPUT_NAME, to_model_input
+from core.idx import find_data_dir, load_idx_dir
+from core.repository import load_version
+from serving.config import ServeConfig
+from serving.generated import mnist_classifier_pb2 as pb
+from serving.process import free_port, start_server, wait_until_serving
 
-from serving.generated import mnist_classifier_pb2 as pb  # noqa: E402
-from serving.process import free_port, start_server, wait_until_serving  # noqa: E402
-from serving.repository import load_version  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SCENARIOS = [(1, 1), (32, 1), (8, 64)]
 CLASSIFY = "/mnist.v1.Classifier/Classify"
@@ -89,7 +91,7 @@ def in_process(model_path: str, batch: np.ndarray, seconds: float, threads: int)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
-    feed = {"images": (batch.astype(np.float32) / 255)[..., None]}
+    feed = {INPUT_NAME: to_model_input(batch)}
     for _ in range(20):
         session.run(None, feed)
     runs, started = 0, time.perf_counter()
@@ -113,19 +115,15 @@ def main() -> int:
     args = parser.parse_args()
 
     version = load_version(Path(args.model_repository), "mnist", args.model_version)
-    from training.data import load_idx_dir
-
-    images = load_idx_dir(Path(os.environ.get("MNIST_DATA_DIR", ROOT.parent / "shared/datasets/mnist"))).test_images
+    images = load_idx_dir(find_data_dir("mnist") or ROOT.parent / "shared/datasets/mnist").test_images
     server_args = args.server_args.split() + ["--model-version", str(version.version)]
     if args.intra_op_threads is not None:
         server_args += ["--intra-op-threads", str(args.intra_op_threads)]
-    from serving.config import ServeConfig
-
     threads = args.intra_op_threads if args.intra_op_threads is not None else ServeConfig().intra_op_threads
 
     results: list[Result] = []
     port = free_port()
-    canned = subprocess.Popen([sys.executable, str(ROOT / "bench" / "canned_server.py"), "--port", str(port)])
+    canned = subprocess.Popen([sys.executable, "-m", "bench.canned_server", "--port", str(port)], cwd=ROOT)
     try:
         wait_until_serving(f"127.0.0.1:{port}", 30, canned)
         with start_server(args.model_repository, "--metrics-port", "0", *server_args) as server:

@@ -5,8 +5,8 @@ own onnxruntime run) and with batching on (default 64), at several user counts. 
 and p99 come from Locust's stats CSV; the mean batch the server actually ran comes from its
 `mnist_batch_size` / `mnist_batch_requests` histograms on /metrics.
 
-    python loadtest/batching_study.py --model-repository model_repository
-    python loadtest/batching_study.py --users 1,16,64,128 --run-time 30s --max-batch-sizes 1,16,64
+    python -m loadtest.batching_study --model-repository model_repository
+    python -m loadtest.batching_study --users 1,16,64,128 --run-time 30s --max-batch-sizes 1,16,64
 
 Writes reports/<name>.csv, reports/<name>.md and reports/<name>.png (throughput and p99 against
 users, one line per setting), plus each run's Locust CSVs under reports/<name>/.
@@ -22,18 +22,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-
-from locust_runner import (  # noqa: E402
-    DEFAULT_MIX_WEIGHTS,
-    ROOT,
-    SCENARIOS,
-    LoadTestError,
-    parse_mix_weights,
-    parse_seconds,
-    run_locust,
-)
+from loadtest.locust_runner import ROOT, LoadTestError, parse_mix_weights, parse_seconds, run_locust
+from loadtest.options import DEFAULTS, SCENARIOS
 
 PROG = "batching-study"
 
@@ -74,9 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenario", choices=SCENARIOS, default="single",
                         help="the load; single-image calls are where batching matters (batch calls need "
                              "--images-per-call <= every max batch size)")
-    parser.add_argument("--images-per-call", type=int, default=16)
-    parser.add_argument("--mix-weights", default=",".join(map(str, DEFAULT_MIX_WEIGHTS)))
-    parser.add_argument("--pool-size", type=int, default=2000, help="test images screened for the load pool")
+    parser.add_argument("--images-per-call", type=int, default=DEFAULTS.images_per_call)
+    parser.add_argument("--mix-weights", default=DEFAULTS.mix_weights_text)
+    parser.add_argument("--pool-size", type=int, default=DEFAULTS.pool_size, help="test images screened for the load pool")
     parser.add_argument("--processes", type=int, default=None, help="Locust worker processes (see run.py)")
     parser.add_argument("--server-args", default="",
                         help="further mnist-serve flags for both settings, e.g. --server-args='--max-queue-delay-us 500'")

@@ -1,4 +1,4 @@
-"""What `loadtest/run.py` and `loadtest/batching_study.py` share: run Locust headless, read its CSV.
+"""What `loadtest.run` and `loadtest.batching_study` share: run Locust headless, read its CSV.
 
 Locust runs as a child process (it monkey-patches the whole interpreter with gevent,
 which the server process and matplotlib should not see), and its numbers are read back
@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadtest.options import DEFAULTS, SCENARIOS  # noqa: F401  (SCENARIOS: re-exported for the scripts)
+
 ROOT = Path(__file__).resolve().parent.parent
-LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
-SCENARIOS = ("single", "batch", "kserve", "mix")
-DEFAULT_MIX_WEIGHTS = (6, 3, 1)  # single, batch, kserve
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
 class LoadTestError(Exception):
@@ -187,8 +187,9 @@ def check_reachable(target: str, timeout: float = 5.0) -> None:
 
 def locust_command(target: str, *, scenario: str, users: int, spawn_rate: float, run_time: str,
                    csv_prefix: Path, html_path: Path | None = None, processes: int | None = None,
-                   images_per_call: int = 16, mix_weights: str | None = None, stop_timeout: float = 5.0,
-                   reset_stats: bool = False, extra: list[str] | None = None) -> list[str]:
+                   images_per_call: int = DEFAULTS.images_per_call, mix_weights: str | None = None,
+                   stop_timeout: float = DEFAULTS.stop_timeout, reset_stats: bool = False,
+                   extra: list[str] | None = None) -> list[str]:
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
                "--host", target, "-u", str(users), "-r", f"{spawn_rate:g}", "-t", str(run_time),
                "--stop-timeout", f"{stop_timeout:g}", "--csv", str(csv_prefix), "--only-summary",
@@ -204,10 +205,11 @@ def locust_command(target: str, *, scenario: str, users: int, spawn_rate: float,
     return command + list(extra or [])
 
 
-def run_locust(target: str, *, scenario: str = "mix", users: int = 32, spawn_rate: float = 10.0,
-               run_time: str = "60s", csv_prefix: Path, html_path: Path | None = None,
-               log_path: Path | None = None, processes: int | None = None, images_per_call: int = 16,
-               mix_weights: str | None = None, stop_timeout: float = 5.0, reset_stats: bool = False,
+def run_locust(target: str, *, scenario: str = DEFAULTS.scenario, users: int = DEFAULTS.users,
+               spawn_rate: float = DEFAULTS.spawn_rate, run_time: str = DEFAULTS.run_time, csv_prefix: Path,
+               html_path: Path | None = None, log_path: Path | None = None, processes: int | None = None,
+               images_per_call: int = DEFAULTS.images_per_call, mix_weights: str | None = None,
+               stop_timeout: float = DEFAULTS.stop_timeout, reset_stats: bool = False,
                extra: list[str] | None = None, stream: bool = False,
                on_spawned: Callable[[], None] | None = None) -> LocustRun:
     """Run Locust headless against `target`; return its statistics once it has finished.
@@ -226,11 +228,10 @@ def run_locust(target: str, *, scenario: str = "mix", users: int = 32, spawn_rat
                              images_per_call=images_per_call, mix_weights=mix_weights,
                              stop_timeout=stop_timeout, reset_stats=reset_stats, extra=extra)
     deadline = parse_seconds(run_time) + stop_timeout + 90.0  # start-up, load pool, report writing
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = None if stream or log_path is None else open(log_path, "wb")
     try:
         started = time.monotonic()
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None,
                                 start_new_session=True)
         try:
             if on_spawned is not None and log is not None:

@@ -10,7 +10,8 @@ Scenarios (`--scenario`, also settable in the web UI):
 
 Every call is reported through Locust's request event, so its statistics, charts, CSV and
 HTML report count gRPC calls the way they count HTTP requests. `make loadtest`
-(loadtest/run.py) starts a server and runs this file headless.
+(python -m loadtest.run) starts a server and runs this file headless. The `loadtest` and
+`core` packages must be importable (installed, or Locust started from the project's root).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import csv
 import logging
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -40,14 +40,8 @@ grpc_gevent.init_gevent()
 
 import numpy as np  # noqa: E402
 
-_HERE = Path(__file__).resolve().parent
-for _path in (str(_HERE), str(_HERE.parent)):  # locust_runner, and serving/training without an install
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
-
-from locust_runner import (  # noqa: E402
-    DEFAULT_MIX_WEIGHTS,
-    SCENARIOS,
+from core.idx import find_data_dir, load_idx_dir  # noqa: E402
+from loadtest.locust_runner import (  # noqa: E402
     LoadTestError,
     batch_request_name,
     kserve_request_name,
@@ -55,6 +49,7 @@ from locust_runner import (  # noqa: E402
     parse_mix_weights,
     single_request_name,
 )
+from loadtest.options import DEFAULTS, SCENARIOS  # noqa: E402
 from serving.client import ClassifierClient  # noqa: E402
 
 log = logging.getLogger("mnist-loadtest")
@@ -63,17 +58,19 @@ log = logging.getLogger("mnist-loadtest")
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     # On the parser itself: Locust's include_in_web_ui works there, not on argument groups.
-    parser.add_argument("--scenario", choices=SCENARIOS, default="mix", include_in_web_ui=True,
+    parser.add_argument("--scenario", choices=SCENARIOS, default=DEFAULTS.scenario, include_in_web_ui=True,
                        help="single: 1 image per Classify call; batch: --images-per-call per Classify call; "
-                            "kserve: KServe v2 ModelInfer; mix: all three by --mix-weights (default: mix)")
-    parser.add_argument("--images-per-call", type=int, default=16, include_in_web_ui=True,
-                       help="images in each call of the batch scenario (default: 16)")
-    parser.add_argument("--mix-weights", default=",".join(map(str, DEFAULT_MIX_WEIGHTS)), include_in_web_ui=True,
-                       help="relative weights of single,batch,kserve calls in the mix scenario (default: 6,3,1)")
-    parser.add_argument("--pool-size", type=int, default=2000, include_in_web_ui=True,
-                       help="how many of the first MNIST test images to screen for the load pool (default: 2000)")
-    parser.add_argument("--rpc-timeout", type=float, default=10.0, include_in_web_ui=True,
-                       help="deadline of each gRPC call in seconds (default: 10)")
+                            f"kserve: KServe v2 ModelInfer; mix: all three by --mix-weights (default: {DEFAULTS.scenario})")
+    parser.add_argument("--images-per-call", type=int, default=DEFAULTS.images_per_call, include_in_web_ui=True,
+                       help=f"images in each call of the batch scenario (default: {DEFAULTS.images_per_call})")
+    parser.add_argument("--mix-weights", default=DEFAULTS.mix_weights_text, include_in_web_ui=True,
+                       help="relative weights of single,batch,kserve calls in the mix scenario "
+                            f"(default: {DEFAULTS.mix_weights_text})")
+    parser.add_argument("--pool-size", type=int, default=DEFAULTS.pool_size, include_in_web_ui=True,
+                       help="how many of the first MNIST test images to screen for the load pool "
+                            f"(default: {DEFAULTS.pool_size})")
+    parser.add_argument("--rpc-timeout", type=float, default=DEFAULTS.rpc_timeout, include_in_web_ui=True,
+                       help=f"deadline of each gRPC call in seconds (default: {DEFAULTS.rpc_timeout:g})")
     parser.add_argument("--mnist-dir", default=os.environ.get("MNIST_DATA_DIR", ""), include_in_web_ui=False,
                        help="folder of the MNIST IDX files (default: $MNIST_DATA_DIR, else ../shared/datasets/mnist)")
 
@@ -100,15 +97,12 @@ _SCREEN_CONCURRENCY = 8
 
 
 def _mnist_dir(configured: str) -> Path:
-    if configured:
-        return Path(configured)
-    return _HERE.parent.parent / "shared" / "datasets" / "mnist"
+    """--mnist-dir, else $MNIST_DATA_DIR, else the shared copy beside the project."""
+    return find_data_dir("mnist", configured) or Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
 
 
 def build_pool(target: str, mnist_dir: Path, pool_size: int, timeout: float) -> tuple[np.ndarray, np.ndarray, int]:
     """The pool images, their labels and the server's per-call image limit."""
-    from training.data import load_idx_dir
-
     data = load_idx_dir(mnist_dir)
     images = np.ascontiguousarray(data.test_images[:pool_size], dtype=np.uint8)
     truth = np.asarray(data.test_labels[:pool_size], dtype=np.int64)

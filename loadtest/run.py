@@ -1,8 +1,8 @@
 """`make loadtest`: a minute of Locust load against mnist-serve, with a summary and reports.
 
-    python loadtest/run.py --model-repository model_repository            # starts a server itself
-    python loadtest/run.py --host 127.0.0.1:8500 --users 64 --run-time 2m  # a server that already runs
-    python loadtest/run.py --processes 2 --scenario single                 # Locust on two processes
+    python -m loadtest.run --model-repository model_repository            # starts a server itself
+    python -m loadtest.run --host 127.0.0.1:8500 --users 64 --run-time 2m  # a server that already runs
+    python -m loadtest.run --processes 2 --scenario single                 # Locust on two processes
 
 Writes reports/<name>_stats.csv (and Locust's other CSVs), reports/<name>.html and
 reports/<name>.log; prints requests/s, p50/p95/p99 and failures. Exits 1 when any call failed
@@ -15,13 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
-
-from locust_runner import (  # noqa: E402
-    DEFAULT_MIX_WEIGHTS,
+from loadtest.locust_runner import (
     ROOT,
-    SCENARIOS,
     LoadTestError,
     check_reachable,
     format_stats_table,
@@ -31,6 +26,7 @@ from locust_runner import (  # noqa: E402
     parse_seconds,
     run_locust,
 )
+from loadtest.options import DEFAULTS, SCENARIOS
 
 PROG = "loadtest"
 
@@ -46,14 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra mnist-serve flags for the server this script starts, "
                              "e.g. --server-args='--max-batch-size 32'")
     load = parser.add_argument_group("the load")
-    load.add_argument("--scenario", choices=SCENARIOS, default="mix")
-    load.add_argument("--users", "-u", type=int, default=32, help="simulated clients")
-    load.add_argument("--spawn-rate", "-r", type=float, default=10.0, help="users started per second")
-    load.add_argument("--run-time", "-t", default="60s", help="how long, in Locust's notation (60s, 2m, 1m30s)")
-    load.add_argument("--images-per-call", type=int, default=16, help="images per call in the batch scenario")
-    load.add_argument("--mix-weights", default=",".join(map(str, DEFAULT_MIX_WEIGHTS)),
+    load.add_argument("--scenario", choices=SCENARIOS, default=DEFAULTS.scenario)
+    load.add_argument("--users", "-u", type=int, default=DEFAULTS.users, help="simulated clients")
+    load.add_argument("--spawn-rate", "-r", type=float, default=DEFAULTS.spawn_rate, help="users started per second")
+    load.add_argument("--run-time", "-t", default=DEFAULTS.run_time,
+                      help="how long, in Locust's notation (60s, 2m, 1m30s)")
+    load.add_argument("--images-per-call", type=int, default=DEFAULTS.images_per_call,
+                      help="images per call in the batch scenario")
+    load.add_argument("--mix-weights", default=DEFAULTS.mix_weights_text,
                       help="relative weights of single,batch,kserve calls in the mix scenario")
-    load.add_argument("--pool-size", type=int, default=2000,
+    load.add_argument("--pool-size", type=int, default=DEFAULTS.pool_size,
                       help="MNIST test images screened at start; the ones the idle server gets right are sent")
     load.add_argument("--processes", type=int, default=None,
                       help="run Locust on this many worker processes (-1: one per CPU) for more load "

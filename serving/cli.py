@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported after parsing so that --help answers without loading onnxruntime and grpc.
-    from serving.repository import RepositoryError
-    from serving.runtime import DeviceUnavailable
+    from core.repository import RepositoryError
+    from serving.inference.runtime import DeviceUnavailable
     from serving.server import serve
 
     try:

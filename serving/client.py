@@ -15,12 +15,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from core.contract import IMAGE_SHAPE, IMAGE_SIDE, INPUT_NAME, KSERVE_DTYPES, OUTPUT_DATATYPE, PIXELS
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 
-_SIDE = 28
 _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-_KSERVE_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype(np.uint8)}
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ class ClassifierClient:
 
     def classify(self, images: np.ndarray, model_name: str = "", model_version: str = "") -> ClassifyResult:
         """Classify uint8 images (sent as raw_pixels) or float images in [0, 1] (sent as float_pixels)."""
-        pixels = _as_batch(images).reshape(-1, _SIDE * _SIDE)
+        pixels = _as_batch(images).reshape(-1, PIXELS)
         if pixels.dtype == np.uint8:
             messages = [pb.Image(raw_pixels=row.tobytes()) for row in pixels]
         elif np.issubdtype(pixels.dtype, np.floating):
@@ -90,8 +89,8 @@ class ClassifierClient:
         datatype = "UINT8" if batch.dtype == np.uint8 else "FP32"
         request_type, response_type = _kserve_message_types()
         request = request_type(model_name=model_name)
-        request.inputs.add(name="images", datatype=datatype, shape=[len(batch), _SIDE, _SIDE, 1])
-        request.raw_input_contents.append(batch.astype(_KSERVE_DTYPES[datatype]).tobytes())
+        request.inputs.add(name=INPUT_NAME, datatype=datatype, shape=[len(batch), *IMAGE_SHAPE])
+        request.raw_input_contents.append(batch.astype(KSERVE_DTYPES[datatype]).tobytes())
         if self._model_infer is None:
             self._model_infer = self._channel.unary_unary(
                 _MODEL_INFER,
@@ -138,7 +137,7 @@ def _as_batch(images: np.ndarray) -> np.ndarray:
     batch = np.asarray(images)
     if batch.ndim == 4 and batch.shape[-1] == 1:
         batch = batch[..., 0]
-    if batch.ndim != 3 or batch.shape[1:] != (_SIDE, _SIDE) or len(batch) == 0:
+    if batch.ndim != 3 or batch.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE) or len(batch) == 0:
         raise ValueError(f"images have shape {batch.shape}; expected [N, 28, 28] or [N, 28, 28, 1] with N >= 1")
     return batch
 
@@ -164,10 +163,10 @@ def _kserve_message_types() -> tuple[Any, Any]:
 
 def _first_output(response: Any) -> np.ndarray:
     output = response.outputs[0]
-    if output.datatype != "FP32":
+    if output.datatype != OUTPUT_DATATYPE:
         raise ValueError(f"the server answered with a {output.datatype} output; expected FP32 probabilities")
     if response.raw_output_contents:
-        values = np.frombuffer(response.raw_output_contents[0], dtype="<f4")
+        values = np.frombuffer(response.raw_output_contents[0], dtype=KSERVE_DTYPES[OUTPUT_DATATYPE])
     else:
         values = np.asarray(output.contents.fp32_contents, dtype=np.float32)
     return values.astype(np.float32).reshape(tuple(output.shape))

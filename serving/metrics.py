@@ -23,9 +23,10 @@ DROPPED = Counter("mnist_dropped_requests_total", "Requests dropped before infer
 MODEL = Gauge("mnist_model_info", "The served model (value 1)", ["model", "version", "provider"])
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    """Expose /metrics over HTTP from a background thread."""
-    start_http_server(port, addr=host)
+def serve_metrics(port: int, host: str = "0.0.0.0"):
+    """Expose /metrics over HTTP from a background thread; returns the HTTP server (shutdown() stops it)."""
+    httpd, _thread = start_http_server(port, addr=host)
+    return httpd
 
 
 class PrometheusBatchObserver:

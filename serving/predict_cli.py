@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -32,12 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_mnist(count: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-    from training.data import load_idx_dir  # numpy-only module; no TensorFlow import
+    from core.idx import find_data_dir, load_idx_dir
 
-    folder = data_dir or os.environ.get("MNIST_DATA_DIR")
-    if not folder:
+    folder = find_data_dir("mnist", data_dir)
+    if folder is None:
         raise ValueError("--mnist-test needs the MNIST files: pass --data-dir or set MNIST_DATA_DIR")
-    data = load_idx_dir(Path(folder))
+    data = load_idx_dir(folder)
     return data.test_images[:count], data.test_labels[:count]
 
 

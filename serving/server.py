@@ -1,7 +1,13 @@
-"""Server start-up and shutdown: wires repository → runtime → batcher → APIs, health and reflection."""
+"""The server: wires repository → runtime → batcher → gRPC APIs, and owns start, readiness, drain and stop.
+
+`Server` holds one readiness state; grpc.health.v1 and KServe's ServerReady/ModelReady are
+read from it, so they can never disagree: NOT_SERVING while it loads and warms up, SERVING
+once warm, NOT_SERVING again from the moment it drains.
+"""
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import signal
 import socket
@@ -11,16 +17,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from core.repository import ModelVersion, load_version
 from serving import metrics
-from serving.batcher import DynamicBatcher
-from serving.classifier_api import ClassifierServicer
 from serving.config import ServeConfig
 from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from serving.generated import mnist_classifier_pb2, mnist_classifier_pb2_grpc
-from serving.kserve_api import KServeServicer
-from serving.repository import load_version
-from serving.runtime import OnnxRuntimeSession, RuntimeOptions
-from serving.served_model import ServedModel
+from serving.grpc_api.classifier import ClassifierServicer
+from serving.grpc_api.kserve import KServeServicer
+from serving.grpc_api.status import DomainErrorInterceptor
+from serving.inference.batcher import DynamicBatcher
+from serving.inference.runtime import OnnxRuntimeSession, RuntimeOptions
+from serving.inference.served_model import ServedModel
 
 log = logging.getLogger("mnist-serve")
 
@@ -29,13 +36,19 @@ SERVICE_NAMES = (
     grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
 
-
 # After the queue is done, how long predictions are still refused by the app before gRPC stops.
 REFUSAL_WINDOW = 0.2
 
 
 class PortInUse(OSError):
     """A port the server needs is taken."""
+
+
+class Readiness(enum.Enum):
+    STARTING = "starting"  # loading and warming up the model: NOT_SERVING
+    SERVING = "serving"
+    DRAINING = "draining"  # NOT_SERVING: new predictions refused, accepted ones finishing
+    STOPPED = "stopped"
 
 
 def ensure_port_free(host: str, port: int, flag: str) -> None:
@@ -57,82 +70,138 @@ def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
     ]
 
 
-async def serve(config: ServeConfig) -> int:
-    """Run until SIGTERM/SIGINT, then drain: NOT_SERVING, refuse new calls, finish accepted ones."""
-    log.info("configuration: %s", config.describe())
-    # The inference thread needs the GIL back for a moment after every batch; under load the event
-    # loop would otherwise keep it for up to 5 ms (Python's default), stalling the answers.
-    sys.setswitchinterval(config.switch_interval_us / 1e6)
-    version = load_version(config.model_repository, config.model_name, config.model_version)
-    sha = version.verify_checksum()
-    runtime = OnnxRuntimeSession(str(version.model_path), RuntimeOptions(
-        device=config.device, intra_op_threads=config.intra_op_threads, inter_op_threads=config.inter_op_threads,
-        graph_optimization=config.graph_optimization, warmup_runs=config.warmup_runs,
-        max_batch_size=config.max_batch_size, allow_spinning=config.allow_spinning,
-    ))
-    # Ports are checked before gRPC binds, so a taken port is one clear line, not gRPC's own log.
-    address = f"{config.host}:{config.port}"
-    ensure_port_free(config.host, config.port, "--port")
-    if config.metrics_port:
+def interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """Metrics outermost, so that it counts the status code the error mapping chose."""
+    return [metrics.MetricsInterceptor(), DomainErrorInterceptor()]
+
+
+class Server:
+    """mnist-serve in one object: `await start()`, then `await drain()` and `await stop()`."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.readiness = Readiness.STARTING
+        self.version: ModelVersion | None = None
+        self.model: ServedModel | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._batcher: DynamicBatcher | None = None
+        self._metrics_httpd = None
+        self._grace_deadline: float | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def is_ready(self) -> bool:
+        return self.readiness is Readiness.SERVING
+
+    async def start(self) -> None:
+        """Load and check the model, bind the ports, warm up, then report SERVING."""
+        config = self.config
+        log.info("configuration: %s", config.describe())
+        # The inference thread needs the GIL back for a moment after every batch; under load the event
+        # loop would otherwise keep it for up to 5 ms (Python's default), stalling the answers.
+        sys.setswitchinterval(config.switch_interval_us / 1e6)
+        version = load_version(config.model_repository, config.model_name, config.model_version)
+        sha = version.verify_checksum()
+        runtime = OnnxRuntimeSession(str(version.model_path), RuntimeOptions(
+            device=config.device, intra_op_threads=config.intra_op_threads,
+            inter_op_threads=config.inter_op_threads, graph_optimization=config.graph_optimization,
+            warmup_runs=config.warmup_runs, max_batch_size=config.max_batch_size,
+            allow_spinning=config.allow_spinning,
+        ))
+        # Ports are checked before gRPC binds, so a taken port is one clear line, not gRPC's own log.
+        ensure_port_free(config.host, config.port, "--port")
+        if config.metrics_port:
+            try:
+                self._metrics_httpd = metrics.serve_metrics(config.metrics_port, config.host)
+            except OSError as err:
+                raise PortInUse(f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
+                                f"choose another --metrics-port, or 0 to turn metrics off") from err
+        self._batcher = DynamicBatcher(runtime.run, config.max_batch_size, config.max_queue_delay_us / 1e6,
+                                       config.max_queue_size, metrics.PrometheusBatchObserver())
+        self.version = version
+        self.model = ServedModel(version, runtime.provider, config.max_batch_size, self._batcher)
+
+        self._grpc = grpc.aio.server(interceptors=interceptors(), options=channel_options(config))
+        mnist_classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.model), self._grpc)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(self.model, self.is_ready), self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+        await self._set_readiness(Readiness.STARTING)
         try:
-            metrics.serve_metrics(config.metrics_port, config.host)
-        except OSError as err:
-            raise PortInUse(f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
-                            f"choose another --metrics-port, or 0 to turn metrics off") from err
-    batcher = DynamicBatcher(runtime.run, config.max_batch_size, config.max_queue_delay_us / 1e6,
-                             config.max_queue_size, metrics.PrometheusBatchObserver())
-    model = ServedModel(version, runtime.provider, config.max_batch_size, batcher)
-    ready = False
+            self._grpc.add_insecure_port(self.address)
+        except RuntimeError as err:
+            raise PortInUse(f"cannot listen on {self.address} ({err}); "
+                            "is another server running? choose --port") from err
+        await self._grpc.start()
+        metrics.MODEL.labels(version.name, str(version.version), runtime.provider).set(1)
 
-    server = grpc.aio.server(interceptors=[metrics.MetricsInterceptor()], options=channel_options(config))
-    mnist_classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(model), server)
-    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(model, lambda: ready), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.get_running_loop().run_in_executor(None, runtime.warm_up)
+        self._batcher.start()
+        await self._set_readiness(Readiness.SERVING)
+        log.info("serving model '%s' version %d (sha256 %s…, %s) on %s; metrics on :%s",
+                 version.name, version.version, sha[:12], runtime.provider, self.address,
+                 config.metrics_port or "off")
 
-    try:
-        server.add_insecure_port(address)
-    except RuntimeError as err:
-        raise PortInUse(f"cannot listen on {address} ({err}); is another server running? choose --port") from err
+    async def drain(self) -> None:
+        """NOT_SERVING, refuse new predictions, finish accepted ones (within --grace-period).
+
+        The batcher closes first: it refuses new work with a clear status (UNAVAILABLE) while it
+        finishes what is queued, and callers in mid-call meet that refusal rather than a
+        connection being torn down. stop() then stops gRPC with what is left of the grace period.
+        """
+        loop = asyncio.get_running_loop()
+        self._grace_deadline = loop.time() + self.config.grace_period
+        log.info("draining: NOT_SERVING, refusing new calls, finishing accepted ones (grace %.1f s)",
+                 self.config.grace_period)
+        await self._set_readiness(Readiness.DRAINING)
+        if self._batcher is not None:
+            try:
+                await asyncio.wait_for(self._batcher.close(), timeout=self._grace_left())
+            except asyncio.TimeoutError:
+                log.warning("grace period over with calls still queued: they are cancelled")
+        await asyncio.sleep(min(REFUSAL_WINDOW, self._grace_left()))
+
+    async def stop(self) -> None:
+        """Stop gRPC (calls still running get what is left of the grace period) and the metrics endpoint."""
+        if self._grace_deadline is None:  # stopped without draining: the whole grace period
+            self._grace_deadline = asyncio.get_running_loop().time() + self.config.grace_period
+        if self._grpc is not None:
+            await self._grpc.stop(self._grace_left())
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+            self._metrics_httpd.server_close()
+        self.readiness = Readiness.STOPPED
+        log.info("stopped")
+
+    def _grace_left(self) -> float:
+        return max(0.0, (self._grace_deadline or 0.0) - asyncio.get_running_loop().time())
+
+    async def _set_readiness(self, readiness: Readiness) -> None:
+        """The one place readiness changes; grpc.health follows it for the server and each API."""
+        self.readiness = readiness
+        if readiness is Readiness.DRAINING:
+            await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+            return
+        status = (health_pb2.HealthCheckResponse.SERVING if readiness is Readiness.SERVING
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
+
+
+async def serve(config: ServeConfig) -> int:
+    """`mnist-serve`: run until SIGTERM/SIGINT, then drain and stop."""
+    server = Server(config)
     await server.start()
-    metrics.MODEL.labels(version.name, str(version.version), runtime.provider).set(1)
-
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, runtime.warm_up)
-    batcher.start()
-    for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    ready = True
-    log.info("serving model '%s' version %d (sha256 %s…, %s) on %s; metrics on :%s",
-             version.name, version.version, sha[:12], runtime.provider, address, config.metrics_port or "off")
-
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-
-    log.info("draining: NOT_SERVING, refusing new calls, finishing accepted ones (grace %.1f s)", config.grace_period)
-    ready = False
-    await drain(server, batcher, health_servicer, loop.time() + config.grace_period)
-    log.info("stopped")
+    await server.drain()
+    await server.stop()
     return 0
-
-
-async def drain(server: grpc.aio.Server, batcher: DynamicBatcher, health_servicer, deadline: float) -> None:
-    """Finish accepted calls; new predictions get UNAVAILABLE from us, not a reset from gRPC.
-
-    The batcher closes first: it refuses new work with a clear status while it finishes what is
-    queued, and callers in mid-call meet that refusal rather than a connection being torn down.
-    Only then does gRPC stop, with whatever is left of the grace period.
-    """
-    loop = asyncio.get_running_loop()
-    await health_servicer.enter_graceful_shutdown()
-    try:
-        await asyncio.wait_for(batcher.close(), timeout=max(0.0, deadline - loop.time()))
-    except asyncio.TimeoutError:
-        log.warning("grace period over with calls still queued: they are cancelled")
-    await asyncio.sleep(min(REFUSAL_WINDOW, max(0.0, deadline - loop.time())))
-    await server.stop(max(0.0, deadline - loop.time()))

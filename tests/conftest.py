@@ -28,7 +28,7 @@ def mnist_path() -> Path:
 @pytest.fixture(scope="session")
 def mnist_test_set(mnist_path) -> tuple[np.ndarray, np.ndarray]:
     """The real 10,000 MNIST test images (uint8 [N,28,28]) and labels."""
-    from training.data import load_idx_dir
+    from core.idx import load_idx_dir
 
     data = load_idx_dir(mnist_path)
     return data.test_images, data.test_labels

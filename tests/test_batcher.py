@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import DeadlineExceeded, DynamicBatcher, QueueFull, ShuttingDown
+from serving.inference.batcher import DynamicBatcher
+from serving.inference.errors import DeadlinePassed, QueueFull, ShuttingDown
 
 
 class RecordingModel:
@@ -144,7 +145,7 @@ def test_expired_and_cancelled_requests_are_dropped_not_computed():
         cancelled.cancel()
         gate.set()
         await blocker
-        with pytest.raises(DeadlineExceeded):
+        with pytest.raises(DeadlinePassed):
             await expired
         assert (await alive)[0, 0] == pytest.approx(784 * 9.0)
         await batcher.close()

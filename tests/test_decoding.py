@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.decoding import (
-    InvalidInput,
+from serving.inference.errors import InvalidInput
+from serving.inputs.framing import decode_encoded_image
+from serving.inputs.wire import (
+    check_kserve_request,
     decode_classify_images,
-    decode_encoded_image,
     decode_float_pixels,
     decode_image,
     decode_kserve_input,
@@ -415,9 +416,18 @@ def test_kserve_typed_contents_of_wrong_count_or_range() -> None:
     )
 
 
-def test_decoding_imports_neither_grpc_nor_kserve_stubs() -> None:
+def test_kserve_request_structure() -> None:
+    assert raise_message(check_kserve_request, 2, 0, []).startswith("the request has 2 input tensors")
+    assert raise_message(check_kserve_request, 1, 2, []).startswith("raw_input_contents has 2 entries for 1 inputs")
+    assert raise_message(check_kserve_request, 1, 1, ["logits"]) == (
+        "unknown output 'logits'; this model's only output is 'probabilities'")
+    check_kserve_request(1, 1, ["probabilities"])
+    check_kserve_request(1, 0, [])
+
+
+def test_inputs_and_model_core_import_neither_grpc_nor_kserve_stubs() -> None:
     probe = (
-        "import sys, serving.decoding; "
+        "import sys, serving.inputs.wire, serving.inputs.framing, serving.inference.served_model; "
         "from google.protobuf import descriptor_pool; "
         "assert 'grpc' not in sys.modules, 'grpc imported'; "
         "pool = descriptor_pool.Default(); "

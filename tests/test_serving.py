@@ -19,7 +19,7 @@ from PIL import Image
 from serving.client import ClassifierClient
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.process import free_port, start_server
-from serving.repository import load_version
+from core.repository import load_version
 from tests.conftest import ROOT
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -105,8 +105,8 @@ def test_describe_model(client, trained_repository):
     assert description.model_name == "mnist" and description.model_version == "1"
     assert list(description.class_names) == [str(i) for i in range(10)]
     assert list(description.input_shape) == [-1, 28, 28, 1] and description.max_batch_size == 64
-    assert description.test_accuracy == pytest.approx(meta["test_accuracy"])
-    assert description.model_sha256 == meta["model_sha256"]
+    assert description.test_accuracy == pytest.approx(meta.test_accuracy)
+    assert description.model_sha256 == meta.model_sha256
     assert description.execution_provider == "CPUExecutionProvider"
 
 

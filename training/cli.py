@@ -87,11 +87,12 @@ def run(config: TrainConfig) -> int:
 
     import_tensorflow_quietly()
     import keras
-    import numpy as np
 
-    from serving.repository import INPUT_NAME, OUTPUT_NAME, write_version
+    from core import contract
+    from core.metadata import ModelMetadata
+    from core.repository import write_version
     from training import plots
-    from training.data import load_dataset, to_model_input
+    from training.data import load_dataset
     from training.export import export_onnx
     from training.fit import fit
     from training.model import DESCRIPTIONS
@@ -113,35 +114,41 @@ def run(config: TrainConfig) -> int:
     _progress(f"exporting to ONNX (opset {config.opset}) with tf2onnx")
     onnx_bytes = export_onnx(result.model, onnx_metadata, config.opset).SerializeToString()
 
-    test_images = to_model_input(data.test_images)
+    test_images = contract.to_model_input(data.test_images)
     _progress(f"verifying ONNX against Keras on all {len(test_images):,} test images")
     parity = check_parity(result.model, onnx_bytes, test_images, data.test_labels, config.parity_tolerance)
 
-    metadata = {
-        **onnx_metadata,
-        "test_accuracy": result.test_accuracy,
-        "onnx_test_accuracy": parity.onnx_accuracy,
-        "train_accuracy": result.train_accuracy,
-        "val_accuracy": result.val_accuracy,
-        "test_loss": result.test_loss,
-        "hyperparameters": config.hyperparameters(),
-        "architecture": result.model.name,
-        "architecture_description": DESCRIPTIONS[config.recipe.architecture],
-        "parameters": int(result.model.count_params()),
-        "train_images": result.train_size,
-        "validation_images": result.val_size,
-        "history": result.history,
-        "parity": {"images": parity.images, "max_abs_diff": parity.max_abs_diff,
-                   "mean_abs_diff": parity.mean_abs_diff, "argmax_mismatches": len(parity.argmax_mismatches),
-                   "tolerance": parity.tolerance},
-        "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, 28, 28, 1]},
-        "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(data.class_names)]},
-        "opset": config.opset,
-        "fit_seconds": round(result.wall_seconds, 1),
-        "versions": {"tensorflow": __import__("tensorflow").__version__, "keras": keras.__version__,
-                     "tf2onnx": __import__("tf2onnx").__version__, "onnx": __import__("onnx").__version__},
-    }
-    metadata["wall_seconds"] = round(time.perf_counter() - started, 1)
+    metadata = ModelMetadata(
+        model_name=config.model_name,
+        class_names=list(data.class_names),
+        dataset=config.dataset,
+        recipe=config.recipe_name,
+        trained_at=trained_at,
+        source_revision=revision,
+        test_accuracy=result.test_accuracy,
+        onnx_test_accuracy=parity.onnx_accuracy,
+        train_accuracy=result.train_accuracy,
+        val_accuracy=result.val_accuracy,
+        test_loss=result.test_loss,
+        hyperparameters=config.hyperparameters(),
+        architecture=result.model.name,
+        architecture_description=DESCRIPTIONS[config.recipe.architecture],
+        parameters=int(result.model.count_params()),
+        train_images=result.train_size,
+        validation_images=result.val_size,
+        history=result.history,
+        parity={"images": parity.images, "max_abs_diff": parity.max_abs_diff,
+                "mean_abs_diff": parity.mean_abs_diff, "argmax_mismatches": len(parity.argmax_mismatches),
+                "tolerance": parity.tolerance},
+        input={"name": contract.INPUT_NAME, "datatype": contract.INPUT_DATATYPE, "shape": contract.input_shape()},
+        output={"name": contract.OUTPUT_NAME, "datatype": contract.OUTPUT_DATATYPE,
+                "shape": contract.output_shape(len(data.class_names))},
+        opset=config.opset,
+        fit_seconds=round(result.wall_seconds, 1),
+        versions={"tensorflow": __import__("tensorflow").__version__, "keras": keras.__version__,
+                  "tf2onnx": __import__("tf2onnx").__version__, "onnx": __import__("onnx").__version__},
+        wall_seconds=round(time.perf_counter() - started, 1),
+    )
     version = write_version(config.out, config.model_name, onnx_bytes, metadata, config.max_batch_size)
 
     artifacts = config.artifacts / f"{config.model_name}-v{version.version}"
@@ -158,7 +165,7 @@ def run(config: TrainConfig) -> int:
     print(summary_table([
         ("recipe", f"{config.recipe_name} ({result.model.name}, {result.model.count_params():,} parameters)"),
         ("epochs", str(config.recipe.epochs)),
-        ("wall time", f"{result.wall_seconds:.1f} s fitting, {metadata['wall_seconds']:.1f} s in all"),
+        ("wall time", f"{result.wall_seconds:.1f} s fitting, {metadata.wall_seconds:.1f} s in all"),
         ("train accuracy", percent(result.train_accuracy)),
         ("val accuracy", percent(result.val_accuracy)),
         ("test accuracy", f"{percent(result.test_accuracy)} (Keras), {percent(parity.onnx_accuracy)} (ONNX)"),
@@ -182,8 +189,8 @@ def print_summary(config: TrainConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from serving.repository import RepositoryError
-    from training.data import DatasetError
+    from core.idx import DatasetError
+    from core.repository import RepositoryError
 
     try:
         config = config_from_args(args)

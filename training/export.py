@@ -8,7 +8,7 @@ import onnx
 import tensorflow as tf
 import tf2onnx
 
-from serving.repository import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
+from core.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
 
 
 def export_onnx(model: keras.Model, metadata: dict[str, str], opset: int = 17) -> onnx.ModelProto:

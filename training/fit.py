@@ -9,8 +9,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from core.contract import NUM_CLASSES, to_model_input
+from core.idx import Dataset
 from training.config import TrainConfig
-from training.data import Dataset, to_model_input
 from training.model import ARCHITECTURES
 
 
@@ -86,9 +87,9 @@ def fit(config: TrainConfig, data: Dataset, verbose: int | None = None) -> FitRe
     if config.limit:
         images, labels = images[: config.limit], labels[: config.limit]
     (x_train, y_train), (x_val, y_val) = split_train_validation(
-        to_model_input(images), keras.utils.to_categorical(labels, 10), config.validation_split
+        to_model_input(images), keras.utils.to_categorical(labels, NUM_CLASSES), config.validation_split
     )
-    x_test, y_test = to_model_input(data.test_images), keras.utils.to_categorical(data.test_labels, 10)
+    x_test, y_test = to_model_input(data.test_images), keras.utils.to_categorical(data.test_labels, NUM_CLASSES)
 
     model = ARCHITECTURES[recipe.architecture](len(data.class_names))
     steps = recipe.epochs * -(-len(x_train) // recipe.batch_size)

@@ -4,14 +4,14 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-INPUT_SHAPE = (28, 28, 1)
+from core.contract import IMAGE_SHAPE, INPUT_NAME, NUM_CLASSES
 
 
-def build_article_cnn(num_classes: int = 10) -> keras.Model:
+def build_article_cnn(num_classes: int = NUM_CLASSES) -> keras.Model:
     """Exactly the article's network: 62,346 parameters."""
     return keras.Sequential(
         [
-            keras.Input(shape=INPUT_SHAPE, name="images"),
+            keras.Input(shape=IMAGE_SHAPE, name=INPUT_NAME),
             layers.Conv2D(32, (5, 5), activation="relu"),
             layers.MaxPooling2D((2, 2)),
             layers.Conv2D(64, (5, 5), activation="relu"),
@@ -23,7 +23,7 @@ def build_article_cnn(num_classes: int = 10) -> keras.Model:
     )
 
 
-def build_best_cnn(num_classes: int = 10) -> keras.Model:
+def build_best_cnn(num_classes: int = NUM_CLASSES) -> keras.Model:
     """The article's two 5×5 conv/pool stages, grown for accuracy at nearly the same compute.
 
     Batch normalisation lets a large learning rate train fast; a 128-unit hidden
@@ -32,7 +32,7 @@ def build_best_cnn(num_classes: int = 10) -> keras.Model:
     """
     return keras.Sequential(
         [
-            keras.Input(shape=INPUT_SHAPE, name="images"),
+            keras.Input(shape=IMAGE_SHAPE, name=INPUT_NAME),
             layers.Conv2D(32, (5, 5), use_bias=False),
             layers.BatchNormalization(),
             layers.Activation("relu"),

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import onnxruntime as ort
 
-from serving.repository import INPUT_NAME, OUTPUT_NAME
+from core.contract import INPUT_NAME, OUTPUT_NAME
 
 
 class ParityError(Exception):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from serving.repository import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
+from core.contract import IMAGE_SHAPE, INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class OnnxRuntimeSession:
         """Run the sizes a server will meet first so no caller pays for lazy initialisation."""
         for _ in range(max(1, self.options.warmup_runs)):
             for batch in sorted({1, self.options.max_batch_size}):
-                self.run(np.zeros((batch, *IMAGE_SHAPE), dtype=np.float32))
+                self.run(np.zeros((batch, *IMAGE_SHAPE), dtype=INPUT_DTYPE))
 
 
 def _session_options(options: RuntimeOptions) -> ort.SessionOptions:

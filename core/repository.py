@@ -1,4 +1,4 @@
-"""The model repository: the contract between training and serving.
+"""The model repository: where training publishes versions and serving finds them.
 
 Layout (Triton's, so Triton serves it unchanged)::
 
@@ -6,26 +6,22 @@ Layout (Triton's, so Triton serves it unchanged)::
     <repository>/<model>/<version>/model.onnx
     <repository>/<model>/<version>/metadata.json
 
-This module reads and writes that layout and nothing else. It imports no
-TensorFlow and no onnxruntime, so the serving image never pulls training in.
+This module reads and writes that layout and nothing else.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from core.contract import IMAGE_SHAPE, INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
+from core.metadata import MetadataError, ModelMetadata
 
 MODEL_FILENAME = "model.onnx"
 METADATA_FILENAME = "metadata.json"
 CONFIG_FILENAME = "config.pbtxt"
-
-INPUT_NAME = "images"
-OUTPUT_NAME = "probabilities"
-IMAGE_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 
 
 class RepositoryError(Exception):
@@ -39,7 +35,7 @@ class ModelVersion:
     name: str
     version: int
     directory: Path
-    metadata: dict[str, Any]
+    metadata: ModelMetadata
 
     @property
     def model_path(self) -> Path:
@@ -47,12 +43,12 @@ class ModelVersion:
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.metadata.get("class_names") or [str(i) for i in range(NUM_CLASSES)])
+        return list(self.metadata.class_names)
 
     def verify_checksum(self) -> str:
         """Return the model file's sha256, refusing a file that differs from metadata.json's."""
         actual = sha256_of(self.model_path)
-        expected = self.metadata.get("model_sha256")
+        expected = self.metadata.model_sha256
         if expected and expected != actual:
             raise RepositoryError(
                 f"{self.model_path}: sha256 {actual[:12]}… does not match metadata.json's "
@@ -98,10 +94,14 @@ def load_version(repository: Path, model_name: str, version: int | None = None) 
     if not model_path.is_file():
         raise RepositoryError(f"{model_path} is missing: the version is incomplete; retrain it")
     metadata_path = directory / METADATA_FILENAME
-    try:
-        metadata = json.loads(metadata_path.read_text()) if metadata_path.exists() else {}
-    except json.JSONDecodeError as err:
-        raise RepositoryError(f"{metadata_path} is not valid JSON ({err}); retrain or fix it") from err
+    if metadata_path.exists():
+        try:
+            metadata = ModelMetadata.read(metadata_path)
+        except MetadataError as err:
+            raise RepositoryError(str(err)) from err
+    else:
+        # A bare Triton-style version (model.onnx alone): digits, and no checksum to verify.
+        metadata = ModelMetadata(model_name=model_name, version=version)
     return ModelVersion(model_name, version, directory, metadata)
 
 
@@ -136,12 +136,13 @@ def write_version(
     repository: Path,
     model_name: str,
     onnx_bytes: bytes,
-    metadata: dict[str, Any],
+    metadata: ModelMetadata,
     max_batch_size: int = 64,
 ) -> ModelVersion:
     """Add the next version (never overwriting one) and (re)write the model's config.pbtxt.
 
-    The files are written into a hidden staging directory and renamed into
+    The model's name, the version number and the file's sha256 are set here, whatever
+    `metadata` says. The files are written into a hidden staging directory and renamed into
     place, so a server never sees a half-written version.
     """
     repository = Path(repository)
@@ -152,9 +153,9 @@ def write_version(
     staging = model_dir / f".staging-{version}-{os.getpid()}"
     staging.mkdir()
     (staging / MODEL_FILENAME).write_bytes(onnx_bytes)
-    full_metadata = {**metadata, "model_name": model_name, "version": version,
-                     "model_sha256": hashlib.sha256(onnx_bytes).hexdigest()}
-    (staging / METADATA_FILENAME).write_text(json.dumps(full_metadata, indent=2, sort_keys=True) + "\n")
+    full_metadata = dataclasses.replace(metadata, model_name=model_name, version=version,
+                                        model_sha256=hashlib.sha256(onnx_bytes).hexdigest())
+    (staging / METADATA_FILENAME).write_text(full_metadata.to_json())
     staging.rename(model_dir / str(version))
     (model_dir / CONFIG_FILENAME).write_text(triton_config(model_name, max_batch_size))
     return ModelVersion(model_name, version, model_dir / str(version), full_metadata)

@@ -26,17 +26,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-
-class QueueFull(Exception):
-    """The queue holds --max-queue-size requests already: shed load rather than queue forever."""
-
-
-class DeadlineExceeded(Exception):
-    """The caller's deadline passed while its request waited in the queue."""
-
-
-class ShuttingDown(Exception):
-    """The batcher is closed and takes no new work."""
+from serving.inference.errors import DeadlinePassed, QueueFull, ShuttingDown
 
 
 class BatchObserver(Protocol):
@@ -180,7 +170,7 @@ class DynamicBatcher:
                 continue
             if pending.deadline is not None and pending.deadline <= now:
                 self._queue.popleft()
-                pending.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+                pending.future.set_exception(DeadlinePassed("the deadline passed while the request was queued"))
                 self._observer.request_dropped("deadline")
                 continue
             if size + len(pending.images) > self.max_batch_size:

@@ -1,0 +1,1 @@
+"""The serving benchmark: `python -m bench.bench_serving` (make bench)."""

@@ -1,0 +1,29 @@
+"""The project's own API, mnist.v1.Classifier: a thin servicer over the converters and the model.
+
+Errors are the model core's (UnknownModel, InvalidInput, QueueFull...); the interceptor in
+serving.grpc_api.status turns them into status codes.
+"""
+from __future__ import annotations
+
+import grpc
+
+from serving.generated import mnist_classifier_pb2 as pb
+from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
+from serving.grpc_api import converters
+from serving.inference.served_model import ServedModel
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        self.model.check(request.model_name, request.model_version)
+        images = converters.classify_images(request, self.model.max_batch_size)
+        probabilities = await self.model.predict(images, converters.deadline_of(context))
+        return converters.classify_response(self.model, probabilities)
+
+    async def DescribeModel(self, request: pb.DescribeModelRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelDescription:
+        self.model.check(request.model_name, request.model_version)
+        return converters.model_description(self.model)

@@ -1,0 +1,50 @@
+"""KServe v2 (Open Inference Protocol) messages ⇄ the model core's arrays."""
+from __future__ import annotations
+
+import numpy as np
+
+from core import contract
+from serving.generated import grpc_predict_v2_pb2 as pb
+from serving.inference.served_model import ServedModel
+from serving.inputs.wire import check_kserve_request, decode_kserve_input
+
+PLATFORM = "onnxruntime_onnx"
+
+
+def infer_images(request: pb.ModelInferRequest, max_batch_size: int) -> np.ndarray:
+    """The request's one input tensor as the model's input batch; InvalidInput says what is wrong."""
+    check_kserve_request(len(request.inputs), len(request.raw_input_contents),
+                         [requested.name for requested in request.outputs])
+    tensor = request.inputs[0]
+    return decode_kserve_input(
+        name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape),
+        raw=request.raw_input_contents[0] if request.raw_input_contents else None,
+        fp32_contents=tensor.contents.fp32_contents, uint_contents=tensor.contents.uint_contents,
+        max_batch_size=max_batch_size,
+    )
+
+
+def infer_response(request: pb.ModelInferRequest, model: ServedModel,
+                   probabilities: np.ndarray) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=model.name, model_version=model.version_label, id=request.id)
+    output = response.outputs.add(name=contract.OUTPUT_NAME, datatype=contract.OUTPUT_DATATYPE,
+                                  shape=list(probabilities.shape))
+    # Answer in the form the caller used: raw bytes (Triton's clients read only those) or typed values.
+    if request.raw_input_contents:
+        response.raw_output_contents.append(
+            np.ascontiguousarray(probabilities, dtype=contract.KSERVE_DTYPES[contract.OUTPUT_DATATYPE]).tobytes())
+    else:
+        output.contents.fp32_contents.extend(probabilities.ravel().tolist())
+    return response
+
+
+def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=model.name,
+        versions=[model.version_label],
+        platform=PLATFORM,
+        inputs=[tensor(name=contract.INPUT_NAME, datatype=contract.INPUT_DATATYPE, shape=contract.input_shape())],
+        outputs=[tensor(name=contract.OUTPUT_NAME, datatype=contract.OUTPUT_DATATYPE,
+                        shape=contract.output_shape(len(model.class_names)))],
+    )
