@@ -13,16 +13,19 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
+from core.contract import CLASS_NAMES
+from core.idx import FILES, KNOWN_SHA256, Dataset, DatasetError, idx_bytes
 
-from training.data import FILES, KNOWN_SHA256, Dataset, DatasetError, load_dataset
 
+def download_mnist() -> Dataset:
+    """MNIST through Keras' download (the trainer image has Keras; this script needs nothing else of training)."""
+    import keras  # imported here: TensorFlow is slow to import
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    """An IDX file of unsigned bytes: magic 0x00 0x00 0x08 <ndim>, big-endian dimensions, the data."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(dim).to_bytes(4, "big") for dim in array.shape)
-    return header + array.tobytes()
+    try:
+        (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+    except Exception as err:  # keras raises a bare Exception on a failed download
+        raise DatasetError(f"could not download MNIST ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from err
+    return Dataset("mnist", CLASS_NAMES["mnist"], x_train, y_train, x_test, y_test, source="keras.datasets download")
 
 
 def write_idx_dir(data: Dataset, directory: Path) -> None:
@@ -44,9 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python docker/fetch_mnist.py FOLDER", file=sys.stderr)
         return 2
-    os.environ.pop("MNIST_DATA_DIR", None)  # so that load_dataset downloads
     try:
-        data = load_dataset("mnist")
+        data = download_mnist()
         write_idx_dir(data, Path(argv[0]))
     except (DatasetError, OSError) as err:
         print(f"fetch_mnist: error: {err}", file=sys.stderr)

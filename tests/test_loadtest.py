@@ -10,11 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-LOADTEST = ROOT / "loadtest"
-sys.path.insert(0, str(LOADTEST))
-
-from locust_runner import (  # noqa: E402
+from loadtest.locust_runner import (
     LoadTestError,
     normalize_target,
     parse_mix_weights,
@@ -22,11 +18,13 @@ from locust_runner import (  # noqa: E402
     read_stats_csv,
     request_names,
 )
+from loadtest.options import DEFAULTS
+from tests.conftest import ROOT
 
 
-def run_script(script: str, *args: str, mnist_path: Path, timeout: float) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: str, mnist_path: Path, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "MNIST_DATA_DIR": str(mnist_path)}
-    return subprocess.run([sys.executable, str(LOADTEST / script), *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=timeout)
 
 
@@ -34,7 +32,7 @@ def run_script(script: str, *args: str, mnist_path: Path, timeout: float) -> sub
 
 @pytest.mark.timeout(120)
 def test_mix_run_exercises_every_scenario_without_failures(server, mnist_path, tmp_path):
-    result = run_script("run.py", "--host", server.target, "--scenario", "mix", "--users", "4",
+    result = run_module("loadtest.run", "--host", server.target, "--scenario", "mix", "--users", "4",
                         "--spawn-rate", "4", "--run-time", "4s", "--pool-size", "500",
                         "--reports-dir", str(tmp_path), "--name", "mix", mnist_path=mnist_path, timeout=100)
     assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "mix.log").read_text()
@@ -42,7 +40,7 @@ def test_mix_run_exercises_every_scenario_without_failures(server, mnist_path, t
     stats = read_stats_csv(tmp_path / "mix_stats.csv")
     total = stats["Aggregated"]
     assert total.requests > 0 and total.failures == 0
-    for name in request_names("mix", 16):  # Classify x1, Classify x16, KServe ModelInfer x1
+    for name in request_names("mix", DEFAULTS.images_per_call):  # Classify x1, Classify x16, KServe ModelInfer x1
         assert name in stats, f"no {name!r} row in the stats CSV: {sorted(stats)}"
         assert stats[name].requests > 0 and stats[name].failures == 0
     assert (tmp_path / "mix.html").stat().st_size > 0
@@ -57,7 +55,7 @@ def test_unreachable_server_fails_fast_with_one_line(mnist_path, tmp_path):
 
     target = f"127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    result = run_script("run.py", "--host", target, "--connect-timeout", "2", "--reports-dir", str(tmp_path),
+    result = run_module("loadtest.run", "--host", target, "--connect-timeout", "2", "--reports-dir", str(tmp_path),
                         mnist_path=mnist_path, timeout=45)
     elapsed = time.monotonic() - started
     assert result.returncode == 2
@@ -72,7 +70,7 @@ def test_unreachable_server_fails_fast_with_one_line(mnist_path, tmp_path):
 
 @pytest.mark.timeout(150)
 def test_batching_study_writes_table_and_chart(trained_repository, mnist_path, tmp_path):
-    result = run_script("batching_study.py", "--model-repository", str(trained_repository), "--users", "1,4",
+    result = run_module("loadtest.batching_study", "--model-repository", str(trained_repository), "--users", "1,4",
                         "--run-time", "3s", "--pool-size", "300", "--reports-dir", str(tmp_path),
                         mnist_path=mnist_path, timeout=140)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -96,15 +94,14 @@ def test_batching_study_writes_table_and_chart(trained_repository, mnist_path, t
 def test_wrong_prediction_is_a_failure(tmp_path):
     """The locustfile's correctness check (run in a child: importing Locust monkey-patches gevent)."""
     code = (
-        "import numpy as np, locustfile as lf\n"
+        "import numpy as np, loadtest.locustfile as lf\n"
         "assert lf._check('Classify x2', np.array([3, 5]), np.array([3, 5])) is None\n"
         "error = lf._check('Classify x2', np.array([3, 4]), np.array([3, 5]))\n"
         "assert isinstance(error, lf.WrongPrediction), error\n"
         "assert 'wrong prediction under load' in str(error) and 'Classify x2' in str(error)\n"
         "assert lf._check('Classify x2', np.array([3]), np.array([3, 5])) is not None\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(LOADTEST), str(ROOT)])})
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
@@ -138,3 +135,15 @@ def test_option_parsing():
         with pytest.raises(LoadTestError):
             parse_mix_weights(bad)
     assert request_names("batch", 8) == ["Classify x8"]
+
+
+def test_every_script_takes_its_defaults_from_one_place():
+    from loadtest import batching_study, run
+
+    loadtest_args = run.parse_args(["--host", "127.0.0.1:8500"])
+    study_args = batching_study.parse_args([])
+    for args in (loadtest_args, study_args):
+        assert (args.images_per_call, args.pool_size, args.mix_weights) == (
+            DEFAULTS.images_per_call, DEFAULTS.pool_size, DEFAULTS.mix_weights_text)
+    assert (loadtest_args.users, loadtest_args.run_time, loadtest_args.scenario) == (
+        DEFAULTS.users, DEFAULTS.run_time, DEFAULTS.scenario)
