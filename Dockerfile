@@ -1,29 +1,35 @@
-# syntax=docker/dockerfile:1
 # CPU images, one target per stage of the project (docker-compose.yml builds all three):
-#   docker build --target trainer -t mnist-trainer .   TensorFlow: mnist-train
-#   docker build --target server  -t mnist-server  .   onnxruntime + gRPC only, no TensorFlow: mnist-serve
-#   docker build --target locust  -t mnist-locust  .   Locust + the gRPC client: loadtest/locustfile.py
+#   docker build --target trainer -t mnist-trainer .   core + training (TensorFlow): mnist-train
+#   docker build --target server  -t mnist-server  .   core + serving (onnxruntime CPU + gRPC): mnist-serve
+#   docker build --target locust  -t mnist-locust  .   core + serving's client + loadtest: loadtest/locustfile.py
 # Every install goes through constraints.txt, as `make install` does. GPU server: Dockerfile.gpu.
+# Offline (no registry for python:3.11-slim): sh docker/build-standin-base.sh makes a stand-in base.
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # ---- builders: one virtual environment per target, installed from the package (not editable), then
 # copied into a clean runtime stage, so pip's work files, the build backend and the source stay here.
+# Each builder copies only the packages its target ships: setuptools packages the folders it finds,
+# so the server's environment holds no training code (and its extra no TensorFlow).
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
-COPY serving ./serving
-COPY training ./training
+COPY core ./core
 
 FROM builder AS trainer-venv
+COPY training ./training
 RUN pip install -c constraints.txt --no-cache-dir '.[training]'
 
+# serving-cpu: onnxruntime's CPU build; onnxruntime-gpu's CUDA kernels would triple the image.
 FROM builder AS server-venv
-RUN pip install -c constraints.txt --no-cache-dir '.[serving]'
+COPY serving ./serving
+RUN pip install -c constraints.txt --no-cache-dir '.[serving-cpu]'
 
 FROM builder AS locust-venv
-RUN pip install -c constraints.txt --no-cache-dir '.[loadtest]'
+COPY serving ./serving
+COPY loadtest ./loadtest
+RUN pip install -c constraints.txt --no-cache-dir '.[loadtest-cpu]'
 
 # ---- runtime base: an unprivileged user (uid 1000) and the mount points it owns. A named volume
 # takes the ownership of the folder it is first mounted on, so /models etc. are writable by it.
