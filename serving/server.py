@@ -24,7 +24,7 @@ from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from serving.generated import mnist_classifier_pb2, mnist_classifier_pb2_grpc
 from serving.grpc_api.classifier import ClassifierServicer
 from serving.grpc_api.kserve import KServeServicer
-from serving.grpc_api.status import DomainErrorInterceptor
+from serving.grpc_api.interceptors import server_interceptors
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.runtime import OnnxRuntimeSession, RuntimeOptions
 from serving.inference.served_model import ServedModel
@@ -68,11 +68,6 @@ def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
     ]
-
-
-def interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """Metrics outermost, so that it counts the status code the error mapping chose."""
-    return [metrics.MetricsInterceptor(), DomainErrorInterceptor()]
 
 
 class Server:
@@ -124,7 +119,7 @@ class Server:
         self.version = version
         self.model = ServedModel(version, runtime.provider, config.max_batch_size, self._batcher)
 
-        self._grpc = grpc.aio.server(interceptors=interceptors(), options=channel_options(config))
+        self._grpc = grpc.aio.server(interceptors=server_interceptors(), options=channel_options(config))
         mnist_classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.model), self._grpc)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.model, self.is_ready), self._grpc)
