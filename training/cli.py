@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder for the .keras model and the PNG plots")
     out.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size written to config.pbtxt")
     out.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
+    out.add_argument("--no-int8", dest="int8", action="store_false",
+                     help="skip the INT8 model (by default a statically quantized copy is published as "
+                          "<model-name>_int8 when it agrees with the FP32 model on 99.5%% of the test images)")
     return parser
 
 
@@ -81,7 +84,22 @@ def _progress(message: str) -> None:
     print(f"[mnist-train] {message}", file=sys.stderr, flush=True)
 
 
-def run(config: TrainConfig) -> int:
+def _publish_int8(config: TrainConfig, fp32, data) -> str:
+    """Quantize and publish `<name>_int8`; a failed parity check publishes nothing and says why."""
+    from training.quantize import Int8ParityError, publish_int8
+
+    _progress("quantizing to INT8 (static, QDQ) and comparing with the FP32 model on the test images")
+    try:
+        int8, report = publish_int8(config.out, fp32, data.train_images, data.test_images, data.test_labels,
+                                    config.max_batch_size)
+    except Int8ParityError as err:
+        _progress(f"INT8 model not published: {err}")
+        return f"not published: {err}"
+    return (f"{int8.model_path}: test accuracy {report.int8_accuracy:.4f} (FP32 {report.fp32_accuracy:.4f}), "
+            f"agrees with FP32 on {report.agreeing:,} of {report.images:,} images")
+
+
+def run(config: TrainConfig, publish_int8_model: bool = True) -> int:
     # Heavy imports after argument parsing, so --help and bad flags answer at once.
     from training.quiet import import_tensorflow_quietly
 
@@ -150,6 +168,9 @@ def run(config: TrainConfig) -> int:
         wall_seconds=round(time.perf_counter() - started, 1),
     )
     version = write_version(config.out, config.model_name, onnx_bytes, metadata, config.max_batch_size)
+    int8_line = "not asked for (--no-int8)"
+    if publish_int8_model:
+        int8_line = _publish_int8(config, version, data)
 
     artifacts = config.artifacts / f"{config.model_name}-v{version.version}"
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -172,6 +193,7 @@ def run(config: TrainConfig) -> int:
         ("parity", f"max |Δp| {parity.max_abs_diff:.1e} over {parity.images:,} images, "
                    f"{len(parity.argmax_mismatches)} argmax differences"),
         ("model", str(version.model_path)),
+        ("int8 model", int8_line),
         ("artifacts", str(artifacts)),
     ]))
     return 0
@@ -196,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if args.summary:
             return print_summary(config)
-        return run(config)
+        return run(config, publish_int8_model=args.int8)
     except KeyboardInterrupt:
         print("mnist-train: interrupted", file=sys.stderr)
         return 130

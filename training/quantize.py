@@ -16,10 +16,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 
+from core.contract import to_model_input  # the pixels as the server feeds them
+
+if TYPE_CHECKING:
+    from core.repository import ModelVersion
+
 MIN_AGREEMENT = 0.995
+INT8_SUFFIX = "_int8"  # the INT8 copy of model `mnist` is published as model `mnist_int8`
 CALIBRATION_IMAGES = 1000  # enough for stable min/max ranges; more only slows the export
 CALIBRATION_BATCH = 100
 # Quantized: where the arithmetic is. MaxPool and Reshape/Flatten pass the quantized tensors through.
@@ -45,11 +53,6 @@ class ParityReport:
     def accuracy_loss_points(self) -> float:
         """FP32 minus INT8 test accuracy, in percentage points (negative: INT8 did better)."""
         return 100 * (self.fp32_accuracy - self.int8_accuracy)
-
-
-def to_model_input(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, 28, 28] pixels -> the model's FP32 [N, 28, 28, 1] in [0, 1] (as the server feeds it)."""
-    return (images.astype(np.float32) / 255)[..., None]
 
 
 def pick_calibration_images(train_images: np.ndarray, count: int = CALIBRATION_IMAGES, seed: int = 0) -> np.ndarray:
@@ -133,3 +136,38 @@ def check_parity(report: ParityReport, minimum: float = MIN_AGREEMENT) -> Parity
             f"the INT8 model agrees with the FP32 model on {report.agreeing} of {report.images} test images "
             f"({100 * report.agreement:.2f} %); publishing it needs at least {needed} ({100 * minimum:g} %)")
     return report
+
+
+def publish_int8(repository: Path, fp32: ModelVersion, train_images: np.ndarray, test_images: np.ndarray,
+                 test_labels: np.ndarray, max_batch_size: int) -> tuple[ModelVersion, ParityReport]:
+    """Quantize the published FP32 version and publish the INT8 copy as `<name>_int8`, parity permitting.
+
+    The INT8 model is a model of its own in the repository (its own config.pbtxt and versions), so a
+    server serves one or the other by --model-name. Raises Int8ParityError, publishing nothing, when
+    it disagrees with the FP32 model on more than 0.5 % of the test images.
+    """
+    import dataclasses
+
+    from core.repository import write_version
+
+    with tempfile.TemporaryDirectory() as scratch:
+        int8_path = quantize_int8(fp32.model_path, pick_calibration_images(train_images), Path(scratch) / "int8.onnx")
+        report = check_parity(compare_int8(fp32.model_path, int8_path, test_images, test_labels))
+        onnx_bytes = int8_path.read_bytes()
+    metadata = dataclasses.replace(
+        fp32.metadata,
+        test_accuracy=report.int8_accuracy,
+        onnx_test_accuracy=report.int8_accuracy,
+        parity={"images": report.images, "argmax_agreement": report.agreement, "agreeing": report.agreeing,
+                "minimum_agreement": MIN_AGREEMENT, "compared_with": f"{fp32.name} v{fp32.version}"},
+        extra={**fp32.metadata.extra,
+               "precision": "int8",
+               "quantization": {"method": "static", "format": "QDQ", "activations": "uint8", "weights": "int8",
+                                "per_channel": True, "calibration": "MinMax",
+                                "calibration_images": min(CALIBRATION_IMAGES, len(train_images))},
+               "fp32_model": {"name": fp32.name, "version": fp32.version, "sha256": fp32.metadata.model_sha256,
+                              "test_accuracy": report.fp32_accuracy},
+               "accuracy_loss_points": round(report.accuracy_loss_points, 4)},
+    )
+    version = write_version(repository, f"{fp32.name}{INT8_SUFFIX}", onnx_bytes, metadata, max_batch_size)
+    return version, report
