@@ -17,6 +17,7 @@ class ServeConfig:
     host: str = "0.0.0.0"
     port: int = 8500
     metrics_port: int = 9100  # 0 turns the Prometheus endpoint off
+    http_port: int = 8000  # KServe v2 REST and the drawing page; 0 turns HTTP off
     device: str = "auto"  # auto | cuda | cpu
     max_batch_size: int = 64
     max_queue_delay_us: int = 0  # extra wait allowed to fill a batch; 0 never delays a request
@@ -29,6 +30,10 @@ class ServeConfig:
     switch_interval_us: int = 200  # how long a thread may hold the GIL while another waits (Python's default: 5000)
     max_message_bytes: int = 16 * 1024 * 1024
     grace_period: float = 10.0
+    # Close each client connection after this long (gRPC sends GOAWAY; the client reconnects, re-resolves
+    # its target and so reaches replicas that started after it). 0: connections live for ever.
+    max_connection_age: float = 0.0
+    max_connection_age_grace: float = 10.0  # calls in flight on an aged connection get this long to finish
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -40,9 +45,12 @@ class ServeConfig:
             (self.max_queue_delay_us >= 0, "--max-queue-delay-us cannot be negative"),
             (self.max_queue_size >= 1, "--max-queue-size must be at least 1"),
             (self.intra_op_threads >= 0 and self.inter_op_threads >= 0, "thread counts cannot be negative"),
-            (0 < self.port < 65536 and 0 <= self.metrics_port < 65536, "ports must be in 1..65535"),
+            (0 < self.port < 65536 and 0 <= self.metrics_port < 65536 and 0 <= self.http_port < 65536,
+             "ports must be in 1..65535"),
             (self.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
             (self.grace_period >= 0, "--grace-period cannot be negative"),
+            (self.max_connection_age >= 0 and self.max_connection_age_grace >= 0,
+             "--max-connection-age and --max-connection-age-grace cannot be negative"),
             (self.switch_interval_us >= 1, "--switch-interval-us must be at least 1"),
         ]
         for ok, message in checks:
@@ -79,9 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--host", default=d.host)
     net.add_argument("--port", type=int, default=d.port)
     net.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics; 0: off")
+    net.add_argument("--http-port", type=int, default=d.http_port,
+                     help="KServe v2 REST and the drawing page at /; 0: off")
     net.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
     net.add_argument("--grace-period", type=float, default=d.grace_period,
                      help="seconds to finish accepted calls after SIGTERM/SIGINT")
+    net.add_argument("--max-connection-age", type=float, default=d.max_connection_age,
+                     help="seconds after which a client connection is closed (GOAWAY), so clients reconnect "
+                          "and reach replicas started after them; 0: never")
+    net.add_argument("--max-connection-age-grace", type=float, default=d.max_connection_age_grace,
+                     help="seconds that calls in flight on a connection past its age get to finish")
     batching = parser.add_argument_group("batching")
     batching.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                           help="most images per onnxruntime call (and per request)")

@@ -46,6 +46,7 @@ class ServerProcess:
     metrics_port: int
     log_path: Path | None = None
     args: list[str] = field(default_factory=list)
+    http_port: int = 0  # KServe v2 REST and the page (0: off)
 
     @property
     def target(self) -> str:
@@ -54,6 +55,10 @@ class ServerProcess:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -78,12 +83,12 @@ class ServerProcess:
 def start_server(repository: Path | str, *extra_args: str, log_path: Path | None = None,
                  ready_timeout: float = 60.0, env: dict[str, str] | None = None) -> ServerProcess:
     """Run `mnist-serve` on free loopback ports; return once it reports SERVING."""
-    port, metrics_port = free_port(), free_port()
-    args = [sys.executable, "-m", "serving.cli", "--model-repository", str(repository),
-            "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), *extra_args]
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
+    args = [sys.executable, "-m", "serving.cli", "--model-repository", str(repository), "--host", "127.0.0.1",
+            "--port", str(port), "--metrics-port", str(metrics_port), "--http-port", str(http_port), *extra_args]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = ServerProcess(proc, port, metrics_port, log_path, args)
+    server = ServerProcess(proc, port, metrics_port, log_path, args, http_port)
     try:
         wait_until_serving(server.target, ready_timeout, proc)
     except BaseException:

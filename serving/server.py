@@ -25,6 +25,7 @@ from serving.generated import mnist_classifier_pb2, mnist_classifier_pb2_grpc
 from serving.grpc_api.classifier import ClassifierServicer
 from serving.grpc_api.kserve import KServeServicer
 from serving.grpc_api.interceptors import server_interceptors
+from serving.http_api.app import HttpServer, build_app
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.runtime import OnnxRuntimeSession, RuntimeOptions
 from serving.inference.served_model import ServedModel
@@ -63,11 +64,19 @@ def ensure_port_free(host: str, port: int, flag: str) -> None:
 
 
 def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
     ]
+    if config.max_connection_age > 0:
+        # gRPC adds +-10 % jitter to the age, so a client's connections to several replicas do not all
+        # close at once; the client re-resolves its target and connects again, to new replicas too.
+        options += [
+            ("grpc.max_connection_age_ms", round(config.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace * 1000)),
+        ]
+    return options
 
 
 class Server:
@@ -82,6 +91,7 @@ class Server:
         self._health = health.aio.HealthServicer()
         self._batcher: DynamicBatcher | None = None
         self._metrics_httpd = None
+        self._http: HttpServer | None = None  # KServe v2 REST and the page, on this same event loop
         self._grace_deadline: float | None = None
 
     @property
@@ -108,6 +118,8 @@ class Server:
         ))
         # Ports are checked before gRPC binds, so a taken port is one clear line, not gRPC's own log.
         ensure_port_free(config.host, config.port, "--port")
+        if config.http_port:
+            ensure_port_free(config.host, config.http_port, "--http-port")
         if config.metrics_port:
             try:
                 self._metrics_httpd = metrics.serve_metrics(config.metrics_port, config.host)
@@ -133,14 +145,18 @@ class Server:
             raise PortInUse(f"cannot listen on {self.address} ({err}); "
                             "is another server running? choose --port") from err
         await self._grpc.start()
+        if config.http_port:
+            self._http = HttpServer(build_app(self.model, self.is_ready, config.max_message_bytes),
+                                    config.host, config.http_port, config.grace_period)
+            await self._http.start()
         metrics.MODEL.labels(version.name, str(version.version), runtime.provider).set(1)
 
         await asyncio.get_running_loop().run_in_executor(None, runtime.warm_up)
         self._batcher.start()
         await self._set_readiness(Readiness.SERVING)
-        log.info("serving model '%s' version %d (sha256 %s…, %s) on %s; metrics on :%s",
+        log.info("serving model '%s' version %d (sha256 %s…, %s) on %s; HTTP on :%s; metrics on :%s",
                  version.name, version.version, sha[:12], runtime.provider, self.address,
-                 config.metrics_port or "off")
+                 config.http_port or "off", config.metrics_port or "off")
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new predictions, finish accepted ones (within --grace-period).
@@ -167,6 +183,8 @@ class Server:
             self._grace_deadline = asyncio.get_running_loop().time() + self.config.grace_period
         if self._grpc is not None:
             await self._grpc.stop(self._grace_left())
+        if self._http is not None:
+            await self._http.stop()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()

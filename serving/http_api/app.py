@@ -1,0 +1,157 @@
+"""The REST transport: KServe v2 routes, error and metrics middleware, and the HTTP server's lifecycle.
+
+Handlers are thin: they check the model name and version, turn the body into arrays
+(serving.http_api.codec), await the same ServedModel the gRPC APIs use, and answer. Any
+ServingError they raise becomes `{"error": "<message>"}` with the code from
+serving.http_api.status; aiohttp's own refusals (unknown path, wrong method, body over
+--max-message-bytes) get the same body. Every call is counted in mnist_requests_total with
+method "<HTTP method> <route>" and the HTTP code.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from serving import __version__, metrics
+from serving.http_api import codec, page
+from serving.http_api.status import status_for
+from serving.inference.errors import ServingError
+from serving.inference.served_model import ServedModel
+
+log = logging.getLogger("mnist-serve")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NOT_READY = 400  # the protocol: 200 means ready, a 4xx code means not (Triton answers 400)
+
+
+def json_response(value, status: int = 200) -> web.Response:
+    return web.Response(body=codec.dumps(value), status=status, content_type=codec.JSON_TYPE)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.Response(body=codec.error_body(message), status=status, content_type=codec.JSON_TYPE)
+
+
+@web.middleware
+async def count_calls(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: counts and times every call by route and the code it was answered with."""
+    started = time.perf_counter()
+    status = 499  # the client went away before an answer (nginx's convention)
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        resource = request.match_info.route.resource
+        method = f"{request.method} {resource.canonical if resource is not None else '(no route)'}"
+        metrics.REQUESTS.labels(method, str(status)).inc()
+        metrics.LATENCY.labels(method).observe(time.perf_counter() - started)
+
+
+@web.middleware
+async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Domain errors and aiohttp's refusals become the protocol's {"error": "..."} body."""
+    try:
+        return await handler(request)
+    except ServingError as error:
+        return error_response(status_for(error), str(error))
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return error_response(error.status, _refusal_message(request, error))
+    except Exception as error:  # a bug: answer 500 with its message, log the traceback, keep serving
+        log.exception("HTTP %s %s failed", request.method, request.path)
+        return error_response(500, f"internal error: {type(error).__name__}: {error}")
+
+
+def _refusal_message(request: web.Request, error: web.HTTPException) -> str:
+    if error.status == 404:
+        return (f"{request.method} {request.path} is not an endpoint of this server; the KServe v2 API "
+                "is under /v2 (e.g. /v2/models/mnist/infer), the drawing page at /")
+    if error.status == 405:
+        return f"{request.method} is not allowed on {request.path}; use {error.headers.get('Allow', 'another method')}"
+    if error.status == 413:
+        return (f"the request body is larger than --max-message-bytes ({request.app['max_body_bytes']} bytes); "
+                "send fewer images per call")
+    return error.text or error.reason
+
+
+class KServeRoutes:
+    """The Open Inference Protocol's REST endpoints over one served model."""
+
+    def __init__(self, model: ServedModel, is_ready: Callable[[], bool]) -> None:
+        self.model = model
+        self._is_ready = is_ready  # the Server's readiness: False while loading and while draining
+
+    def add_to(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/v2/health/live", self.live)
+        router.add_get("/v2/health/ready", self.ready)
+        router.add_get("/v2", self.server_metadata)
+        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            router.add_get(base, self.model_metadata)
+            router.add_get(base + "/ready", self.model_ready)
+            router.add_post(base + "/infer", self.infer)
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response()  # the process answers: it is live, also while draining
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self._is_ready() else NOT_READY)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return json_response(codec.server_metadata(__version__))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        name, version = _model_and_version(request)
+        self.model.check(name, version)
+        return json_response(codec.model_metadata(self.model.name, self.model.version_label,
+                                                  len(self.model.class_names)))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        ready = self._is_ready() and self.model.serves(*_model_and_version(request))
+        return web.Response(status=200 if ready else NOT_READY)
+
+    async def infer(self, request: web.Request) -> web.Response:
+        self.model.check(*_model_and_version(request))
+        body = await request.read()
+        parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH), self.model.max_batch_size)
+        deadline = None if parsed.timeout_s is None else time.monotonic() + parsed.timeout_s
+        probabilities = await self.model.predict(parsed.images, deadline)
+        answer, headers = codec.infer_response(parsed, self.model.name, self.model.version_label, probabilities)
+        return web.Response(body=answer, headers=headers)
+
+
+def _model_and_version(request: web.Request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
+def build_app(model: ServedModel, is_ready: Callable[[], bool], max_body_bytes: int) -> web.Application:
+    """The aiohttp application: KServe v2 under /v2, the drawing page at / (serving.http_api.page)."""
+    app = web.Application(middlewares=[count_calls, answer_errors], client_max_size=max_body_bytes)
+    app["max_body_bytes"] = max_body_bytes
+    KServeRoutes(model, is_ready).add_to(app.router)
+    page.PageRoutes(model).add_to(app.router)
+    return app
+
+
+class HttpServer:
+    """The REST port, on the running event loop (the one grpc.aio uses): start() and stop()."""
+
+    def __init__(self, app: web.Application, host: str, port: int, shutdown_timeout: float) -> None:
+        # No access log: one line per call would cost more than the call on a busy server.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._host, self._port, self._shutdown_timeout = host, port, shutdown_timeout
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=self._shutdown_timeout,
+                           reuse_port=False)
+        await site.start()
+
+    async def stop(self) -> None:
+        """Stop listening, let calls in progress finish (up to the shutdown timeout), close connections."""
+        await self._runner.cleanup()
