@@ -1,4 +1,4 @@
-"""A server that answers Classify with a canned response through the same gRPC stack as mnist-serve.
+"""A server that answers Classify and KServe v2 ModelInfer with a canned response through the same gRPC stack as mnist-serve.
 
 Same grpc.aio server, options and metrics interceptor; no decoding, batching or
 inference. Its throughput is the ceiling the RPC layer puts on the real server.
@@ -15,6 +15,8 @@ from serving import metrics
 from serving.config import ServeConfig
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
+from serving.generated import grpc_predict_v2_pb2 as kserve_pb
+from serving.generated import grpc_predict_v2_pb2_grpc as kserve_grpc
 from serving.server import channel_options
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -27,9 +29,21 @@ class CannedClassifier(pb_grpc.ClassifierServicer):
                                    model_name="mnist", model_version="1")
 
 
+class CannedInference(kserve_grpc.GRPCInferenceServiceServicer):
+    """ModelInfer answered with zeros of the right shape, in raw bytes as mnist-serve answers raw requests."""
+
+    async def ModelInfer(self, request, context):
+        images = request.inputs[0].shape[0]
+        response = kserve_pb.ModelInferResponse(model_name="mnist", model_version="1", id=request.id)
+        response.outputs.add(name="probabilities", datatype="FP32", shape=[images, 10])
+        response.raw_output_contents.append(bytes(4 * 10 * images))
+        return response
+
+
 async def main(port: int) -> None:
     server = grpc.aio.server(interceptors=[metrics.MetricsInterceptor()], options=channel_options(ServeConfig()))
     pb_grpc.add_ClassifierServicer_to_server(CannedClassifier(), server)
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(CannedInference(), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
