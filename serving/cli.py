@@ -19,8 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     from core.repository import RepositoryError
     from serving.inference.runtime import DeviceUnavailable
     from serving.server import serve
+    from serving.workers import resolve, run_workers
 
     try:
+        config = resolve(config)  # --workers 0 and --intra-op-threads 0: what fits this machine
+        if config.workers > 1:
+            return run_workers(config)
         return asyncio.run(serve(config))
     except (RepositoryError, DeviceUnavailable, OSError) as err:
         print(f"mnist-serve: error: {err}", file=sys.stderr)

@@ -22,7 +22,9 @@ class ServeConfig:
     max_batch_size: int = 64
     max_queue_delay_us: int = 0  # extra wait allowed to fill a batch; 0 never delays a request
     max_queue_size: int = 1024  # queued requests beyond which calls are shed with RESOURCE_EXHAUSTED
-    intra_op_threads: int = 1
+    workers: int = 0  # server processes sharing the port; 0: one per core on the CPU (serving.workers.resolve)
+    intra_op_threads: int = 0  # onnxruntime threads for large batches; 0: the cores per worker
+    multi_thread_min_batch: int = 16  # smaller batches run on a one-thread session (see runtime.py)
     inter_op_threads: int = 1
     graph_optimization: str = "all"  # disable | basic | extended | all
     warmup_runs: int = 3
@@ -45,6 +47,8 @@ class ServeConfig:
             (self.max_queue_delay_us >= 0, "--max-queue-delay-us cannot be negative"),
             (self.max_queue_size >= 1, "--max-queue-size must be at least 1"),
             (self.intra_op_threads >= 0 and self.inter_op_threads >= 0, "thread counts cannot be negative"),
+            (self.workers >= 0, "--workers cannot be negative (0: one per core)"),
+            (self.multi_thread_min_batch >= 1, "--multi-thread-min-batch must be at least 1"),
             (0 < self.port < 65536 and 0 <= self.metrics_port < 65536 and 0 <= self.http_port < 65536,
              "ports must be in 1..65535"),
             (self.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
@@ -106,8 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="queued requests beyond which new calls get RESOURCE_EXHAUSTED")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device)
+    runtime.add_argument("--workers", type=int, default=d.workers,
+                         help="server processes sharing the gRPC port (SO_REUSEPORT), each with its own event "
+                              "loop, batcher and onnxruntime session; 0: one per core (one with a GPU)")
     runtime.add_argument("--intra-op-threads", type=int, default=d.intra_op_threads,
-                         help="onnxruntime threads inside an operator; 0: one per core")
+                         help="onnxruntime threads for large batches, per worker; 0: the cores per worker")
+    runtime.add_argument("--multi-thread-min-batch", type=int, default=d.multi_thread_min_batch,
+                         help="batches of at least this many images use the --intra-op-threads session; smaller "
+                              "ones a one-thread session (waking threads costs more than they save on them)")
     runtime.add_argument("--inter-op-threads", type=int, default=d.inter_op_threads)
     runtime.add_argument("--graph-optimization", choices=["disable", "basic", "extended", "all"],
                          default=d.graph_optimization)

@@ -18,9 +18,14 @@ BATCH_REQUESTS = Histogram("mnist_batch_requests", "Requests coalesced into one 
 INFERENCE = Histogram("mnist_inference_seconds", "onnxruntime time per batch",
                       buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
 IMAGES = Counter("mnist_images_total", "Images classified")
-QUEUE_DEPTH = Gauge("mnist_queue_depth", "Requests waiting in the batching queue")
+# With --workers, gauges are combined over the worker processes (Prometheus multiprocess mode):
+# queue depths add up; the model info is the same in each; images per worker keep a pid label.
+QUEUE_DEPTH = Gauge("mnist_queue_depth", "Requests waiting in the batching queue(s)", multiprocess_mode="livesum")
+WORKER_IMAGES = Gauge("mnist_worker_images", "Images classified by this worker process (pid label with --workers)",
+                      multiprocess_mode="liveall")
 DROPPED = Counter("mnist_dropped_requests_total", "Requests dropped before inference", ["reason"])
-MODEL = Gauge("mnist_model_info", "The served model (value 1)", ["model", "version", "provider"])
+MODEL = Gauge("mnist_model_info", "The served model (value 1)", ["model", "version", "provider"],
+              multiprocess_mode="livemax")
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0"):
@@ -41,6 +46,7 @@ class PrometheusBatchObserver:
     def batch_finished(self, images: int, seconds: float) -> None:
         INFERENCE.observe(seconds)
         IMAGES.inc(images)
+        WORKER_IMAGES.inc(images)
 
     def request_dropped(self, reason: str) -> None:
         DROPPED.labels(reason).inc()

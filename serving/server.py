@@ -67,7 +67,9 @@ def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        # A second server on a taken port must fail, not share it; --workers share it on purpose
+        # (serving.workers checks the port once, before starting them).
+        ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
     ]
     if config.max_connection_age > 0:
         # gRPC adds +-10 % jitter to the age, so a client's connections to several replicas do not all
@@ -114,10 +116,11 @@ class Server:
             device=config.device, intra_op_threads=config.intra_op_threads,
             inter_op_threads=config.inter_op_threads, graph_optimization=config.graph_optimization,
             warmup_runs=config.warmup_runs, max_batch_size=config.max_batch_size,
-            allow_spinning=config.allow_spinning,
+            allow_spinning=config.allow_spinning, multi_thread_min_batch=config.multi_thread_min_batch,
         ))
         # Ports are checked before gRPC binds, so a taken port is one clear line, not gRPC's own log.
-        ensure_port_free(config.host, config.port, "--port")
+        if config.workers <= 1:  # with --workers, the parent checked it and the siblings hold it now
+            ensure_port_free(config.host, config.port, "--port")
         if config.http_port:
             ensure_port_free(config.host, config.http_port, "--http-port")
         if config.metrics_port:

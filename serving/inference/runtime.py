@@ -1,6 +1,7 @@
 """The onnxruntime session: provider choice (CUDA or CPU), threads, warm-up. Knows nothing of batching."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -35,21 +36,41 @@ class RuntimeOptions:
     warmup_runs: int = 3
     max_batch_size: int = 64
     allow_spinning: bool = False
+    multi_thread_min_batch: int = 16  # smaller batches run on a one-thread session
 
 
 class OnnxRuntimeSession:
-    """Runs the classifier on float32 [N,28,28,1] and returns probabilities [N,10]."""
+    """Runs the classifier on float32 [N,28,28,1] and returns probabilities [N,10].
+
+    Threads are sized to the batch with two sessions of the same model on the CPU: one with a
+    single intra-op thread for small batches (a lone image is done before other threads would
+    even wake up, and their wake-ups take the cores gRPC needs), one with `intra_op_threads`
+    for batches of `multi_thread_min_batch` images or more, where splitting the convolutions
+    pays. onnxruntime fixes a session's thread pool when it is created, so two sessions (a few
+    hundred kB of weights each) are the way to choose per run. On CUDA one session does all.
+    """
 
     def __init__(self, model_path: str, options: RuntimeOptions) -> None:
         self.options = options
         self.session, self.provider, self.reason = _create_session(model_path, options)
-        log.info("onnxruntime %s on %s: %s", ort.__version__, self.provider, self.reason)
+        self._small = self.session
+        if self.provider == CPU and options.intra_op_threads != 1:
+            self._small = ort.InferenceSession(
+                model_path, _session_options(dataclasses.replace(options, intra_op_threads=1)), providers=[CPU])
+        log.info("onnxruntime %s on %s: %s; %s", ort.__version__, self.provider, self.reason, self.threading())
+
+    def threading(self) -> str:
+        if self._small is self.session:
+            return f"one session, {self.options.intra_op_threads or 'default'} intra-op thread(s)"
+        return (f"batches under {self.options.multi_thread_min_batch} images on 1 thread, larger on "
+                f"{self.options.intra_op_threads or 'one per core'}")
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+        session = self.session if len(images) >= self.options.multi_thread_min_batch else self._small
+        return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
     def warm_up(self) -> None:
-        """Run the sizes a server will meet first so no caller pays for lazy initialisation."""
+        """Run the sizes a server will meet first (both sessions) so no caller pays for lazy initialisation."""
         for _ in range(max(1, self.options.warmup_runs)):
             for batch in sorted({1, self.options.max_batch_size}):
                 self.run(np.zeros((batch, *IMAGE_SHAPE), dtype=INPUT_DTYPE))
@@ -73,20 +94,20 @@ def _create_session(model_path: str, options: RuntimeOptions) -> tuple[ort.Infer
     settings = _session_options(options)
     if options.device == "cpu":
         return ort.InferenceSession(model_path, settings, providers=[CPU]), CPU, "--device cpu"
-    cuda_problem = _cuda_problem()
-    if cuda_problem is None:
+    problem = cuda_problem()
+    if problem is None:
         session = ort.InferenceSession(model_path, settings, providers=[CUDA, CPU])
         # onnxruntime falls back to the CPU silently when the CUDA provider fails to load.
         if session.get_providers()[0] == CUDA:
             return session, CUDA, f"--device {options.device}: the CUDA provider initialised"
-        cuda_problem = "the CUDA provider failed to initialise (missing CUDA 13 / cuDNN 9 libraries or no GPU)"
+        problem = "the CUDA provider failed to initialise (missing CUDA 13 / cuDNN 9 libraries or no GPU)"
     if options.device == "cuda":
-        raise DeviceUnavailable(f"--device cuda: {cuda_problem}; use --device auto or cpu on this machine")
+        raise DeviceUnavailable(f"--device cuda: {problem}; use --device auto or cpu on this machine")
     session = ort.InferenceSession(model_path, settings, providers=[CPU])
-    return session, CPU, f"--device auto fell back to the CPU: {cuda_problem}"
+    return session, CPU, f"--device auto fell back to the CPU: {problem}"
 
 
-def _cuda_problem() -> str | None:
+def cuda_problem() -> str | None:
     """Why CUDA cannot work here, or None when it is worth trying."""
     if CUDA not in ort.get_available_providers():
         return f"this onnxruntime build ({ort.__version__}) has no CUDA provider"

@@ -1,0 +1,176 @@
+"""`--workers N`: N server processes sharing one gRPC port, so that every core does Python work.
+
+One process has one event loop and one GIL; decoding, batching and answering calls all run on
+it, so a single process cannot use a second core for the per-call work. Here the parent process
+loads nothing: it checks the ports, starts N workers (spawned, so that none inherits gRPC state),
+and each worker is a complete `Server` (its own loop, batcher and onnxruntime session) bound to
+the same port with SO_REUSEPORT, as gRPC's Python multiprocessing example does. The kernel hands
+each new connection to one worker; every call on that connection goes to that worker, so its
+health answers and its calls always come from the same process.
+
+- Metrics: Prometheus' multiprocess mode. Each worker writes its counters and histograms to files
+  in a private folder; the parent serves the one /metrics endpoint, summed over the workers
+  (per-worker series carry a `pid` label where that is the point, e.g. mnist_worker_images).
+- Draining: the parent forwards SIGTERM/SIGINT to every worker; each drains as a lone server does
+  (NOT_SERVING, refuse new calls, finish accepted ones) and exits 0; the parent exits 0 when all did.
+- A worker that dies while the others serve takes the server down (exit 1), so the orchestrator
+  restarts a whole, known-good set rather than a silently smaller one.
+- HTTP (REST and the page) is served by the first worker only: aiohttp's port is not shared.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+from serving.config import ServeConfig
+
+log = logging.getLogger("mnist-serve")
+
+PROMETHEUS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve(config: ServeConfig, cores: int | None = None) -> ServeConfig:
+    """Fill in the automatic settings (0): workers and each worker's onnxruntime threads.
+
+    Workers: one per core on the CPU; one on a GPU, where several processes would each hold a CUDA
+    context and contend for one device. Threads for large batches: the cores left per worker
+    (at least 1), so that N workers together never ask for more threads than there are cores.
+    """
+    cores = cores or usable_cores()
+    workers = config.workers or (1 if _gpu_likely(config.device) else cores)
+    threads = config.intra_op_threads or max(1, cores // workers)
+    return dataclasses.replace(config, workers=workers, intra_op_threads=threads)
+
+
+def _gpu_likely(device: str) -> bool:
+    if device == "cpu":
+        return False
+    if device == "cuda":
+        return True
+    from serving.inference.runtime import cuda_problem  # `auto`: the GPU, when CUDA can work here
+
+    return cuda_problem() is None
+
+
+def worker_config(config: ServeConfig, index: int) -> ServeConfig:
+    """A worker's own settings: no metrics port (the parent serves it), HTTP on the first worker only."""
+    return dataclasses.replace(config, metrics_port=0, http_port=config.http_port if index == 0 else 0)
+
+
+def _worker_main(config: ServeConfig, index: int) -> None:
+    """A worker process: one complete server on the shared port, until SIGTERM/SIGINT."""
+    import asyncio
+
+    logging.basicConfig(level=config.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
+    from core.repository import RepositoryError
+    from serving.inference.runtime import DeviceUnavailable
+    from serving.server import serve
+
+    try:
+        code = asyncio.run(serve(config))
+    except (RepositoryError, DeviceUnavailable, OSError) as err:
+        print(f"mnist-serve: error: worker {index}: {err}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def run_workers(config: ServeConfig) -> int:
+    """The parent: check the ports, start the workers, serve the summed metrics, forward signals."""
+    from serving.server import PortInUse, ensure_port_free
+
+    # Checked here, once: the workers bind with SO_REUSEPORT and would share a port another server holds.
+    ensure_port_free(config.host, config.port, "--port")
+    if config.http_port:
+        ensure_port_free(config.host, config.http_port, "--http-port")
+
+    metrics_dir = tempfile.mkdtemp(prefix="mnist-serve-metrics-")
+    # Set before any worker imports prometheus_client: the library picks its storage at import time.
+    os.environ[PROMETHEUS_DIR_VARIABLE] = metrics_dir
+    httpd = None
+    workers: list[multiprocessing.Process] = []
+    stopping = False
+
+    def forward(signum, _frame) -> None:
+        nonlocal stopping
+        if not stopping:
+            log.info("%s: draining %d workers", signal.Signals(signum).name, len(workers))
+        stopping = True
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    try:
+        if config.metrics_port:
+            try:
+                httpd = _serve_summed_metrics(config.metrics_port, config.host)
+            except OSError as err:
+                raise PortInUse(f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
+                                f"choose another --metrics-port, or 0 to turn metrics off") from err
+        context = multiprocessing.get_context("spawn")  # no gRPC or onnxruntime state crosses a fork
+        for index in range(config.workers):
+            if stopping:
+                break
+            worker = context.Process(target=_worker_main, args=(worker_config(config, index), index),
+                                     name=f"mnist-serve-worker-{index}")
+            worker.start()
+            workers.append(worker)
+        log.info("%d workers on %s:%d (SO_REUSEPORT), %d onnxruntime thread(s) each for large batches; "
+                 "metrics on :%s", config.workers, config.host, config.port, config.intra_op_threads,
+                 config.metrics_port or "off")
+        return _supervise(workers, lambda: stopping, forward)
+    finally:
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(workers: list[multiprocessing.Process], stopping, stop_all) -> int:
+    """Wait for the workers; 0 when all drained and exited 0, else 1."""
+    from prometheus_client import multiprocess
+
+    failed = False
+    running = list(workers)
+    while running:
+        for worker in list(running):
+            worker.join(timeout=0.2)
+            if worker.exitcode is None:
+                continue
+            running.remove(worker)
+            multiprocess.mark_process_dead(worker.pid)  # its live gauges leave the sums
+            if worker.exitcode != 0:
+                failed = True
+                if not stopping():
+                    log.error("worker %s exited with status %s; stopping the others", worker.name, worker.exitcode)
+                    stop_all(signal.SIGTERM, None)
+        time.sleep(0.05)
+    return 1 if failed else 0
+
+
+def _serve_summed_metrics(port: int, host: str):
+    """/metrics over all workers' files (Prometheus multiprocess mode), from a background thread."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    return httpd
