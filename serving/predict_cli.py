@@ -9,6 +9,7 @@ import grpc
 import numpy as np
 
 from serving.client import ClassifierClient
+from serving.rest_client import RestClient, RestError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,13 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "(and the accuracy when the true labels are known).",
     )
     parser.add_argument("images", nargs="*", type=Path, help="PNG or JPEG files of digits")
-    parser.add_argument("--target", default="localhost:8500", help="host:port of the server")
+    parser.add_argument("--target", help="host:port of the server (default: localhost:8500 for gRPC, "
+                                         "localhost:8000 for --api rest)")
     parser.add_argument("--mnist-test", type=int, metavar="N",
                         help="send the first N MNIST test images instead of files")
     parser.add_argument("--data-dir", help="folder of the MNIST IDX files (default: $MNIST_DATA_DIR)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per call")
-    parser.add_argument("--api", choices=["classifier", "kserve"], default="classifier",
-                        help="mnist.v1.Classifier or the KServe v2 ModelInfer")
+    parser.add_argument("--api", choices=["classifier", "kserve", "rest"], default="classifier",
+                        help="mnist.v1.Classifier, the KServe v2 ModelInfer over gRPC, or KServe v2 over "
+                             "HTTP/REST (files then go through the page's /api/classify)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     return parser
@@ -45,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give PNG/JPEG files, or --mnist-test N")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    with ClassifierClient(args.target, timeout=args.timeout) as client:
+    if args.api == "rest":
+        return _report(*_predict_rest(args))
+    with ClassifierClient(args.target or "localhost:8500", timeout=args.timeout) as client:
         if args.mnist_test:
             images, labels = _load_mnist(args.mnist_test, args.data_dir)
             names = [f"mnist-test[{i}]" for i in range(len(images))]
@@ -64,6 +69,22 @@ def run(args: argparse.Namespace) -> int:
                 client.classify_encoded(blobs[i: i + args.batch_size]).labels
                 for i in range(0, len(blobs), args.batch_size)
             ])
+    return _report(args, names, predicted, labels)
+
+
+def _predict_rest(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str], np.ndarray, np.ndarray | None]:
+    """The same predictions over KServe v2 REST (MNIST digits) or the page's /api/classify (files)."""
+    with RestClient(args.target or "localhost:8000", timeout=args.timeout) as client:
+        if args.mnist_test:
+            images, labels = _load_mnist(args.mnist_test, args.data_dir)
+            predicted = np.concatenate([client.infer(images[i: i + args.batch_size]).argmax(axis=1)
+                                        for i in range(0, len(images), args.batch_size)])
+            return args, [f"mnist-test[{i}]" for i in range(len(images))], predicted, labels
+        predicted = np.array([client.classify_encoded(path.read_bytes())["label"] for path in args.images])
+        return args, [str(path) for path in args.images], predicted, None
+
+
+def _report(args: argparse.Namespace, names: list[str], predicted: np.ndarray, labels: np.ndarray | None) -> int:
     if not args.quiet:
         for index, (name, label) in enumerate(zip(names, predicted)):
             truth = "" if labels is None else f"  (true {labels[index]}{'' if labels[index] == label else ', WRONG'})"
@@ -79,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except grpc.RpcError as err:
-        print(f"mnist-predict: error: {args.target} answered {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"mnist-predict: error: {args.target or 'localhost:8500'} answered {err.code().name}: {err.details()}", file=sys.stderr)
+    except RestError as err:
+        print(f"mnist-predict: error: {args.target or 'localhost:8000'} answered {err}", file=sys.stderr)
     except (ValueError, OSError) as err:
         print(f"mnist-predict: error: {err}", file=sys.stderr)
     except Exception as err:  # noqa: BLE001 - e.g. a data-set error: one line, not a traceback
