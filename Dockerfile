@@ -25,11 +25,19 @@ RUN pip install -c constraints.txt --no-cache-dir '.[training]'
 FROM builder AS server-venv
 COPY serving ./serving
 RUN pip install -c constraints.txt --no-cache-dir '.[serving-cpu]'
+# pip and setuptools built the environment and are not needed to run it; test suites are never
+# imported. Together about 45 MB of the server image.
+RUN pip uninstall -q -y pip setuptools \
+ && find /opt/venv -type d -name tests -prune -exec rm -rf {} +
 
 FROM builder AS locust-venv
 COPY serving ./serving
 COPY loadtest ./loadtest
 RUN pip install -c constraints.txt --no-cache-dir '.[loadtest-cpu]'
+# pip and setuptools built the environment and are not needed to run it; test suites are never
+# imported. Together about 45 MB of the server image.
+RUN pip uninstall -q -y pip setuptools \
+ && find /opt/venv -type d -name tests -prune -exec rm -rf {} +
 
 # ---- runtime base: an unprivileged user (uid 1000) and the mount points it owns. A named volume
 # takes the ownership of the folder it is first mounted on, so /models etc. are writable by it.

@@ -50,7 +50,10 @@ index_url=${PIP_INDEX_URL:-$(pip config get global.index-url 2>/dev/null || true
   echo "cert = /etc/ssl/certs/host-ca-bundle.crt"
   case $index_url in http*) echo "index-url = $index_url" ;; esac
 } > "$root/etc/pip.conf"
-rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* "$root"/usr/share/man/*
+# What Debian's slim images leave out too: package caches, documentation, translations.
+rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc/* \
+       "$root"/usr/share/man/* "$root"/usr/share/info/* "$root"/usr/share/lintian
+find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
 
 tar -C "$root" -c . | docker import \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \

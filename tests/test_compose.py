@@ -1,37 +1,31 @@
 """docker-compose.yml, Dockerfile and Dockerfile.gpu, checked without a Docker engine.
 
-1. `docker-compose config` validates the compose file, with and without the gpu profile.
-2. Every service's command, environment and healthcheck run here, in compose order, with what the
-   compose file says about the containers mapped onto this machine: container paths onto the
-   folders its volumes name (named volumes and relative bind mounts into a temporary folder),
-   container ports onto free ports, service names onto loopback. A wrong command, path, port or
-   variable in the compose file fails here, not on someone's `docker compose up`.
-3. The Dockerfiles install through constraints.txt with extras that pyproject.toml defines, keep
-   TensorFlow out of the server images, copy what the compose commands use, and run as non-root.
+1. `docker-compose config` validates the compose file, with and without the gpu profile, and the
+   services are wired as the README says (order, shared volumes, ports, the GPU service).
+2. The Dockerfiles install through constraints.txt with extras that pyproject.toml defines, keep
+   TensorFlow (and, on the CPU, onnxruntime-gpu) out of the server images, copy what the compose
+   commands use, and run as non-root.
+
+tests/test_containers.py builds the images and runs the compose file on a real engine.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from serving.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILES = {"Dockerfile": ("trainer", "server", "locust"), "Dockerfile.gpu": (None,)}  # None: the last stage
-QUICK_TRAIN_ARGS = "--limit 3000 --epochs 1"
-BIN_DIR = Path(sys.executable).parent  # the console scripts a container has on its PATH
 
 
 # --- the compose file as Compose reads it ------------------------------------------------------
@@ -71,13 +65,6 @@ def load_compose(variables: dict[str, str]) -> dict:
     return _interpolate_tree(yaml.safe_load(COMPOSE_FILE.read_text()), variables)
 
 
-def environment_of(service: dict) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) if "=" in item else (item, os.environ.get(item, "")) for item in env)
-    return {key: "" if value is None else str(value) for key, value in env.items()}
-
-
 def volumes_of(service: dict) -> list[tuple[str, str]]:
     """(source, container path) of each volume; source is a path for bind mounts, else a volume name."""
     mounts = []
@@ -88,15 +75,6 @@ def volumes_of(service: dict) -> list[tuple[str, str]]:
             source, target = (volume.split(":") + [""])[:2]
             mounts.append((source, target))
     return mounts
-
-
-def container_ports(compose: dict) -> set[int]:
-    ports = set()
-    for service in compose["services"].values():
-        for spec in service.get("ports") or []:
-            ports.add(int(spec["target"]) if isinstance(spec, dict) else int(str(spec).rsplit(":", 1)[-1].split("/")[0]))
-        ports.update(int(str(port).split("/")[0]) for port in service.get("expose") or [])
-    return ports
 
 
 def compose_order(compose: dict) -> list[str]:
@@ -112,82 +90,6 @@ def compose_order(compose: dict) -> list[str]:
     for name in services:
         visit(name)
     return order
-
-
-@dataclass
-class LocalMapping:
-    """Container paths, ports and host names of the compose file, as they are on this machine."""
-
-    scratch: Path
-    ports: dict[int, int]
-    hosts: set[str]
-    paths: dict[str, dict[str, Path]] = field(default_factory=dict)  # service -> container path -> local
-
-    @classmethod
-    def of(cls, compose: dict, scratch: Path) -> "LocalMapping":
-        mapping = cls(scratch, {port: free_port() for port in sorted(container_ports(compose))},
-                      set(compose["services"]) | {"localhost"})
-        for name, service in compose["services"].items():
-            mapping.paths[name] = {}
-            for source, target in volumes_of(service):
-                if source.startswith(("/", "~")):  # a bind mount of a host folder: that folder
-                    local = Path(source).expanduser()
-                    assert local.exists(), f"{name}: bind mount source {source} does not exist"
-                else:  # a named volume, or a bind mount relative to the project: a scratch folder
-                    local = scratch / ("binds" if source.startswith(".") else "volumes") / source
-                    local.mkdir(parents=True, exist_ok=True)
-                mapping.paths[name][target] = local.resolve()
-        return mapping
-
-    def text(self, service: str, text: str) -> str:
-        """Rewrite host:port, container paths and bare container ports in one argument or value."""
-        paths = self.paths[service]
-
-        def substitute(match: re.Match) -> str:
-            if match["host"]:
-                host, port = match["host"], int(match["port"])
-                assert host in self.hosts, f"{service}: {match[0]} names no service of the compose file"
-                assert port in self.ports, f"{service}: {match[0]}: port {port} is published or exposed by no service"
-                return f"127.0.0.1:{self.ports[port]}"
-            if match["path"]:
-                path = match["path"]
-                for target in sorted(paths, key=len, reverse=True):
-                    if path == target or path.startswith(target + "/"):
-                        return str(paths[target]) + path[len(target):]
-                raise AssertionError(f"{service}: {path} (in {text!r}) is on none of the service's volumes "
-                                     f"({sorted(paths)}): the container has no such file, or loses what it writes")
-            number = int(match["number"])
-            return str(self.ports.get(number, number))
-
-        return re.sub(r"(?P<host>\b[A-Za-z][\w.-]*):(?P<port>\d+)\b"
-                      r"|(?P<path>(?<![\w./:-])/\w[\w./-]*)"
-                      r"|(?<![\w.:/-])(?P<number>\d{2,5})(?![\w.:/])", substitute, text)
-
-    def command(self, service: str, argv: list[str]) -> list[str]:
-        local = []
-        for index, arg in enumerate(argv):
-            if index and argv[index - 1].startswith("--") and argv[index - 1].endswith("host") and arg in self.hosts:
-                local.append("127.0.0.1")  # --master-host locust
-            else:
-                local.append(self.text(service, str(arg)))
-        return local
-
-    def environment(self, service: str, compose: dict) -> dict[str, str]:
-        """A container's environment: the image's basics plus the service's variables, mapped."""
-        base = {key: os.environ[key] for key in ("HOME", "LANG", "LC_ALL", "TMPDIR", "USER") if key in os.environ}
-        base["PATH"] = os.pathsep.join([str(BIN_DIR), os.environ.get("PATH", "/usr/bin:/bin")])
-        base["PYTHONUNBUFFERED"] = "1"
-        env = environment_of(compose["services"][service])
-        return {**base, **{key: self.text(service, value) for key, value in env.items()}}
-
-
-def healthcheck_argv(service: dict) -> list[str]:
-    test = service["healthcheck"]["test"]
-    if isinstance(test, str):
-        return ["sh", "-c", test]
-    kind, *rest = test
-    assert kind in ("CMD", "CMD-SHELL"), f"healthcheck test must start with CMD or CMD-SHELL, not {kind}"
-    return rest if kind == "CMD" else ["sh", "-c", " ".join(rest)]
 
 
 def docker_compose() -> str:
@@ -244,110 +146,7 @@ def test_compose_wiring():
         assert (source, "/data/mnist") in mounts
 
 
-# --- 2. the services, run locally in compose order ---------------------------------------------
-
-def _run(argv, env, timeout):
-    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_services_run_locally_in_compose_order(tmp_path, mnist_path):
-    variables = {"MNIST_DATA_DIR": str(Path(mnist_path).resolve()), "TRAIN_ARGS": QUICK_TRAIN_ARGS}
-    compose = load_compose(variables)
-    services = compose["services"]
-    local = LocalMapping.of(compose, tmp_path)
-    order = compose_order(compose)
-    assert order.index("trainer") < order.index("server") < order.index("locust") < order.index("locust-worker")
-    models = local.paths["server"]["/models"]
-    assert models == local.paths["trainer"]["/models"], "trainer and server must share the models volume"
-
-    def versions() -> list[Path]:
-        return sorted(models.glob("*/*/model.onnx"))
-
-    # trainer: trains once, then reuses the model; RETRAIN=1 goes back to mnist-train.
-    trainer_argv = local.command("trainer", services["trainer"]["command"])
-    trainer_env = local.environment("trainer", compose)
-    first = _run(trainer_argv, trainer_env, 300)
-    assert first.returncode == 0, f"trainer: {trainer_argv}\n{first.stderr[-3000:]}"
-    assert len(versions()) == 1, f"the trainer published {versions()} under {models}"
-    assert str(Path(mnist_path).resolve()) in first.stderr, "the trainer did not read the mounted MNIST folder"
-    second = _run(trainer_argv, trainer_env, 120)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "reusing" in second.stderr and len(versions()) == 1, "a second `up` must reuse the model"
-    retrain = _run(trainer_argv, {**trainer_env, "RETRAIN": "1", "TRAIN_ARGS": "--help"}, 120)
-    assert retrain.returncode == 0 and "usage: mnist-train" in retrain.stdout, retrain.stderr[-2000:]
-
-    # server: the compose command and environment, healthy by the compose healthcheck.
-    server_argv = local.command("server", services["server"]["command"])
-    server_log = tmp_path / "server.log"
-    with open(server_log, "wb") as log:
-        server = subprocess.Popen(server_argv, cwd=ROOT, env=local.environment("server", compose),
-                                  stdout=log, stderr=subprocess.STDOUT)
-    try:
-        probe_argv = local.command("server", healthcheck_argv(services["server"]))
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, f"the server exited ({server.returncode}):\n{server_log.read_text()[-3000:]}"
-            probe = _run(probe_argv, local.environment("server", compose), 20)
-            if probe.returncode == 0:
-                break
-            assert time.monotonic() < deadline, f"healthcheck {probe_argv} never passed: {probe.stdout}{probe.stderr}"
-            time.sleep(0.5)
-        assert len(probe.stdout.strip().splitlines()) == 1 and "SERVING" in probe.stdout, probe.stdout
-        assert "CPUExecutionProvider" in server_log.read_text(), "MNIST_SERVE_DEVICE=cpu did not reach the server"
-
-        # locust: the master's compose command made headless, with one worker from locust-worker's.
-        locustfile = ROOT / "loadtest" / "locustfile.py"
-        locust_error = None
-        if locustfile.exists():
-            locust_error = _run_locust(local, compose)
-        else:
-            locust_error = f"{locustfile} does not exist"
-    finally:
-        stopped = _stop(server)
-    assert stopped == 0, f"SIGTERM: the server exited with {stopped}:\n{server_log.read_text()[-3000:]}"
-    assert locust_error is None, locust_error
-
-
-def _run_locust(local: LocalMapping, compose: dict) -> str | None:
-    services = compose["services"]
-    master_argv = local.command("locust", services["locust"]["command"]) + [
-        "--headless", "-u", "2", "-r", "2", "-t", "3s", "--expect-workers", "1", "--expect-workers-max-wait", "30"]
-    worker_argv = local.command("locust-worker", services["locust-worker"]["command"])
-    worker_log = local.scratch / "locust-worker.log"
-    with open(worker_log, "wb") as log:
-        worker = subprocess.Popen(worker_argv, cwd=ROOT, env=local.environment("locust-worker", compose),
-                                  stdout=log, stderr=subprocess.STDOUT)
-    try:
-        master = _run(master_argv, local.environment("locust", compose), 120)
-        if master.returncode == 0:
-            worker.wait(30)  # the master tells its workers to quit
-    finally:
-        _stop(worker)
-    worker_out = worker_log.read_text(errors="replace")
-    if master.returncode != 0:
-        return (f"locust master {master_argv} exited {master.returncode}:\n{master.stderr[-3000:]}\n"
-                f"worker {worker_argv}:\n{worker_out[-2000:]}")
-    if worker.returncode != 0:
-        return f"locust worker {worker_argv} exited {worker.returncode}:\n{worker_out[-3000:]}"
-    reports = local.paths["locust"]["/reports"]
-    if not (reports / "locust_stats.csv").exists() or not (reports / "locust.html").exists():
-        return f"no CSV / HTML report in the ./reports mount ({sorted(p.name for p in reports.iterdir())})"
-    return None
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return -9
-    return proc.returncode
-
-
-# --- 3. the Dockerfiles ------------------------------------------------------------------------
+# --- 2. the Dockerfiles ------------------------------------------------------------------------
 
 @dataclass
 class Stage:
@@ -466,7 +265,12 @@ def test_dockerfile_installs_and_users(dockerfile):
         if "server" in target:
             assert "tensorflow" not in pulled and "tensorflow" not in " ".join(installs), \
                 f"{dockerfile}:{target} installs TensorFlow (extras {sorted(installed)})"
-        expected = {"trainer": {"training"}, "server": {"serving"}, "locust": {"loadtest"},
+        if target in ("server", "locust"):  # the CPU images: onnxruntime's CPU build, not the CUDA one
+            assert "onnxruntime-gpu" not in pulled, f"{dockerfile}:{target} installs onnxruntime-gpu"
+        if "server" in target:  # setuptools packages every folder it finds: no training code in a server
+            copied = " ".join(copy for stage in closure for copy in stage.all("COPY"))
+            assert not re.search(r"\btraining\b", copied), f"{dockerfile}:{target} copies training/"
+        expected = {"trainer": {"training"}, "server": {"serving-cpu"}, "locust": {"loadtest-cpu"},
                     "server-gpu": {"serving", "cuda"}}[target]
         assert expected <= installed, f"{dockerfile}:{target} installs {sorted(installed)}, not {sorted(expected)}"
         user = effective_user(stages, target)
@@ -527,7 +331,7 @@ def test_fetch_mnist_writes_the_published_idx_files(tmp_path, mnist_path):
         import fetch_mnist
     finally:
         sys.path.remove(str(ROOT / "docker"))
-    from training.data import load_idx_dir
+    from core.idx import load_idx_dir
 
     data = load_idx_dir(mnist_path)
     fetch_mnist.write_idx_dir(data, tmp_path / "mnist")
