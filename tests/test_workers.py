@@ -1,0 +1,155 @@
+"""`--workers`: several real server processes on one port, one metrics endpoint, one clean drain."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from serving.config import ServeConfig
+from serving.process import free_port
+from serving.workers import resolve
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The endpoint's samples, `name{labels}` -> value."""
+    samples = {}
+    for line in urllib.request.urlopen(url, timeout=10).read().decode().splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def wait_until_gone(pid: int, seconds: float = 10) -> bool:
+    """Whether `pid` exits (or is a zombie awaiting its reaper) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def child_pids(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return {int(child) for child in children.read().split()}
+
+
+@pytest.fixture(scope="module")
+def two_workers(trained_repository, tmp_path_factory):
+    from serving.process import start_server
+
+    log = tmp_path_factory.mktemp("workers") / "server.log"
+    server = start_server(trained_repository, "--workers", "2", log_path=log)
+    yield server
+    server.stop()
+
+
+def test_both_workers_serve_and_the_metrics_sum_over_them(two_workers, mnist_test_set):
+    from serving.client import ClassifierClient
+
+    images, labels = mnist_test_set
+    calls, per_call = 24, 3
+    correct = 0
+    for start in range(0, calls * per_call, per_call):
+        # A new client is a new connection; the kernel hands each one to either worker.
+        with ClassifierClient(two_workers.target) as client:
+            probabilities = client.infer_kserve(images[start:start + per_call])
+        correct += int((probabilities.argmax(axis=1) == labels[start:start + per_call]).sum())
+    assert correct >= 0.85 * calls * per_call
+
+    samples = scrape(two_workers.metrics_url)
+    assert samples['mnist_requests_total{code="OK",method="ModelInfer"}'] == calls
+    assert samples["mnist_images_total"] == calls * per_call
+    per_worker = {key: value for key, value in samples.items() if key.startswith("mnist_worker_images{")}
+    workers = child_pids(two_workers.proc.pid)
+    assert {int(key.split('pid="')[1].split('"')[0]) for key in per_worker} <= workers
+    assert len(per_worker) == 2 and all(value > 0 for value in per_worker.values()), per_worker
+    assert sum(per_worker.values()) == calls * per_call
+    assert samples['mnist_model_info{model="mnist",provider="CPUExecutionProvider",version="1"}'] == 1
+    assert samples["mnist_queue_depth"] == 0
+    log = two_workers.log()
+    assert "2 workers on 127.0.0.1" in log
+    assert "[worker 0]: serving model 'mnist'" in log and "[worker 1]: serving model 'mnist'" in log
+
+
+def test_sigterm_drains_every_worker_and_exits_0(trained_repository, tmp_path, mnist_test_set):
+    from serving.client import ClassifierClient
+    from serving.process import start_server
+
+    server = start_server(trained_repository, "--workers", "2", "--metrics-port", "0",
+                          log_path=tmp_path / "server.log")
+    workers = child_pids(server.proc.pid)
+    with ClassifierClient(server.target) as client:
+        assert client.infer_kserve(mnist_test_set[0][:4]).shape == (4, 10)
+    assert server.stop(signal.SIGTERM) == 0
+    log = server.log()
+    assert "SIGTERM: draining 2 workers" in log
+    assert log.count("draining: NOT_SERVING") == 2 and "[worker 0]: stopped" in log and "[worker 1]: stopped" in log
+    for pid in workers:  # no orphan left behind (the spawn resource tracker included)
+        assert wait_until_gone(pid), f"process {pid} outlived the server"
+
+
+def test_a_taken_port_is_one_line_before_any_worker_starts(trained_repository):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository),
+                                 "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+                                 "--http-port", "0", "--workers", "2"],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"mnist-serve: error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "is another server running? choose another --port"]
+
+
+def test_workers_that_cannot_load_the_model_stop_the_server(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "--model-repository", str(tmp_path / "empty"),
+                             "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0",
+                             "--http-port", "0", "--workers", "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors and all("Traceback" not in line for line in result.stderr.splitlines())
+    assert any(line.startswith("mnist-serve: error: worker ") for line in errors), result.stderr
+
+
+def test_automatic_settings_fit_the_machine():
+    on_four_cores = resolve(ServeConfig(device="cpu"), cores=4)
+    assert (on_four_cores.workers, on_four_cores.intra_op_threads) == (4, 1)
+    one_worker = resolve(ServeConfig(device="cpu", workers=1), cores=4)
+    assert (one_worker.workers, one_worker.intra_op_threads) == (1, 4)
+    two_workers = resolve(ServeConfig(device="cpu", workers=2), cores=5)
+    assert (two_workers.workers, two_workers.intra_op_threads) == (2, 2)
+    explicit = resolve(ServeConfig(device="cpu", workers=3, intra_op_threads=2), cores=2)
+    assert (explicit.workers, explicit.intra_op_threads) == (3, 2)
+    with pytest.raises(ValueError, match="--workers cannot be negative"):
+        ServeConfig(workers=-1)
+
+
+def test_small_and_large_batches_give_the_same_answers(trained_repository, mnist_test_set):
+    """Small batches run on the one-thread session, large ones on the threaded one: same model, same answers."""
+    from core.contract import to_model_input
+    from core.repository import load_version
+    from serving.inference.runtime import OnnxRuntimeSession, RuntimeOptions
+
+    model = str(load_version(trained_repository, "mnist").model_path)
+    runtime = OnnxRuntimeSession(model, RuntimeOptions(device="cpu", intra_op_threads=2, multi_thread_min_batch=16))
+    assert "batches under 16 images on 1 thread, larger on 2" in runtime.threading()
+    batch = to_model_input(mnist_test_set[0][:64])
+    together = runtime.run(batch)
+    one_by_one = np.concatenate([runtime.run(batch[i:i + 1]) for i in range(len(batch))])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+    assert "one session" in OnnxRuntimeSession(model, RuntimeOptions(device="cpu", intra_op_threads=1)).threading()
