@@ -11,6 +11,7 @@ import signal
 
 import grpc
 
+from core.contract import NUM_CLASSES, OUTPUT_DATATYPE, OUTPUT_NAME
 from serving import metrics
 from serving.config import ServeConfig
 from serving.generated import mnist_classifier_pb2 as pb
@@ -35,7 +36,7 @@ class CannedInference(kserve_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         images = request.inputs[0].shape[0]
         response = kserve_pb.ModelInferResponse(model_name="mnist", model_version="1", id=request.id)
-        response.outputs.add(name="probabilities", datatype="FP32", shape=[images, 10])
+        response.outputs.add(name=OUTPUT_NAME, datatype=OUTPUT_DATATYPE, shape=[images, NUM_CLASSES])
         response.raw_output_contents.append(bytes(4 * 10 * images))
         return response
 
