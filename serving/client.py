@@ -1,10 +1,15 @@
 """The one client of the MNIST service, shared by the CLI, the tests and the load tests.
 
-RPC failures propagate as grpc.RpcError: callers decide whether to retry or report.
+A target is anything gRPC resolves: `host:port`, `dns:///host:port` (every address the name
+resolves to, e.g. a Kubernetes headless Service) or `ipv4:a:port,b:port`. Calls are balanced per
+call over every address (gRPC's round_robin policy), and inference calls that meet UNAVAILABLE
+(a replica draining or gone) are retried by gRPC itself, a bounded number of times with backoff.
+Other RPC failures propagate as grpc.RpcError: callers decide whether to retry or report.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +25,36 @@ from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 
 _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+# Inference is a pure function of its input, so a call refused with UNAVAILABLE (a replica draining,
+# or a connection that broke before the answer) may run again elsewhere. gRPC retries at most 5
+# attempts; the backoff before attempt n is random in [0, min(0.05 * 2^(n-1), 0.5)] s, so the
+# retries of one call add at most 0.75 s.
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "0.5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+RETRIED_METHODS = [
+    {"service": "mnist.v1.Classifier"},  # Classify and DescribeModel: both read-only
+    {"service": "inference.GRPCInferenceService", "method": "ModelInfer"},
+]
+# Targets that name a resolver may stand for several replicas: there the client also watches each
+# replica's grpc.health.v1 status and leaves a NOT_SERVING (draining) one out of the rotation at once.
+MULTI_ADDRESS_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+
+def service_config(health_check: bool) -> str:
+    """gRPC's service config (JSON): round_robin per call, retries, and optionally health checking."""
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": RETRIED_METHODS, "retryPolicy": RETRY_POLICY}],
+    }
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": ""}
+    return json.dumps(config)
 
 
 @dataclass(frozen=True)
@@ -38,17 +73,22 @@ class ClassifierClient:
     """A synchronous channel to the service's mnist.v1.Classifier and KServe v2 APIs."""
 
     def __init__(
-        self, target: str = "localhost:8500", timeout: float = 10.0, max_message_bytes: int = 64 * 1024 * 1024
+        self, target: str = "localhost:8500", timeout: float = 10.0, max_message_bytes: int = 64 * 1024 * 1024,
+        min_resolution_interval: float | None = None,
     ) -> None:
+        """`min_resolution_interval`: the fewest seconds between two DNS lookups of a `dns:` target
+        (gRPC's default, 30 s, when None); a lookup follows every lost or aged connection."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(health_check=target.startswith(MULTI_ADDRESS_SCHEMES))),
+        ]
+        if min_resolution_interval is not None:
+            options.append(("grpc.dns_min_time_between_resolutions_ms", round(min_resolution_interval * 1000)))
+        self._channel = grpc.insecure_channel(target, options=options)
         self._classifier = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._model_infer: grpc.UnaryUnaryMultiCallable | None = None  # built on first use: see _kserve_message_types

@@ -1,0 +1,171 @@
+"""Replicas on loopback: real mnist-serve processes behind one round_robin client.
+
+Calls spread over every replica; a replica that gets SIGTERM under load costs no failed call; and a
+replica started later, found through DNS as a headless Service's new pod would be, gets calls once
+the connections of the others reach --max-connection-age. Timing figures: bench/scaleout.py.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from bench.scaleout import Load, Replica, ipv4_target, start_replica, start_replicas
+from serving.client import ClassifierClient
+from serving.process import free_port
+
+CALLERS = 32
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_test_set) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = mnist_test_set
+    return images[:500], labels[:500]
+
+
+@pytest.fixture(scope="module")
+def expected(trained_repository, digits, tmp_path_factory) -> np.ndarray:
+    """What the trained model answers for each digit (every replica must answer the same)."""
+    images, _ = digits
+    replica = start_replica(trained_repository, "127.0.0.1", free_port(),
+                            log_path=tmp_path_factory.mktemp("reference") / "server.log")
+    try:
+        with ClassifierClient(replica.address, timeout=30) as client:
+            return np.concatenate([client.classify(images[i:i + 64]).labels for i in range(0, len(images), 64)])
+    finally:
+        replica.stop()
+
+
+@pytest.fixture
+def replicas(trained_repository, tmp_path) -> Iterator[list[Replica]]:
+    started = start_replicas(trained_repository, 3, "--grace-period", "10", log_dir=tmp_path)
+    yield started
+    for replica in started:
+        replica.stop()
+
+
+def wait_for_calls(load: Load, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while load.calls() < count:
+        assert time.monotonic() < deadline, f"only {load.calls()} calls in {timeout} s"
+        time.sleep(0.05)
+
+
+def test_round_robin_spreads_calls_over_every_replica(replicas, digits, expected):
+    before = [replica.requests_total() for replica in replicas]
+    with ClassifierClient(ipv4_target(replicas), timeout=30) as client:
+        with Load(client, digits[0], expected, CALLERS) as load:
+            wait_for_calls(load, 900)
+        result = load.stop()
+    assert not result.failures, result.failures[:5]
+    served = [replica.requests_total() - start for replica, start in zip(replicas, before)]
+    assert all(count > 0 for count in served), served
+    assert max(served) <= 0.5 * sum(served), f"one replica took more than half the calls: {served}"
+
+
+def test_sigterm_to_one_replica_under_load_fails_no_call(replicas, digits, expected):
+    with ClassifierClient(ipv4_target(replicas), timeout=30) as client:
+        with Load(client, digits[0], expected, CALLERS) as load:
+            wait_for_calls(load, 300)
+            exit_code = replicas[0].stop()
+            after_exit = load.calls()
+            others = [replica.requests_total() for replica in replicas[1:]]
+            wait_for_calls(load, after_exit + 300)
+        result = load.stop()
+    assert exit_code == 0, replicas[0].log()
+    assert "draining" in replicas[0].log()
+    assert not result.failures, f"{len(result.failures)} failed calls, e.g. {result.failures[:5]}"
+    assert all(replica.requests_total() > count for replica, count in zip(replicas[1:], others))
+
+
+# ---- a replica that starts later: DNS and --max-connection-age ----------------------------------
+
+class FakeDns(threading.Thread):
+    """A DNS server on 127.0.0.1 (UDP) that answers A queries for one name with a list it can change.
+
+    It stands in for a headless Service's DNS record: gRPC's c-ares resolver asks it whenever the
+    client re-resolves (`dns://127.0.0.1:<port>/<name>:<port>` names the DNS server to use).
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(daemon=True)
+        self.name = name
+        self.addresses: list[str] = []
+        self.queries = 0
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.settimeout(0.2)
+        self.port = self._sock.getsockname()[1]
+        self._closing = threading.Event()
+
+    def run(self) -> None:
+        while not self._closing.is_set():
+            try:
+                query, peer = self._sock.recvfrom(512)
+            except socket.timeout:
+                continue
+            self._sock.sendto(self._answer(query), peer)
+
+    def close(self) -> None:
+        self._closing.set()
+        self.join(2)
+        self._sock.close()
+
+    def _answer(self, query: bytes) -> bytes:
+        (query_id,) = struct.unpack("!H", query[:2])
+        labels, offset = [], 12
+        while query[offset]:
+            length = query[offset]
+            labels.append(query[offset + 1:offset + 1 + length].decode().lower())
+            offset += 1 + length
+        qtype, _ = struct.unpack("!HH", query[offset + 1:offset + 5])
+        question = query[12:offset + 5]
+        answers = b""
+        if qtype == 1 and ".".join(labels) == self.name:  # A record: every address, TTL 0
+            self.queries += 1
+            answers = b"".join(struct.pack("!HHHIH", 0xC00C, 1, 1, 0, 4) + socket.inet_aton(a) for a in self.addresses)
+        count = len(self.addresses) if answers else 0
+        return struct.pack("!HHHHHH", query_id, 0x8180, 1, count, 0, 0) + question + answers
+
+
+@pytest.fixture
+def dns() -> Iterator[FakeDns]:
+    server = FakeDns("replicas.mnist.test")
+    server.start()
+    yield server
+    server.close()
+
+
+def test_a_replica_started_later_gets_calls_within_the_max_connection_age(trained_repository, digits, expected,
+                                                                         dns, tmp_path):
+    max_age = 3.0
+    port = free_port()
+    args = ("--max-connection-age", str(max_age), "--max-connection-age-grace", "1", "--grace-period", "5")
+    replicas = start_replicas(trained_repository, 3, *args, port=port, log_dir=tmp_path)
+    try:
+        dns.addresses = [replica.host for replica in replicas]
+        target = f"dns://127.0.0.1:{dns.port}/{dns.name}:{port}"
+        with ClassifierClient(target, timeout=30, min_resolution_interval=0.5) as client:
+            with Load(client, digits[0], expected, 8) as load:
+                wait_for_calls(load, 100)
+                replicas.append(start_replica(trained_repository, "127.0.0.4", port, *args,
+                                              log_path=tmp_path / "replica-4.log"))
+                dns.addresses.append("127.0.0.4")  # the new pod enters the headless Service's record
+                added = time.monotonic()
+                # Every connection closes within max_age (+10 % jitter) + its grace; the client then
+                # re-resolves (at most every 0.5 s) and connects to the new address too.
+                while replicas[3].requests_total() == 0:
+                    assert time.monotonic() - added < 1.1 * max_age + 1 + 0.5 + 5, \
+                        "the fourth replica got no call within the max connection age"
+                    time.sleep(0.1)
+            result = load.stop()
+        assert not result.failures, result.failures[:5]
+        assert dns.queries >= 2  # resolved at the start and again after a connection aged out
+    finally:
+        for replica in replicas:
+            replica.stop()
