@@ -65,13 +65,18 @@ def parse_mix_weights(text: str) -> tuple[int, int, int]:
 
 
 def normalize_target(host: str) -> str:
-    """Locust's --host as a gRPC target: 'host:port', with an optional 'grpc://' stripped."""
+    """Locust's --host as a gRPC target: 'host:port', with an optional 'grpc://' stripped, or a target
+    that names several replicas ('dns:///host:port', 'ipv4:a:port,b:port'), kept as it is: the
+    users' client balances per call over all of them."""
     target = (host or "").strip().rstrip("/")
+    if target.startswith(("dns:", "ipv4:", "ipv6:")):
+        return target
     if target.startswith("grpc://"):
         target = target[len("grpc://"):]
     if not target or "://" in target or "/" in target or ":" not in target:
         raise LoadTestError(f"--host {host!r}: give the server as host:port (e.g. 127.0.0.1:8500), "
-                            "optionally with grpc://; not an HTTP URL")
+                            "optionally with grpc://, or replicas as dns:///host:port or ipv4:a:port,b:port; "
+                            "not an HTTP URL")
     return target
 
 
