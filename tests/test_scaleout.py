@@ -6,8 +6,11 @@ the connections of the others reach --max-connection-age. Timing figures: bench/
 """
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,8 +19,10 @@ import numpy as np
 import pytest
 
 from bench.scaleout import Load, Replica, ipv4_target, start_replica, start_replicas
+from loadtest.locust_runner import normalize_target, read_stats_csv
 from serving.client import ClassifierClient
 from serving.process import free_port
+from tests.conftest import ROOT
 
 CALLERS = 32
 
@@ -81,6 +86,23 @@ def test_sigterm_to_one_replica_under_load_fails_no_call(replicas, digits, expec
     assert "draining" in replicas[0].log()
     assert not result.failures, f"{len(result.failures)} failed calls, e.g. {result.failures[:5]}"
     assert all(replica.requests_total() > count for replica, count in zip(replicas[1:], others))
+
+
+@pytest.mark.timeout(180)
+def test_locust_users_balance_over_an_ipv4_target(replicas, mnist_path, tmp_path):
+    target = ipv4_target(replicas)
+    assert normalize_target(target) == target and normalize_target("dns:///mnist:8500") == "dns:///mnist:8500"
+    before = [replica.requests_total() for replica in replicas]
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.run", "--host", target, "--scenario", "single", "--users", "8",
+         "--spawn-rate", "8", "--run-time", "4s", "--pool-size", "200", "--reports-dir", str(tmp_path),
+         "--name", "replicas"],
+        capture_output=True, text=True, timeout=150, cwd=ROOT, env={**os.environ, "MNIST_DATA_DIR": str(mnist_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    total = read_stats_csv(tmp_path / "replicas_stats.csv")["Aggregated"]
+    assert total.requests > 0 and total.failures == 0
+    served = [replica.requests_total() - start for replica, start in zip(replicas, before)]
+    assert all(count > 0 for count in served), served
 
 
 # ---- a replica that starts later: DNS and --max-connection-age ----------------------------------
