@@ -165,8 +165,11 @@ def test_the_server_accepts_every_manifests_arguments(name: str) -> None:
     for owner, container in containers:
         config = server_config(container)
         assert config.port == port_number(container, "grpc", "h2c"), f"{owner}: --port is not the gRPC port"
-        if port_number(container, "metrics") is not None:
-            assert config.metrics_port == port_number(container, "metrics"), f"{owner}: --metrics-port"
+        # Every port the server opens is declared, under the name the Services and probes use.
+        assert config.metrics_port == (port_number(container, "metrics") or 0), f"{owner}: --metrics-port"
+        assert config.http_port == (port_number(container, "http") or 0), f"{owner}: --http-port"
+        # Long-lived clients must get to replicas that start after them (the default, 0, never closes).
+        assert config.max_connection_age > 0, f"{owner}: no --max-connection-age"
         mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
         expected_repository = KSERVE_MODEL_MOUNT if owner.startswith("ServingRuntime") else None
         assert str(config.model_repository) == expected_repository or str(config.model_repository) in mounts, \
