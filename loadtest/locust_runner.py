@@ -43,24 +43,29 @@ def kserve_request_name() -> str:
     return "KServe ModelInfer x1"
 
 
+def rest_request_name() -> str:
+    return "REST infer x1"
+
+
 def request_names(scenario: str, images_per_call: int) -> list[str]:
     """The request names a scenario produces (the rows of the stats CSV, besides Aggregated)."""
     names = {"single": [single_request_name()], "batch": [batch_request_name(images_per_call)],
-             "kserve": [kserve_request_name()]}
+             "kserve": [kserve_request_name()], "rest": [rest_request_name()]}
     if scenario == "mix":
         return [name for key in ("single", "batch", "kserve") for name in names[key]]
     return names[scenario]
 
 
-def parse_mix_weights(text: str) -> tuple[int, int, int]:
-    """'6,3,1' -> (6, 3, 1): the relative weights of single, batch and kserve calls in `mix`."""
+def parse_mix_weights(text: str) -> tuple[int, ...]:
+    """'6,3,1' -> (6, 3, 1): the relative weights of single, batch and kserve calls in `mix`;
+    a fourth, '6,3,1,2', mixes in REST calls (KServe v2 over HTTP)."""
     try:
         weights = tuple(int(part) for part in str(text).split(","))
     except ValueError:
         weights = ()
-    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) == 0:
+    if len(weights) not in (3, 4) or any(w < 0 for w in weights) or sum(weights) == 0:
         raise LoadTestError(f"--mix-weights {text!r}: give three non-negative integers for single,batch,kserve "
-                            "with at least one above zero, e.g. 6,3,1")
+                            "(or four, with rest) with at least one above zero, e.g. 6,3,1 or 6,3,1,2")
     return weights  # type: ignore[return-value]
 
 

@@ -6,7 +6,9 @@ Scenarios (`--scenario`, also settable in the web UI):
   single  one image per call through mnist.v1 Classify
   batch   --images-per-call images per Classify call (default 16)
   kserve  one image per call through KServe v2 ModelInfer
-  mix     all three, weighted by --mix-weights single,batch,kserve (default 6,3,1)
+  rest    one image per call through KServe v2 over HTTP/REST (--http-host; binary tensor data)
+  mix     single, batch and kserve weighted by --mix-weights single,batch,kserve (default 6,3,1);
+          a fourth weight mixes in rest calls, e.g. --mix-weights 6,3,1,2
 
 Every call is reported through Locust's request event, so its statistics, charts, CSV and
 HTML report count gRPC calls the way they count HTTP requests. `make loadtest`
@@ -47,10 +49,12 @@ from loadtest.locust_runner import (  # noqa: E402
     kserve_request_name,
     normalize_target,
     parse_mix_weights,
+    rest_request_name,
     single_request_name,
 )
 from loadtest.options import DEFAULTS, SCENARIOS  # noqa: E402
 from serving.client import ClassifierClient  # noqa: E402
+from serving.rest_client import RestClient, RestError  # noqa: E402  (http.client: cooperative once patched)
 
 log = logging.getLogger("mnist-loadtest")
 
@@ -71,6 +75,9 @@ def _add_arguments(parser) -> None:
                             f"(default: {DEFAULTS.pool_size})")
     parser.add_argument("--rpc-timeout", type=float, default=DEFAULTS.rpc_timeout, include_in_web_ui=True,
                        help=f"deadline of each gRPC call in seconds (default: {DEFAULTS.rpc_timeout:g})")
+    parser.add_argument("--http-host", default="", include_in_web_ui=True,
+                       help="host:port of the server's KServe v2 REST API for the rest scenario "
+                            "(default: --host's host, port 8000)")
     parser.add_argument("--mnist-dir", default=os.environ.get("MNIST_DATA_DIR", ""), include_in_web_ui=False,
                        help="folder of the MNIST IDX files (default: $MNIST_DATA_DIR, else ../shared/datasets/mnist)")
 
@@ -225,10 +232,12 @@ class MnistGrpcUser(User):
         self.target = normalize_target(self.environment.host or "")
         self.client = ClassifierClient(self.target, timeout=options.rpc_timeout)
         self.images_per_call = max(1, int(options.images_per_call))
-        calls = {"single": self.call_single, "batch": self.call_batch, "kserve": self.call_kserve}
+        calls = {"single": self.call_single, "batch": self.call_batch, "kserve": self.call_kserve,
+                 "rest": self.call_rest}
+        self.rest = RestClient(_http_host(options.http_host, self.target), timeout=options.rpc_timeout)
         if options.scenario == "mix":
             weights = parse_mix_weights(options.mix_weights)
-            self.plan = [(calls[key], w) for key, w in zip(("single", "batch", "kserve"), weights) if w > 0]
+            self.plan = [(calls[key], w) for key, w in zip(("single", "batch", "kserve", "rest"), weights) if w > 0]
         else:
             self.plan = [(calls[options.scenario], 1)]
         self.plan_calls = [call for call, _ in self.plan]
@@ -237,6 +246,7 @@ class MnistGrpcUser(User):
     def on_stop(self) -> None:
         if self.client is not None:
             self.client.close()
+            self.rest.close()
             self.client = None
 
     @task
@@ -284,15 +294,34 @@ class MnistGrpcUser(User):
             error = bad_reply
         self._report(name, start, length, error)
 
-    def _report(self, name: str, start: float, length: int, error: Exception | None) -> None:
+    def call_rest(self) -> None:
+        name = rest_request_name()
+        images, expected = self._pick(1)
+        start = time.perf_counter()
+        length, error = 0, None
+        try:
+            probabilities = self.rest.infer(images)
+            length = probabilities.nbytes
+            error = _check(name, probabilities.argmax(axis=-1), expected)
+        except (RestError, OSError, ValueError) as failure:  # an HTTP error, a dropped connection, a bad reply
+            error = failure
+        self._report(name, start, length, error, request_type="http")
+
+    def _report(self, name: str, start: float, length: int, error: Exception | None,
+                request_type: str = "grpc") -> None:
         self.environment.events.request.fire(
-            request_type="grpc",
+            request_type=request_type,
             name=name,
             response_time=(time.perf_counter() - start) * 1000.0,
             response_length=length,
             exception=error,
             context={"target": self.target},
         )
+
+
+def _http_host(configured: str, grpc_target: str) -> str:
+    """--http-host, else the gRPC host on mnist-serve's default HTTP port."""
+    return configured or f"{grpc_target.rpartition(':')[0]}:8000"
 
 
 class GrpcCallFailed(Exception):

@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     target.add_argument("--model-repository", type=Path, default=ROOT / "model_repository",
                         help="start mnist-serve on the latest model here (ignored with --host)")
     target.add_argument("--host", help="host:port of an mnist-serve that already runs; no server is started")
+    target.add_argument("--http-host", help="host:port of that server's REST API, for the rest scenario "
+                                           "(default: --host's host, port 8000)")
     target.add_argument("--server-args", default="",
                         help="extra mnist-serve flags for the server this script starts, "
                              "e.g. --server-args='--max-batch-size 32'")
@@ -50,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--images-per-call", type=int, default=DEFAULTS.images_per_call,
                       help="images per call in the batch scenario")
     load.add_argument("--mix-weights", default=DEFAULTS.mix_weights_text,
-                      help="relative weights of single,batch,kserve calls in the mix scenario")
+                      help="relative weights of single,batch,kserve calls in the mix scenario; "
+                           "a fourth weight mixes in rest calls (e.g. 6,3,1,2)")
     load.add_argument("--pool-size", type=int, default=DEFAULTS.pool_size,
                       help="MNIST test images screened at start; the ones the idle server gets right are sent")
     load.add_argument("--processes", type=int, default=None,
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         reports.mkdir(parents=True, exist_ok=True)
+        http_host = args.http_host
         if args.host:
             target = args.host
             check_reachable(target, args.connect_timeout)
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             server = start_own_server(args.model_repository, shlex.split(args.server_args),
                                       reports / f"{args.name}-server.log")
             target = server.target
+            http_host = f"127.0.0.1:{server.http_port}"
             print(f"{PROG}: mnist-serve on {target} (model repository {args.model_repository}; "
                   f"log {reports / (args.name + '-server.log')})", flush=True)
         print(f"{PROG}: {args.scenario} load, {args.users} users for {args.run_time}"
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                          html_path=reports / f"{args.name}.html",
                          log_path=reports / f"{args.name}.log", processes=args.processes,
                          images_per_call=args.images_per_call, mix_weights=args.mix_weights,
-                         extra=["--pool-size", str(args.pool_size)], stream=args.verbose)
+                         extra=["--pool-size", str(args.pool_size), *(["--http-host", http_host] if http_host else [])],
+                         stream=args.verbose)
     except LoadTestError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2

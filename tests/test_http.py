@@ -329,3 +329,20 @@ def test_mnist_predict_over_rest(server, mnist_path):
                               "--data-dir", str(mnist_path), "--batch-size", "65"],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "HTTP 400" in refused.stderr
+
+
+@pytest.mark.timeout(120)
+def test_locust_load_mixing_rest_and_grpc_has_no_failures(server, mnist_path, tmp_path):
+    from loadtest.locust_runner import read_stats_csv, rest_request_name
+
+    result = subprocess.run([sys.executable, "-m", "loadtest.run", "--host", server.target,
+                             "--http-host", f"127.0.0.1:{server.http_port}", "--scenario", "mix",
+                             "--mix-weights", "2,1,1,2", "--users", "4", "--spawn-rate", "4", "--run-time", "4s",
+                             "--pool-size", "500", "--reports-dir", str(tmp_path), "--name", "rest"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=100,
+                            env={**os.environ, "MNIST_DATA_DIR": str(mnist_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = read_stats_csv(tmp_path / "rest_stats.csv")
+    assert stats["Aggregated"].failures == 0
+    for name in (rest_request_name(), "KServe ModelInfer x1", "Classify x1"):
+        assert stats[name].requests > 0 and stats[name].failures == 0, name
