@@ -213,16 +213,15 @@ function show(probabilities, pixels) {
   status("");
 }
 
+// Back to an empty pad: no answer, empty bars, nothing seen.
 function reset() {
   clearPad();
+  if (state.model) show(state.model.class_names.map(() => 0), new Array(784).fill(0));
+  for (const row of $("bars").children) row.classList.remove("top");
   $("label").textContent = "–";
   $("label").dataset.label = "";
   $("confidence").textContent = "";
   $("truth").textContent = "";
-  if (state.model) show(state.model.class_names.map(() => 0), new Array(784).fill(0));
-  $("label").textContent = "–";
-  $("label").dataset.label = "";
-  $("confidence").textContent = "";
 }
 
 function status(message) { $("status").textContent = message; }
