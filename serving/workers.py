@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 from serving.config import ServeConfig
@@ -76,24 +77,51 @@ def _worker_main(config: ServeConfig, index: int) -> None:
     """A worker process: one complete server on the shared port, until SIGTERM/SIGINT."""
     import asyncio
 
+    # A SIGTERM can come while this worker still loads (the others already serve): remember it and
+    # drain once started, rather than dying with a signal status.
+    early_stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: early_stop.set())
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
     from core.repository import RepositoryError
     from serving.inference.runtime import DeviceUnavailable
-    from serving.server import serve
 
     try:
-        code = asyncio.run(serve(config))
+        code = asyncio.run(_serve_worker(config, early_stop))
     except (RepositoryError, DeviceUnavailable, OSError) as err:
         print(f"mnist-serve: error: worker {index}: {err}", file=sys.stderr)
         code = 1
     sys.exit(code)
 
 
+async def _serve_worker(config: ServeConfig, early_stop: threading.Event) -> int:
+    """serving.server.serve, with the signal handlers installed before the model loads."""
+    import asyncio
+
+    from serving.server import Server
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if early_stop.is_set():
+        stop.set()
+    server = Server(config)
+    await server.start()
+    await stop.wait()
+    await server.drain()
+    await server.stop()
+    return 0
+
+
 def run_workers(config: ServeConfig) -> int:
     """The parent: check the ports, start the workers, serve the summed metrics, forward signals."""
+    from core.repository import load_version
     from serving.server import PortInUse, ensure_port_free
 
+    # A missing model is one error line from here, not one per worker.
+    load_version(config.model_repository, config.model_name, config.model_version).verify_checksum()
     # Checked here, once: the workers bind with SO_REUSEPORT and would share a port another server holds.
     ensure_port_free(config.host, config.port, "--port")
     if config.http_port:
@@ -106,14 +134,17 @@ def run_workers(config: ServeConfig) -> int:
     workers: list[multiprocessing.Process] = []
     stopping = False
 
-    def forward(signum, _frame) -> None:
+    def stop_workers() -> None:
         nonlocal stopping
-        if not stopping:
-            log.info("%s: draining %d workers", signal.Signals(signum).name, len(workers))
         stopping = True
         for worker in workers:
             if worker.is_alive() and worker.pid is not None:
-                os.kill(worker.pid, signal.SIGTERM)
+                os.kill(worker.pid, signal.SIGTERM)  # each drains like a lone server
+
+    def forward(signum, _frame) -> None:
+        if not stopping:
+            log.info("%s: draining %d workers", signal.Signals(signum).name, len(workers))
+        stop_workers()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
@@ -135,7 +166,7 @@ def run_workers(config: ServeConfig) -> int:
         log.info("%d workers on %s:%d (SO_REUSEPORT), %d onnxruntime thread(s) each for large batches; "
                  "metrics on :%s", config.workers, config.host, config.port, config.intra_op_threads,
                  config.metrics_port or "off")
-        return _supervise(workers, lambda: stopping, forward)
+        return _supervise(workers, lambda: stopping, stop_workers)
     finally:
         if httpd is not None:
             httpd.shutdown()
@@ -156,11 +187,13 @@ def _supervise(workers: list[multiprocessing.Process], stopping, stop_all) -> in
                 continue
             running.remove(worker)
             multiprocess.mark_process_dead(worker.pid)  # its live gauges leave the sums
-            if worker.exitcode != 0:
+            # Killed by the forwarded SIGTERM before it could install its handler: it had served nothing.
+            stopped_early = stopping() and worker.exitcode == -signal.SIGTERM
+            if worker.exitcode != 0 and not stopped_early:
                 failed = True
                 if not stopping():
                     log.error("worker %s exited with status %s; stopping the others", worker.name, worker.exitcode)
-                    stop_all(signal.SIGTERM, None)
+                    stop_all()
         time.sleep(0.05)
     return 1 if failed else 0
 

@@ -345,7 +345,8 @@ def test_a_full_queue_answers_resource_exhausted_and_the_rest_are_served(trained
 
 def test_calls_that_expire_while_queued_are_dropped_not_computed(trained_repository, mnist_test_set, tmp_path):
     images, _ = mnist_test_set
-    with start_server(trained_repository, log_path=tmp_path / "server.log") as server:
+    # One worker: the heavy calls must fill the very queue the hasty ones wait in.
+    with start_server(trained_repository, "--workers", "1", log_path=tmp_path / "server.log") as server:
         def heavy(_):  # keeps the queue busy with 64-image batches
             with ClassifierClient(server.target, timeout=30) as c:
                 return sum(len(c.classify(images[:64]).labels) for _ in range(8))

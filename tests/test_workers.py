@@ -1,6 +1,9 @@
 """`--workers`: several real server processes on one port, one metrics endpoint, one clean drain."""
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -11,6 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from core.repository import load_version
 from serving.config import ServeConfig
 from serving.process import free_port
 from serving.workers import resolve
@@ -40,6 +44,14 @@ def wait_until_gone(pid: int, seconds: float = 10) -> bool:
     return False
 
 
+def wait_for_both_workers(server, seconds: float = 60) -> None:
+    """start_server returns when one worker answers SERVING; the other may still be loading."""
+    deadline = time.monotonic() + seconds
+    while server.log().count("serving model 'mnist'") < 2:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+
+
 def child_pids(pid: int) -> set[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as children:
         return {int(child) for child in children.read().split()}
@@ -51,6 +63,7 @@ def two_workers(trained_repository, tmp_path_factory):
 
     log = tmp_path_factory.mktemp("workers") / "server.log"
     server = start_server(trained_repository, "--workers", "2", log_path=log)
+    wait_for_both_workers(server)
     yield server
     server.stop()
 
@@ -80,7 +93,6 @@ def test_both_workers_serve_and_the_metrics_sum_over_them(two_workers, mnist_tes
     assert samples["mnist_queue_depth"] == 0
     log = two_workers.log()
     assert "2 workers on 127.0.0.1" in log
-    assert "[worker 0]: serving model 'mnist'" in log and "[worker 1]: serving model 'mnist'" in log
 
 
 def test_sigterm_drains_every_worker_and_exits_0(trained_repository, tmp_path, mnist_test_set):
@@ -89,6 +101,7 @@ def test_sigterm_drains_every_worker_and_exits_0(trained_repository, tmp_path, m
 
     server = start_server(trained_repository, "--workers", "2", "--metrics-port", "0",
                           log_path=tmp_path / "server.log")
+    wait_for_both_workers(server)
     workers = child_pids(server.proc.pid)
     with ClassifierClient(server.target) as client:
         assert client.infer_kserve(mnist_test_set[0][:4]).shape == (4, 10)
@@ -98,6 +111,20 @@ def test_sigterm_drains_every_worker_and_exits_0(trained_repository, tmp_path, m
     assert log.count("draining: NOT_SERVING") == 2 and "[worker 0]: stopped" in log and "[worker 1]: stopped" in log
     for pid in workers:  # no orphan left behind (the spawn resource tracker included)
         assert wait_until_gone(pid), f"process {pid} outlived the server"
+
+
+def test_sigterm_while_the_workers_load_still_exits_0(trained_repository, tmp_path):
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository),
+                                 "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0",
+                                 "--http-port", "0", "--workers", "2"], stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while "2 workers on" not in log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
 
 
 def test_a_taken_port_is_one_line_before_any_worker_starts(trained_repository):
@@ -115,15 +142,31 @@ def test_a_taken_port_is_one_line_before_any_worker_starts(trained_repository):
         "is another server running? choose another --port"]
 
 
-def test_workers_that_cannot_load_the_model_stop_the_server(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "--model-repository", str(tmp_path / "empty"),
-                             "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0",
-                             "--http-port", "0", "--workers", "2"],
-                            capture_output=True, text=True, timeout=60)
+def serve_and_fail(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving.cli", "--host", "127.0.0.1", "--port", str(free_port()),
+                           "--metrics-port", "0", "--http-port", "0", "--workers", "2", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_model_is_one_line_from_the_parent(tmp_path):
+    result = serve_and_fail("--model-repository", str(tmp_path / "empty"))
     assert result.returncode == 1
-    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert errors and all("Traceback" not in line for line in result.stderr.splitlines())
-    assert any(line.startswith("mnist-serve: error: worker ") for line in errors), result.stderr
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
+                                                   if line.startswith("mnist-serve: error: no versions of model")]
+
+
+def test_a_worker_that_fails_to_start_stops_the_server(trained_repository, tmp_path):
+    # A model that passes the repository's checks but that onnxruntime cannot load: only workers find out.
+    repository = tmp_path / "repo"
+    shutil.copytree(trained_repository / "mnist", repository / "mnist")
+    version = load_version(repository, "mnist")
+    version.model_path.write_bytes(b"not an onnx model")
+    record = json.loads((version.directory / "metadata.json").read_text())
+    record["model_sha256"] = hashlib.sha256(b"not an onnx model").hexdigest()
+    (version.directory / "metadata.json").write_text(json.dumps(record))
+    result = serve_and_fail("--model-repository", str(repository))
+    assert result.returncode == 1
+    assert "exited with status 1; stopping the others" in result.stderr
 
 
 def test_automatic_settings_fit_the_machine():
