@@ -11,6 +11,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# tritonclient and serving/generated/grpc_predict_v2_pb2 define the same `inference.*` protobuf
+# symbols, and whichever file registers first makes the other fail to import. ClassifierClient's
+# KServe calls use whichever is registered (the wire format is the same), so tritonclient's are
+# registered here, before any test can make the client load ours into this process.
+try:
+    import tritonclient.grpc  # noqa: F401
+except ImportError:  # tests that need it say so themselves
+    pass
+
 
 def mnist_dir() -> Path:
     configured = os.environ.get("MNIST_DATA_DIR")
