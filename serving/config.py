@@ -36,6 +36,15 @@ class ServeConfig:
     # its target and so reaches replicas that started after it). 0: connections live for ever.
     max_connection_age: float = 0.0
     max_connection_age_grace: float = 10.0  # calls in flight on an aged connection get this long to finish
+    # Hostile input (serving.inputs): decoded pixels per call, all encoded images together, read from
+    # their headers before decoding (one 4096x4096 image, or 64 of 512x512); threads that decode them.
+    max_decoded_pixels: int = 4096 * 4096
+    decode_threads: int = 2
+    # Transport security (serving.security): PEM files, re-read when they change; no cert: plaintext.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: mTLS, clients must present a certificate signed by it
+    auth_token_file: Path | None = None  # set: inference and model calls need "authorization: Bearer <token>"
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -56,6 +65,11 @@ class ServeConfig:
             (self.max_connection_age >= 0 and self.max_connection_age_grace >= 0,
              "--max-connection-age and --max-connection-age-grace cannot be negative"),
             (self.switch_interval_us >= 1, "--switch-interval-us must be at least 1"),
+            (self.max_decoded_pixels >= 784, "--max-decoded-pixels must be at least 784 (one 28x28 image)"),
+            (self.decode_threads >= 1, "--decode-threads must be at least 1"),
+            ((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together"),
+            (self.tls_client_ca is None or self.tls_cert is not None,
+             "--tls-client-ca (mTLS) needs --tls-cert and --tls-key"),
         ]
         for ok, message in checks:
             if not ok:
@@ -127,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--switch-interval-us", type=int, default=d.switch_interval_us,
                          help="Python's GIL switch interval: short lets the inference thread hand results back "
                               "without waiting out the event loop (Python's default is 5000)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-decoded-pixels", type=int, default=d.max_decoded_pixels,
+                        help="pixels the encoded images of one call may decode to, all together, checked from "
+                             "their headers before decoding (also Pillow's decompression-bomb limit)")
+    limits.add_argument("--decode-threads", type=int, default=d.decode_threads,
+                        help="threads that decode PNG/JPEG images off the event loop")
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, default=d.tls_cert,
+                          help="PEM certificate (chain) of the server: TLS on the gRPC and HTTP ports; "
+                               "re-read when the file changes")
+    security.add_argument("--tls-key", type=Path, default=d.tls_key, help="PEM private key of --tls-cert")
+    security.add_argument("--tls-client-ca", type=Path, default=d.tls_client_ca,
+                          help="PEM CA bundle: mutual TLS, every client must present a certificate it signed")
+    security.add_argument("--auth-token-file", type=Path, default=d.auth_token_file,
+                          help="file holding a bearer token that inference and model calls must carry "
+                               "(authorization: Bearer <token>); health and metrics stay open")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level)
     return parser
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from core.repository import ModelVersion, load_version
-from serving import metrics
+from serving import metrics, security
 from serving.config import ServeConfig
 from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from serving.generated import mnist_classifier_pb2, mnist_classifier_pb2_grpc
@@ -29,6 +29,8 @@ from serving.http_api.app import HttpServer, build_app
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.runtime import OnnxRuntimeSession, RuntimeOptions
 from serving.inference.served_model import ServedModel
+from serving.inputs.framing import set_pillow_limit
+from serving.inputs.pool import DecodePool
 
 log = logging.getLogger("mnist-serve")
 
@@ -92,6 +94,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._batcher: DynamicBatcher | None = None
+        self._decoder: DecodePool | None = None  # PNG/JPEG decoding off the event loop
         self._metrics_httpd = None
         self._http: HttpServer | None = None  # KServe v2 REST and the page, on this same event loop
         self._grace_deadline: float | None = None
@@ -110,6 +113,12 @@ class Server:
         # The inference thread needs the GIL back for a moment after every batch; under load the event
         # loop would otherwise keep it for up to 5 ms (Python's default), stalling the answers.
         sys.setswitchinterval(config.switch_interval_us / 1e6)
+        # TLS files and token first: a bad file is one clear line before anything loads.
+        tls = (security.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+               if config.tls_cert and config.tls_key else None)
+        credentials = security.server_credentials(tls) if tls else None
+        token = security.TokenFile(config.auth_token_file) if config.auth_token_file else None
+        set_pillow_limit(config.max_decoded_pixels)
         version = load_version(config.model_repository, config.model_name, config.model_version)
         sha = version.verify_checksum()
         runtime = OnnxRuntimeSession(str(version.model_path), RuntimeOptions(
@@ -134,8 +143,10 @@ class Server:
         self.version = version
         self.model = ServedModel(version, runtime.provider, config.max_batch_size, self._batcher)
 
-        self._grpc = grpc.aio.server(interceptors=server_interceptors(), options=channel_options(config))
-        mnist_classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.model), self._grpc)
+        self._decoder = DecodePool(config.decode_threads, config.max_decoded_pixels)
+        self._grpc = grpc.aio.server(interceptors=server_interceptors(token), options=channel_options(config))
+        mnist_classifier_pb2_grpc.add_ClassifierServicer_to_server(
+            ClassifierServicer(self.model, self._decoder), self._grpc)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.model, self.is_ready), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
@@ -143,7 +154,10 @@ class Server:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
         await self._set_readiness(Readiness.STARTING)
         try:
-            self._grpc.add_insecure_port(self.address)
+            if credentials is not None:
+                self._grpc.add_secure_port(self.address, credentials)
+            else:
+                self._grpc.add_insecure_port(self.address)
         except RuntimeError as err:
             raise PortInUse(f"cannot listen on {self.address} ({err}); "
                             "is another server running? choose --port") from err
@@ -188,6 +202,8 @@ class Server:
             await self._grpc.stop(self._grace_left())
         if self._http is not None:
             await self._http.stop()
+        if self._decoder is not None:
+            self._decoder.close()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()

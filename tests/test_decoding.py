@@ -398,7 +398,7 @@ def test_kserve_missing_or_misplaced_data() -> None:
         "contents.fp32_contents or raw_input_contents, or declare the datatype that matches"
     )
     assert kserve_error([1, 784], raw=bytes(3136), fp32=[0.0] * 784) == (
-        "input 'images' sets both raw_input_contents and contents; send the pixels in one of them"
+        "input 'images' sets both raw_input_contents and contents.fp32_contents; send the pixels in one of them"
     )
 
 

@@ -1,7 +1,8 @@
 """The project's own API, mnist.v1.Classifier: a thin servicer over the converters and the model.
 
 Errors are the model core's (UnknownModel, InvalidInput, QueueFull...); the interceptor in
-serving.grpc_api.status turns them into status codes.
+serving.grpc_api.status turns them into status codes. Encoded images are decoded off the event
+loop by the DecodePool (serving.inputs.pool), within its per-call pixel budget.
 """
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.grpc_api import converters
 from serving.inference.served_model import ServedModel
+from serving.inputs.pool import DecodePool
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, model: ServedModel) -> None:
+    def __init__(self, model: ServedModel, decoder: DecodePool | None = None) -> None:
         self.model = model
+        self.decoder = decoder or DecodePool()
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         self.model.check(request.model_name, request.model_version)
-        images = converters.classify_images(request, self.model.max_batch_size)
+        images = await self.decoder.classify_images(request.images, self.model.max_batch_size)
         probabilities = await self.model.predict(images, converters.deadline_of(context))
         return converters.classify_response(self.model, probabilities)
 

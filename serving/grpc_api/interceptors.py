@@ -5,8 +5,13 @@ import grpc
 
 from serving.grpc_api.status import DomainErrorInterceptor
 from serving.metrics import MetricsInterceptor
+from serving.security import TokenAuthInterceptor, TokenFile
 
 
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """Metrics outermost, so that it counts the status code the error mapping chose."""
-    return [MetricsInterceptor(), DomainErrorInterceptor()]
+def server_interceptors(token: TokenFile | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """Metrics outermost, so that it counts the status code the error mapping chose; the token check
+    (with --auth-token-file) innermost, so that its refusal is mapped and counted like any error."""
+    chain: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(), DomainErrorInterceptor()]
+    if token is not None:
+        chain.append(TokenAuthInterceptor(token))
+    return chain

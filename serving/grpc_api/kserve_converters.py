@@ -16,11 +16,14 @@ def infer_images(request: pb.ModelInferRequest, max_batch_size: int) -> np.ndarr
     check_kserve_request(len(request.inputs), len(request.raw_input_contents),
                          [requested.name for requested in request.outputs])
     tensor = request.inputs[0]
+    # The other typed fields by size only: any of them is an error, and len() copies nothing.
+    others = {field.name: len(values) for field, values in tensor.contents.ListFields()
+              if field.name not in ("fp32_contents", "uint_contents")}
     return decode_kserve_input(
-        name=tensor.name, datatype=tensor.datatype, shape=list(tensor.shape),
+        name=tensor.name, datatype=tensor.datatype, shape=tensor.shape,  # not list(): it may hold millions
         raw=request.raw_input_contents[0] if request.raw_input_contents else None,
         fp32_contents=tensor.contents.fp32_contents, uint_contents=tensor.contents.uint_contents,
-        max_batch_size=max_batch_size,
+        max_batch_size=max_batch_size, other_contents=others,
     )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from core.metadata import ModelMetadata
 from core.repository import ModelVersion
 from serving.inference.batcher import DynamicBatcher
-from serving.inference.errors import UnknownModel, UnknownVersion
+from serving.inference.errors import UnknownModel, UnknownVersion, quoted
 
 
 @dataclass
@@ -46,10 +46,10 @@ class ServedModel:
     def check(self, name: str, version: str) -> None:
         """Raise UnknownModel or UnknownVersion unless (name, version) means this model."""
         if name not in ("", self.name):
-            raise UnknownModel(f"unknown model '{name}'; this server serves '{self.name}'")
+            raise UnknownModel(f"unknown model {quoted(name)}; this server serves '{self.name}'")
         if version not in ("", self.version_label):
             raise UnknownVersion(
-                f"model '{self.name}' version '{version}' is not served; this server serves version "
+                f"model '{self.name}' version {quoted(version)} is not served; this server serves version "
                 f"{self.version_label} (leave the version empty for it)"
             )
 

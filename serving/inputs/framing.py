@@ -2,11 +2,17 @@
 
 Grayscale, transparency laid on white, dark-on-light inverted, then the ink cropped, scaled
 so its longer side is 20 px and centred by mass in the 28x28 field. Pure functions; the
-file's size is bounded before it is decoded. Raises InvalidInput saying what is wrong.
+file's size is bounded before it is decoded: each image's sides, and the pixels of all a call's
+images together (check_pixel_budget, from the headers alone). Raises InvalidInput saying what
+is wrong, in words of its own: Pillow's messages may hold object reprs ("<_io.BytesIO object at
+0x...>"), which tell the caller nothing.
 """
 from __future__ import annotations
 
 import io
+import re
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -20,11 +26,16 @@ from serving.inference.errors import InvalidInput
 _INK_BOX = 20
 _CENTRE = 14.0
 _MAX_ENCODED_SIDE = 4096  # larger files are refused before decoding: decompression bombs
+# Decoded pixels per call, all encoded images together (--max-decoded-pixels): one 4096x4096
+# image, or 64 of 512x512. Decoding that many takes about a second of one core and ~150 MB.
+DEFAULT_MAX_DECODED_PIXELS = _MAX_ENCODED_SIDE * _MAX_ENCODED_SIDE
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
 # After stretching the ink to [0, 1], fainter pixels are JPEG ringing or paper texture.
 _NOISE_FLOOR = 0.1
 # Less spread than this between background and the darkest ink means no digit at all.
 _MIN_CONTRAST = 0.1
 _ENCODED_FORMATS = ("PNG", "JPEG")
+T = TypeVar("T")
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
@@ -49,29 +60,89 @@ def decode_encoded_image(data: bytes) -> np.ndarray:
     return _fit_to_mnist_frame(gray).reshape(SIDE, SIDE, 1)
 
 
+def set_pillow_limit(max_decoded_pixels: int) -> None:
+    """Pillow's own decompression-bomb limit, from the server's per-call budget.
+
+    Pillow warns above Image.MAX_IMAGE_PIXELS and refuses above twice that; our budget check
+    comes first, so this is the second line of defence (and it covers code that opens images
+    without it).
+    """
+    Image.MAX_IMAGE_PIXELS = max_decoded_pixels
+
+
+def encoded_size(data: bytes) -> tuple[int, int]:
+    """An encoded image's (width, height) from its header alone; no pixel is decoded."""
+    _check_format(data)
+    size = _open_failure(data, lambda image: image.size)
+    if isinstance(size, InvalidInput):
+        raise size
+    _check_dimensions(size)
+    return size
+
+
+def check_pixel_budget(blobs: Sequence[bytes], max_decoded_pixels: int) -> None:
+    """Refuse a call whose encoded images would decode to more than `max_decoded_pixels` pixels."""
+    total = 0
+    for index, data in enumerate(blobs):
+        try:
+            width, height = encoded_size(data)
+        except InvalidInput as error:
+            # The image's own error; decode_classify_images would name it the same way.
+            raise InvalidInput(f"image {index}: {error}") from None
+        total += width * height
+    if total > max_decoded_pixels:
+        raise InvalidInput(
+            f"the request's encoded images hold {total:,} pixels once decoded; the limit is "
+            f"{max_decoded_pixels:,} per call (--max-decoded-pixels): send fewer or smaller images"
+        )
+
+
 def _read_grayscale(data: bytes) -> np.ndarray:
     """A PNG or JPEG file to a float32 [H, W] array in [0, 1], transparency laid on white."""
     _check_format(data)
+
+    def decode(image: Image.Image) -> np.ndarray:
+        _check_dimensions(image.size)
+        image.load()
+        return _to_grayscale(image)
+
+    result = _open_failure(data, decode)
+    if isinstance(result, InvalidInput):
+        raise result
+    return result
+
+
+def _open_failure(data: bytes, use: Callable[[Image.Image], T]) -> T | InvalidInput:
+    """`use(image)` on the opened file, or the InvalidInput that says why the file is bad.
+
+    The error is returned, not raised from inside the `except` block: the decoder's exception
+    and its traceback (which holds the file's bytes and half-decoded pixels) are dropped here,
+    at once, rather than chained to the caller's error and kept until the cyclic collector runs.
+    """
     try:
         with Image.open(io.BytesIO(data), formats=_ENCODED_FORMATS) as image:
-            _check_dimensions(image.size)
-            image.load()
-            return _to_grayscale(image)
-    except InvalidInput:
-        raise
+            return use(image)
+    except InvalidInput as error:
+        return InvalidInput(str(error))
     # Pillow refuses (or, where warnings are errors, warns about) huge headers before our own check.
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise InvalidInput(
-            f"encoded image is too large to decode safely ({error}); the limit is "
-            f"{_MAX_ENCODED_SIDE}x{_MAX_ENCODED_SIDE}: downscale it first"
-        ) from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return InvalidInput(
+            f"encoded image is too large to decode safely; the limit is "
+            f"{_MAX_ENCODED_SIDE}x{_MAX_ENCODED_SIDE} and {Image.MAX_IMAGE_PIXELS:,} pixels: downscale it first"
+        )
     # Decoders fail on hostile or broken files in many ways (OSError, SyntaxError,
     # zlib.error, struct.error...); all of them mean the client sent a bad file.
-    except Exception as error:
-        raise InvalidInput(
-            f"encoded bytes could not be decoded as {_sniff(data)} ({error}); "
+    except Exception as error:  # noqa: BLE001
+        return InvalidInput(
+            f"encoded bytes could not be decoded as {_sniff(data)} ({_describe(error)}); "
             "send a complete, uncorrupted PNG or JPEG file"
-        ) from error
+        )
+
+
+def _describe(error: Exception) -> str:
+    """A decoder's error in a few words, without object reprs ("<_io.BytesIO object at 0x...>")."""
+    text = _OBJECT_REPR.sub("", str(error)).strip() or type(error).__name__
+    return text if len(text) <= 120 else text[:120] + "…"
 
 
 def _sniff(data: bytes) -> str | None:

@@ -10,21 +10,22 @@ Encoded images are framed by serving.inputs.framing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from core.contract import IMAGE_SIDE as SIDE
 from core.contract import INPUT_NAME, KSERVE_DTYPES, OUTPUT_NAME, PIXELS, scale_pixels
-from serving.inference.errors import InvalidInput
-from serving.inputs.framing import decode_encoded_image
+from serving.inference.errors import InvalidInput, quoted, shown_dims
+from serving.inputs.framing import check_pixel_budget, decode_encoded_image
 
 if TYPE_CHECKING:
     from serving.generated import mnist_classifier_pb2
 
 _KSERVE_FIELDS = {"FP32": "contents.fp32_contents", "UINT8": "contents.uint_contents"}
 _KSERVE_FEATURE_SHAPES = ([SIDE, SIDE, 1], [SIDE, SIDE], [PIXELS])
+_MAX_DIMS = max(len(shape) for shape in _KSERVE_FEATURE_SHAPES) + 1
 
 
 def decode_raw_pixels(data: bytes) -> np.ndarray:
@@ -57,9 +58,28 @@ def decode_image(image: mnist_classifier_pb2.Image) -> np.ndarray:
     raise InvalidInput("the image carries no data; set one of raw_pixels, float_pixels or encoded")
 
 
-def decode_classify_images(images: Sequence[mnist_classifier_pb2.Image], max_batch_size: int) -> np.ndarray:
-    """A ClassifyRequest's images to a float32 batch [N, 28, 28, 1]."""
+def has_encoded(images: Sequence[mnist_classifier_pb2.Image]) -> bool:
+    """Whether any image is an encoded file (whose decoding is worth moving off the event loop)."""
+    return any(image.WhichOneof("data") == "encoded" for image in images)
+
+
+def check_classify_request(images: Sequence[mnist_classifier_pb2.Image], max_batch_size: int,
+                           max_decoded_pixels: int | None) -> None:
+    """The cheap checks of a ClassifyRequest, before any pixel is decoded: image count and pixel budget."""
     _check_batch_size(len(images), "the request", max_batch_size)
+    if max_decoded_pixels is not None:
+        check_pixel_budget([image.encoded for image in images if image.WhichOneof("data") == "encoded"],
+                           max_decoded_pixels)
+
+
+def decode_classify_images(images: Sequence[mnist_classifier_pb2.Image], max_batch_size: int,
+                           max_decoded_pixels: int | None = None) -> np.ndarray:
+    """A ClassifyRequest's images to a float32 batch [N, 28, 28, 1].
+
+    `max_decoded_pixels` bounds the pixels of the request's encoded images together, read from
+    their headers before any is decoded (None: the caller checked already).
+    """
+    check_classify_request(images, max_batch_size, max_decoded_pixels)
     raw = [image.raw_pixels for image in images if image.WhichOneof("data") == "raw_pixels"]
     if len(raw) == len(images) and all(len(pixels) == PIXELS for pixels in raw):
         # The common all-raw batch converts in one vectorised step (about 10x faster).
@@ -81,18 +101,23 @@ def decode_kserve_input(
     fp32_contents: Sequence[float],
     uint_contents: Sequence[int],
     max_batch_size: int,
+    other_contents: Mapping[str, int] | None = None,
 ) -> np.ndarray:
     """A KServe v2 input tensor to a float32 batch [N, 28, 28, 1].
 
     `raw` is the tensor's raw_input_contents entry; None or empty means the request
-    sent typed contents instead. Plain values, not messages, keep the KServe stubs out.
+    sent typed contents instead. `other_contents` counts the values in the tensor's other
+    typed fields (int_contents, bytes_contents...), by field name; this model reads none of
+    them. Plain values, not messages, keep the KServe stubs out. Everything is checked from
+    lengths before anything is copied: a shape of millions of dims costs nothing.
     """
     if name != INPUT_NAME:
-        raise InvalidInput(f"the input tensor is named {name!r}; this model's only input is named '{INPUT_NAME}'")
+        raise InvalidInput(f"the input tensor is named {quoted(name)}; this model's only input is named '{INPUT_NAME}'")
     if datatype not in KSERVE_DTYPES:
-        raise InvalidInput(f"input '{INPUT_NAME}' has datatype {datatype!r}; send FP32 (values in [0, 1]) or UINT8 (0..255)")
+        raise InvalidInput(f"input '{INPUT_NAME}' has datatype {quoted(datatype)}; "
+                           "send FP32 (values in [0, 1]) or UINT8 (0..255)")
     count = _kserve_batch_size(shape, max_batch_size)
-    flat = _kserve_elements(datatype, count, raw, fp32_contents, uint_contents)
+    flat = _kserve_elements(datatype, count, raw, fp32_contents, uint_contents, other_contents or {})
     if datatype == "UINT8":
         return scale_pixels(flat).reshape(count, SIDE, SIDE, 1)
     pixels = flat.astype(np.float32)  # a writable, native-endian copy of the request's bytes
@@ -108,9 +133,12 @@ def check_kserve_request(input_count: int, raw_count: int, requested_outputs: Se
     if raw_count and raw_count != input_count:
         raise InvalidInput(f"raw_input_contents has {raw_count} entries for "
                            f"{input_count} inputs; send one per input")
+    if len(requested_outputs) > 1:
+        raise InvalidInput(f"the request asks for {len(requested_outputs)} outputs; "
+                           f"this model has one, '{OUTPUT_NAME}'")
     for name in requested_outputs:
         if name != OUTPUT_NAME:
-            raise InvalidInput(f"unknown output '{name}'; this model's only output is '{OUTPUT_NAME}'")
+            raise InvalidInput(f"unknown output {quoted(name)}; this model's only output is '{OUTPUT_NAME}'")
 
 
 def _check_unit_floats(pixels: np.ndarray, field: str, where: Callable[[int], str], hint: str) -> None:
@@ -124,9 +152,14 @@ def _check_unit_floats(pixels: np.ndarray, field: str, where: Callable[[int], st
     if pixels.size and (pixels.min() < 0.0 or pixels.max() > 1.0):
         first = int(np.flatnonzero((pixels < 0.0) | (pixels > 1.0))[0])
         raise InvalidInput(
-            f"{field} holds {pixels[first]:g} at {where(first)}, outside [0, 1]; "
+            f"{field} holds {exact(pixels[first])} at {where(first)}, outside [0, 1]; "
             f"divide 0..255 pixels by 255 {hint}"
         )
+
+
+def exact(value: np.floating) -> str:
+    """A float32 as its shortest exact decimal: 1.0000001 stays 1.0000001 (`:g` would print 1)."""
+    return np.format_float_positional(value, unique=True, trim="-")
 
 
 def _batch_position(flat_index: int) -> str:
@@ -143,10 +176,11 @@ def _check_batch_size(count: int, holder: str, max_batch_size: int) -> None:
 
 
 def _kserve_batch_size(shape: Sequence[int], max_batch_size: int) -> int:
-    dims = [int(d) for d in shape]
+    # The dims count first: a shape of millions of dims is refused before it is copied or printed.
+    dims = [int(d) for d in shape] if len(shape) <= _MAX_DIMS else []
     if not dims or dims[1:] not in _KSERVE_FEATURE_SHAPES:
         raise InvalidInput(
-            f"input '{INPUT_NAME}' has shape {dims}; expected [N, 28, 28, 1] (or [N, 28, 28] or [N, 784])"
+            f"input '{INPUT_NAME}' has shape {shown_dims(shape)}; expected [N, 28, 28, 1] (or [N, 28, 28] or [N, 784])"
         )
     if dims[0] < 1:
         raise InvalidInput(f"input '{INPUT_NAME}' has batch size {dims[0]} (shape[0]); send at least one image")
@@ -155,15 +189,21 @@ def _kserve_batch_size(shape: Sequence[int], max_batch_size: int) -> int:
 
 
 def _kserve_elements(
-    datatype: str, count: int, raw: bytes | None, fp32_contents: Sequence[float], uint_contents: Sequence[int]
+    datatype: str, count: int, raw: bytes | None, fp32_contents: Sequence[float], uint_contents: Sequence[int],
+    other_contents: Mapping[str, int],
 ) -> np.ndarray:
     """The tensor's flat elements, from raw bytes or typed contents, checked for size."""
     expected = count * PIXELS
     dtype = KSERVE_DTYPES[datatype]
+    typed_fields = [f"contents.{field}" for field, size in
+                    (("fp32_contents", len(fp32_contents)), ("uint_contents", len(uint_contents)),
+                     *sorted(other_contents.items())) if size]
     if raw:
-        if len(fp32_contents) or len(uint_contents):
+        # The protocol forbids typed contents beside raw_input_contents, whatever their type.
+        if typed_fields:
             raise InvalidInput(
-                f"input '{INPUT_NAME}' sets both raw_input_contents and contents; send the pixels in one of them"
+                f"input '{INPUT_NAME}' sets both raw_input_contents and {', '.join(typed_fields)}; "
+                "send the pixels in one of them"
             )
         if len(raw) != expected * dtype.itemsize:
             raise InvalidInput(
@@ -172,14 +212,14 @@ def _kserve_elements(
             )
         return np.frombuffer(raw, dtype=dtype)
     field = _KSERVE_FIELDS[datatype]
-    typed, other = (fp32_contents, uint_contents) if datatype == "FP32" else (uint_contents, fp32_contents)
+    typed = fp32_contents if datatype == "FP32" else uint_contents
+    wrong = [name for name in typed_fields if name != field]
+    if wrong:
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' is {datatype} but its values are in {', '.join(wrong)}; put them in {field} "
+            "or raw_input_contents, or declare the datatype that matches"
+        )
     if not len(typed):
-        if len(other):
-            wrong = next(f for d, f in _KSERVE_FIELDS.items() if d != datatype)
-            raise InvalidInput(
-                f"input '{INPUT_NAME}' is {datatype} but its values are in {wrong}; put them in {field} "
-                "or raw_input_contents, or declare the datatype that matches"
-            )
         raise InvalidInput(f"input '{INPUT_NAME}' carries no data; send the pixels in raw_input_contents or {field}")
     if len(typed) != expected:
         raise InvalidInput(f"{field} holds {len(typed)} values; expected {expected} ({count} x 784)")
