@@ -12,8 +12,11 @@ ENV_PREFIX = "MNIST_SERVE_"
 @dataclass(frozen=True)
 class ServeConfig:
     model_repository: Path = Path("model_repository")
-    model_name: str = "mnist"
-    model_version: int | None = None  # None: the newest version in the repository
+    # The models to serve; () : every model in the repository (explicit mode: none until loaded).
+    model_names: tuple[str, ...] = ()
+    model_version: int | None = None  # serve exactly this version; None: each model's version_policy
+    model_control_mode: str = "poll"  # none | poll | explicit (Triton's names); see README "Model lifecycle"
+    repository_poll_secs: float = 5.0
     host: str = "0.0.0.0"
     port: int = 8500
     metrics_port: int = 9100  # 0 turns the Prometheus endpoint off
@@ -47,8 +50,21 @@ class ServeConfig:
     auth_token_file: Path | None = None  # set: inference and model calls need "authorization: Bearer <token>"
     log_level: str = "info"
 
+    @property
+    def model_name(self) -> str:
+        """The first model named (the one an empty model name means), or "" when all are served."""
+        return self.model_names[0] if self.model_names else ""
+
     def __post_init__(self) -> None:
+        if isinstance(self.model_names, str):  # from MNIST_SERVE_MODEL_NAMES=a,b
+            object.__setattr__(self, "model_names", tuple(n for n in self.model_names.split(",") if n))
+        object.__setattr__(self, "model_names", tuple(self.model_names))
         checks = [
+            (self.model_control_mode in ("none", "poll", "explicit"),
+             "--model-control-mode must be none, poll or explicit"),
+            (self.repository_poll_secs > 0, "--repository-poll-secs must be positive"),
+            (all(n and "/" not in n and not n.startswith(".") for n in self.model_names),
+             "--model-name must name a folder of the repository"),
             (self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, not '{self.device}'"),
             (self.graph_optimization in ("disable", "basic", "extended", "all"),
              "--graph-optimization must be disable, basic, extended or all"),
@@ -87,6 +103,16 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not '{text}'")
 
 
+class _AppendNames(argparse.Action):
+    """A repeatable flag whose default (e.g. from the environment) is replaced, not appended to."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = getattr(namespace, "_names_given", False)
+        names = list(getattr(namespace, self.dest)) if given else []
+        setattr(namespace, self.dest, [*names, values])
+        namespace._names_given = True
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnist-serve",
@@ -99,8 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = ServeConfig()
     model = parser.add_argument_group("model")
     model.add_argument("--model-repository", type=Path, default=d.model_repository)
-    model.add_argument("--model-name", default=d.model_name)
-    model.add_argument("--model-version", type=int, default=d.model_version, help="default: the newest")
+    model.add_argument("--model-name", dest="model_names", action=_AppendNames, default=d.model_names,
+                       help="a model to serve (repeatable); default: every model in the repository "
+                            "(with --model-control-mode explicit: the models loaded at start)")
+    model.add_argument("--model-version", type=int, default=d.model_version,
+                       help="serve exactly this version of each model; default: each model's version_policy "
+                            "in config.pbtxt (Triton's default: the newest)")
+    model.add_argument("--model-control-mode", choices=["none", "poll", "explicit"], default=d.model_control_mode,
+                       help="none: load at start only; poll: pick up new, changed and removed versions while "
+                            "serving; explicit: load and unload through Triton's RepositoryModelLoad/Unload")
+    model.add_argument("--repository-poll-secs", type=float, default=d.repository_poll_secs,
+                       help="seconds between two looks at the repository in poll mode")
     net = parser.add_argument_group("network")
     net.add_argument("--host", default=d.host)
     net.add_argument("--port", type=int, default=d.port)
@@ -175,4 +210,6 @@ def apply_environment(parser: argparse.ArgumentParser, environ: dict[str, str] |
 def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServeConfig:
     parser = build_parser()
     apply_environment(parser, environ)
-    return ServeConfig(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    values.pop("_names_given", None)
+    return ServeConfig(**values)

@@ -107,3 +107,23 @@ def _timed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
 
 def _code_name(code) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else str(code)
+
+
+class PrometheusLifecycleObserver:
+    """The model registry's observer: which versions serve, loads, refusals, and each version's batches."""
+
+    def batch_observer(self) -> PrometheusBatchObserver:
+        return PrometheusBatchObserver()
+
+    def version_loaded(self, name: str, version: int, provider: str) -> None:
+        MODEL.labels(name, str(version), provider).set(1)
+        VERSION_LOADS.labels(name).inc()
+
+    def version_unloaded(self, name: str, version: int, provider: str) -> None:
+        try:
+            MODEL.remove(name, str(version), provider)
+        except KeyError:
+            pass
+
+    def load_failed(self, name: str, reason: str) -> None:
+        LOAD_FAILURES.labels(name, reason).inc()

@@ -17,7 +17,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from core.repository import ModelVersion, load_version
 from serving import metrics, security
 from serving.config import ServeConfig
 from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
@@ -26,9 +25,9 @@ from serving.grpc_api.classifier import ClassifierServicer
 from serving.grpc_api.kserve import KServeServicer
 from serving.grpc_api.interceptors import server_interceptors
 from serving.http_api.app import HttpServer, build_app
-from serving.inference.batcher import DynamicBatcher
-from serving.inference.runtime import OnnxRuntimeSession, RuntimeOptions
-from serving.inference.served_model import ServedModel
+from serving.inference.poller import RepositoryPoller
+from serving.inference.registry import ModelRegistry, RegistryOptions
+from serving.inference.runtime import RuntimeOptions
 from serving.inputs.framing import set_pillow_limit
 from serving.inputs.pool import DecodePool
 
@@ -89,11 +88,11 @@ class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.readiness = Readiness.STARTING
-        self.version: ModelVersion | None = None
-        self.model: ServedModel | None = None
+        self.registry: ModelRegistry | None = None  # models -> versions -> ServedModel
+        self.model: ModelRegistry | None = None  # what the APIs look a call's (model, version) up in
+        self._poller: RepositoryPoller | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._batcher: DynamicBatcher | None = None
         self._decoder: DecodePool | None = None  # PNG/JPEG decoding off the event loop
         self._metrics_httpd = None
         self._http: HttpServer | None = None  # KServe v2 REST and the page, on this same event loop
@@ -107,7 +106,7 @@ class Server:
         return self.readiness is Readiness.SERVING
 
     async def start(self) -> None:
-        """Load and check the model, bind the ports, warm up, then report SERVING."""
+        """Load, check and warm up the models, bind the ports, then report SERVING (and poll, in poll mode)."""
         config = self.config
         log.info("configuration: %s", config.describe())
         # The inference thread needs the GIL back for a moment after every batch; under load the event
@@ -119,14 +118,8 @@ class Server:
         credentials = security.server_credentials(tls) if tls else None
         token = security.TokenFile(config.auth_token_file) if config.auth_token_file else None
         set_pillow_limit(config.max_decoded_pixels)
-        version = load_version(config.model_repository, config.model_name, config.model_version)
-        sha = version.verify_checksum()
-        runtime = OnnxRuntimeSession(str(version.model_path), RuntimeOptions(
-            device=config.device, intra_op_threads=config.intra_op_threads,
-            inter_op_threads=config.inter_op_threads, graph_optimization=config.graph_optimization,
-            warmup_runs=config.warmup_runs, max_batch_size=config.max_batch_size,
-            allow_spinning=config.allow_spinning, multi_thread_min_batch=config.multi_thread_min_batch,
-        ))
+        self.registry = ModelRegistry(registry_options(config), metrics.PrometheusLifecycleObserver())
+        await self.registry.start()  # every model passes its checks and warms up, or one clear error
         # Ports are checked before gRPC binds, so a taken port is one clear line, not gRPC's own log.
         if config.workers <= 1:  # with --workers, the parent checked it and the siblings hold it now
             ensure_port_free(config.host, config.port, "--port")
@@ -138,10 +131,8 @@ class Server:
             except OSError as err:
                 raise PortInUse(f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
                                 f"choose another --metrics-port, or 0 to turn metrics off") from err
-        self._batcher = DynamicBatcher(runtime.run, config.max_batch_size, config.max_queue_delay_us / 1e6,
-                                       config.max_queue_size, metrics.PrometheusBatchObserver())
-        self.version = version
-        self.model = ServedModel(version, runtime.provider, config.max_batch_size, self._batcher)
+        # What every API serves from: a call's (model, version) looked up in the registry.
+        self.model = self.registry
 
         self._decoder = DecodePool(config.decode_threads, config.max_decoded_pixels)
         self._grpc = grpc.aio.server(interceptors=server_interceptors(token), options=channel_options(config))
@@ -166,14 +157,13 @@ class Server:
             self._http = HttpServer(build_app(self.model, self.is_ready, config.max_message_bytes),
                                     config.host, config.http_port, config.grace_period)
             await self._http.start()
-        metrics.MODEL.labels(version.name, str(version.version), runtime.provider).set(1)
-
-        await asyncio.get_running_loop().run_in_executor(None, runtime.warm_up)
-        self._batcher.start()
         await self._set_readiness(Readiness.SERVING)
-        log.info("serving model '%s' version %d (sha256 %s…, %s) on %s; HTTP on :%s; metrics on :%s",
-                 version.name, version.version, sha[:12], runtime.provider, self.address,
-                 config.http_port or "off", config.metrics_port or "off")
+        if config.model_control_mode == "poll":
+            self._poller = RepositoryPoller(self.registry, config.repository_poll_secs)
+            self._poller.start()
+        served = ", ".join(f"{m.name} {m.version_label}" for m in self.registry.served()) or "none yet"
+        log.info("serving %s (model control %s) on %s; HTTP on :%s; metrics on :%s", served,
+                 config.model_control_mode, self.address, config.http_port or "off", config.metrics_port or "off")
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new predictions, finish accepted ones (within --grace-period).
@@ -187,9 +177,11 @@ class Server:
         log.info("draining: NOT_SERVING, refusing new calls, finishing accepted ones (grace %.1f s)",
                  self.config.grace_period)
         await self._set_readiness(Readiness.DRAINING)
-        if self._batcher is not None:
+        if self._poller is not None:
+            await self._poller.stop()  # no version comes or goes while draining
+        if self.registry is not None:
             try:
-                await asyncio.wait_for(self._batcher.close(), timeout=self._grace_left())
+                await asyncio.wait_for(self.registry.close(), timeout=self._grace_left())
             except asyncio.TimeoutError:
                 log.warning("grace period over with calls still queued: they are cancelled")
         await asyncio.sleep(min(REFUSAL_WINDOW, self._grace_left()))
@@ -223,6 +215,20 @@ class Server:
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, status)
+
+
+def registry_options(config: ServeConfig) -> RegistryOptions:
+    return RegistryOptions(
+        repository=config.model_repository, model_names=config.model_names, pinned_version=config.model_version,
+        control_mode=config.model_control_mode, max_batch_size=config.max_batch_size,
+        max_queue_delay=config.max_queue_delay_us / 1e6, max_queue_size=config.max_queue_size,
+        runtime=RuntimeOptions(
+            device=config.device, intra_op_threads=config.intra_op_threads,
+            inter_op_threads=config.inter_op_threads, graph_optimization=config.graph_optimization,
+            warmup_runs=config.warmup_runs, max_batch_size=config.max_batch_size,
+            allow_spinning=config.allow_spinning, multi_thread_min_batch=config.multi_thread_min_batch,
+        ),
+    )
 
 
 async def serve(config: ServeConfig) -> int:

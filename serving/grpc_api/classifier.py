@@ -11,22 +11,23 @@ import grpc
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.grpc_api import converters
-from serving.inference.served_model import ServedModel
+from serving.inference.served_model import ModelLookup
 from serving.inputs.pool import DecodePool
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, model: ServedModel, decoder: DecodePool | None = None) -> None:
+    def __init__(self, model: ModelLookup, decoder: DecodePool | None = None) -> None:
         self.model = model
         self.decoder = decoder or DecodePool()
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        self.model.check(request.model_name, request.model_version)
+        # The version is chosen once, here; the answer names it (a retired version still finishes this call).
+        model = self.model.resolve(request.model_name, request.model_version)
         images = await self.decoder.classify_images(request.images, self.model.max_batch_size)
-        probabilities = await self.model.predict(images, converters.deadline_of(context))
-        return converters.classify_response(self.model, probabilities)
+        probabilities = await model.predict(images, converters.deadline_of(context))
+        return converters.classify_response(model, probabilities)
 
     async def DescribeModel(self, request: pb.DescribeModelRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelDescription:
-        self.model.check(request.model_name, request.model_version)
-        return converters.model_description(self.model)
+        model = self.model.resolve(request.model_name, request.model_version)
+        return converters.model_description(model, self.model.ready_versions(model.name))

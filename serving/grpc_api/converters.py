@@ -43,12 +43,13 @@ def classify_response(model: ServedModel, probabilities: np.ndarray) -> pb.Class
     )
 
 
-def model_description(model: ServedModel) -> pb.ModelDescription:
+def model_description(model: ServedModel, versions: list[int] | None = None) -> pb.ModelDescription:
+    """The version's description; `versions`: every ready version of the model (default: this one)."""
     meta = model.metadata
     return pb.ModelDescription(
         model_name=model.name,
         model_version=model.version_label,
-        available_versions=[model.version_label],
+        available_versions=[str(v) for v in versions] if versions else [model.version_label],
         class_names=model.class_names,
         input_name=contract.INPUT_NAME,
         input_shape=contract.input_shape(),

@@ -1,7 +1,9 @@
-"""The Open Inference Protocol (KServe v2) gRPC API, as Triton, KServe and MLServer speak it.
+"""The Open Inference Protocol (KServe v2) gRPC API, as Triton, KServe and MLServer speak it,
+with Triton's extensions: ModelConfig, ModelStatistics, RepositoryIndex, RepositoryModelLoad/Unload.
 
-A thin servicer: readiness comes from the Server, conversions from kserve_converters, and the
-model core's errors become status codes in serving.grpc_api.status.
+A thin servicer: readiness comes from the Server, each call's (model, version) from the model
+lookup (the registry: models -> versions), conversions from kserve_converters and triton, and
+the model core's errors become status codes in serving.grpc_api.status.
 """
 from __future__ import annotations
 
@@ -11,13 +13,16 @@ from serving import __version__
 from serving.generated import grpc_predict_v2_pb2 as pb
 from serving.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from serving.grpc_api import kserve_converters as convert
+from serving.grpc_api import triton
 from serving.grpc_api.converters import deadline_of
-from serving.inference.served_model import ServedModel
+from serving.inference.errors import ModelControlDisabled
+from serving.inference.registry import ModelRegistry
+from serving.inference.served_model import ModelLookup
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, model: ServedModel, is_ready: Callable[[], bool]) -> None:
-        self.model = model
+    def __init__(self, model: ModelLookup, is_ready: Callable[[], bool]) -> None:
+        self.model = model  # the registry; a lone ServedModel in in-process tests
         self._is_ready = is_ready  # the Server's readiness: False while loading and while draining
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
@@ -27,17 +32,48 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._is_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._is_ready() and self.model.serves(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self._is_ready() and self.model.is_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="mnist-serve", version=__version__, extensions=[])
+        extensions = triton.EXTENSIONS if isinstance(self.model, ModelRegistry) else []
+        return pb.ServerMetadataResponse(name="mnist-serve", version=__version__, extensions=extensions)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
-        self.model.check(request.name, request.version)
-        return convert.model_metadata(self.model)
+        model = self.model.resolve(request.name, request.version)
+        return convert.model_metadata(model, self.model.ready_versions(model.name))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        self.model.check(request.model_name, request.model_version)
-        images = convert.infer_images(request, self.model.max_batch_size)
-        probabilities = await self.model.predict(images, deadline_of(context))
-        return convert.infer_response(request, self.model, probabilities)
+        # Looked up and queued with no await between: the call finishes on the version it found.
+        model = self.model.resolve(request.model_name, request.model_version)
+        images = convert.infer_images(request, model.max_batch_size)
+        probabilities = await model.predict(images, deadline_of(context))
+        return convert.infer_response(request, model, probabilities)
+
+    # ---- Triton's extensions ----
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
+        registry = self._registry("model configuration")
+        registry.resolve(request.name, request.version)
+        return pb.ModelConfigResponse(config=registry.config(request.name))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
+        models = self._registry("statistics").statistics(request.name, request.version)
+        return pb.ModelStatisticsResponse(model_stats=[triton.model_statistics(m) for m in models])
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        return triton.repository_index(self._registry("repository").index(ready_only=request.ready))
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context) -> pb.RepositoryModelLoadResponse:
+        await self._registry("repository").load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context) -> pb.RepositoryModelUnloadResponse:
+        await self._registry("repository").unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _registry(self, extension: str) -> ModelRegistry:
+        if not isinstance(self.model, ModelRegistry):
+            raise ModelControlDisabled(f"this server has no model repository, so no {extension} extension")
+        return self.model

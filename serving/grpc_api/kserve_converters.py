@@ -41,11 +41,12 @@ def infer_response(request: pb.ModelInferRequest, model: ServedModel,
     return response
 
 
-def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
+def model_metadata(model: ServedModel, versions: list[int] | None = None) -> pb.ModelMetadataResponse:
+    """The model's tensors; `versions`: every ready version of it (default: this one)."""
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=model.name,
-        versions=[model.version_label],
+        versions=[str(v) for v in versions] if versions else [model.version_label],
         platform=PLATFORM,
         inputs=[tensor(name=contract.INPUT_NAME, datatype=contract.INPUT_DATATYPE, shape=contract.input_shape())],
         outputs=[tensor(name=contract.OUTPUT_NAME, datatype=contract.OUTPUT_DATATYPE,

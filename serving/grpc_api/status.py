@@ -22,6 +22,8 @@ import grpc
 from serving.inference.errors import (
     DeadlinePassed,
     InvalidInput,
+    ModelControlDisabled,
+    ModelLoadFailed,
     QueueFull,
     ServingError,
     ShuttingDown,
@@ -37,6 +39,8 @@ GRPC_STATUS: dict[type[ServingError], grpc.StatusCode] = {
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,  # retry with backoff
     DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,  # clients retry on another replica
+    ModelControlDisabled: grpc.StatusCode.UNAVAILABLE,  # Triton's code for load/unload outside explicit mode
+    ModelLoadFailed: grpc.StatusCode.INTERNAL,  # Triton's code for a model that fails to load
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 

@@ -20,7 +20,7 @@ from serving import __version__, metrics
 from serving.http_api import codec, page
 from serving.http_api.status import status_for
 from serving.inference.errors import ServingError
-from serving.inference.served_model import ServedModel
+from serving.inference.served_model import ModelLookup
 
 log = logging.getLogger("mnist-serve")
 
@@ -83,8 +83,8 @@ def _refusal_message(request: web.Request, error: web.HTTPException) -> str:
 class KServeRoutes:
     """The Open Inference Protocol's REST endpoints over one served model."""
 
-    def __init__(self, model: ServedModel, is_ready: Callable[[], bool]) -> None:
-        self.model = model
+    def __init__(self, model: ModelLookup, is_ready: Callable[[], bool]) -> None:
+        self.model = model  # the registry: each call's (model, version) is looked up in it
         self._is_ready = is_ready  # the Server's readiness: False while loading and while draining
 
     def add_to(self, router: web.UrlDispatcher) -> None:
@@ -107,21 +107,23 @@ class KServeRoutes:
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         name, version = _model_and_version(request)
-        self.model.check(name, version)
-        return json_response(codec.model_metadata(self.model.name, self.model.version_label,
-                                                  len(self.model.class_names)))
+        model = self.model.resolve(name, version)
+        return json_response(codec.model_metadata(model.name, model.version_label, len(model.class_names)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        ready = self._is_ready() and self.model.serves(*_model_and_version(request))
+        ready = self._is_ready() and self.model.is_ready(*_model_and_version(request))
         return web.Response(status=200 if ready else NOT_READY)
 
     async def infer(self, request: web.Request) -> web.Response:
-        self.model.check(*_model_and_version(request))
+        self.model.resolve(*_model_and_version(request))  # an unknown model is refused before its body is read
         body = await request.read()
         parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH), self.model.max_batch_size)
         deadline = None if parsed.timeout_s is None else time.monotonic() + parsed.timeout_s
-        probabilities = await self.model.predict(parsed.images, deadline)
-        answer, headers = codec.infer_response(parsed, self.model.name, self.model.version_label, probabilities)
+        # Chosen again once the body is in, and queued with no await between: the answer names the version
+        # that computed it, also when a new version took over while the body was arriving.
+        model = self.model.resolve(*_model_and_version(request))
+        probabilities = await model.predict(parsed.images, deadline)
+        answer, headers = codec.infer_response(parsed, model.name, model.version_label, probabilities)
         return web.Response(body=answer, headers=headers)
 
 
@@ -129,7 +131,7 @@ def _model_and_version(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
 
 
-def build_app(model: ServedModel, is_ready: Callable[[], bool], max_body_bytes: int) -> web.Application:
+def build_app(model: ModelLookup, is_ready: Callable[[], bool], max_body_bytes: int) -> web.Application:
     """The aiohttp application: KServe v2 under /v2, the drawing page at / (serving.http_api.page)."""
     app = web.Application(middlewares=[count_calls, answer_errors], client_max_size=max_body_bytes)
     app["max_body_bytes"] = max_body_bytes

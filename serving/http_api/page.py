@@ -18,7 +18,7 @@ import numpy as np
 from aiohttp import web
 
 from serving.http_api import codec
-from serving.inference.served_model import ServedModel
+from serving.inference.served_model import ModelLookup
 from serving.inputs.framing import decode_encoded_image
 
 STATIC = Path(__file__).parent / "static"
@@ -30,8 +30,8 @@ SECURITY_HEADERS = {
 
 
 class PageRoutes:
-    def __init__(self, model: ServedModel) -> None:
-        self.model = model
+    def __init__(self, model: ModelLookup) -> None:
+        self.model = model  # the page shows and uses the default model's newest ready version
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_get("/", self.index)
@@ -43,7 +43,7 @@ class PageRoutes:
         return web.FileResponse(STATIC / "index.html", headers=SECURITY_HEADERS)
 
     async def describe(self, request: web.Request) -> web.Response:
-        model = self.model
+        model = self.model.resolve("", "")
         return web.Response(body=codec.dumps({
             "model_name": model.name,
             "model_version": model.version_label,
@@ -57,14 +57,15 @@ class PageRoutes:
         encoded = await request.read()
         # Decoding and framing an image costs milliseconds: off the event loop, as gRPC calls wait there.
         image = await asyncio.get_running_loop().run_in_executor(None, decode_encoded_image, encoded)
-        probabilities = (await self.model.predict(image[np.newaxis]))[0]
+        model = self.model.resolve("", "")
+        probabilities = (await model.predict(image[np.newaxis]))[0]
         label = int(probabilities.argmax())
         framed = np.round(image.reshape(-1) * 255.0).astype(np.uint8)
         return web.Response(body=codec.dumps({
-            "model_name": self.model.name,
-            "model_version": self.model.version_label,
+            "model_name": model.name,
+            "model_version": model.version_label,
             "label": label,
-            "class_name": self.model.class_names[label],
+            "class_name": model.class_names[label],
             "confidence": float(probabilities[label]),
             "probabilities": probabilities,
             "framed": framed,  # the 28x28 pixels the model saw, 0..255, row-major

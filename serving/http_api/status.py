@@ -10,6 +10,8 @@ from __future__ import annotations
 from serving.inference.errors import (
     DeadlinePassed,
     InvalidInput,
+    ModelControlDisabled,
+    ModelLoadFailed,
     QueueFull,
     ServingError,
     ShuttingDown,
@@ -24,6 +26,8 @@ HTTP_STATUS: dict[type[ServingError], int] = {
     QueueFull: 429,  # Too Many Requests: retry with backoff
     DeadlinePassed: 504,  # the request's own timeout passed while it was queued
     ShuttingDown: 503,  # Service Unavailable: clients retry on another replica
+    ModelControlDisabled: 503,  # Triton's answer to load/unload outside explicit mode
+    ModelLoadFailed: 500,
 }
 
 

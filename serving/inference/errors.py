@@ -73,3 +73,11 @@ class ShuttingDown(ServingError):
 
 class Unauthenticated(ServingError):
     """The call carries no bearer token, or the wrong one (--auth-token-file)."""
+
+
+class ModelControlDisabled(ServingError):
+    """A load or unload request while --model-control-mode is not `explicit`."""
+
+
+class ModelLoadFailed(ServingError):
+    """An explicit load request whose model has no version that passes the checks."""

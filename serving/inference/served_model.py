@@ -6,14 +6,31 @@ its request.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from core.metadata import ModelMetadata
 from core.repository import ModelVersion
 from serving.inference.batcher import DynamicBatcher
+from serving.inference.stats import InferenceStats
 from serving.inference.errors import UnknownModel, UnknownVersion, quoted
+
+
+class ModelLookup(Protocol):
+    """What the APIs serve from: a call's (model, version) to the ServedModel that computes it.
+
+    serving.inference.registry.ModelRegistry is the server's; a lone ServedModel is one too.
+    Empty name: the default model; empty version: the newest ready one.
+    """
+
+    max_batch_size: int
+
+    def resolve(self, name: str, version: str) -> ServedModel: ...
+    def is_ready(self, name: str, version: str) -> bool: ...
+    def ready_versions(self, name: str) -> list[int]: ...
 
 
 @dataclass
@@ -22,6 +39,7 @@ class ServedModel:
     provider: str
     max_batch_size: int
     batcher: DynamicBatcher
+    stats: InferenceStats = field(default_factory=InferenceStats)  # Triton's ModelStatistics
 
     @property
     def name(self) -> str:
@@ -53,10 +71,28 @@ class ServedModel:
                 f"{self.version_label} (leave the version empty for it)"
             )
 
+    # A lone ServedModel is also a ModelLookup, so the APIs can serve a model built by hand (in-process tests).
+    def resolve(self, name: str, version: str) -> ServedModel:
+        self.check(name, version)
+        return self
+
+    def is_ready(self, name: str, version: str) -> bool:
+        return self.serves(name, version)
+
+    def ready_versions(self, name: str) -> list[int]:
+        return [self.version.version] if name in ("", self.name) else []
+
     async def predict(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Probabilities [N, classes] for `images` [N, 28, 28, 1] through the batcher.
 
         `deadline` is a time.monotonic() instant after which the answer is useless (None: no
         deadline). Raises QueueFull, DeadlinePassed or ShuttingDown.
         """
-        return await self.batcher.submit(images, deadline)
+        started = time.perf_counter()
+        try:
+            probabilities = await self.batcher.submit(images, deadline)
+        except Exception:  # queue full, deadline, draining: a failed request in the statistics
+            self.stats.request_done(time.perf_counter() - started, ok=False)
+            raise
+        self.stats.request_done(time.perf_counter() - started, ok=True)
+        return probabilities

@@ -1,0 +1,433 @@
+"""The model registry: every served model, each with its ready versions, each version with its own batcher.
+
+    models -> versions -> ServedModel (onnxruntime session + DynamicBatcher + statistics)
+
+Lookups (`resolve`, `is_ready`, ...) are plain functions on the event loop: a call looks its
+version up and queues its images on that version's batcher without an await in between, so a
+call that was accepted always finishes on the version that accepted it.
+
+`sync()` brings the served versions in line with the repository and each model's
+version_policy (serving.inference.version_policy): a version passes the checks of
+serving.inference.loader in a worker thread while the old ones keep serving, then the new set
+of versions replaces the old in one assignment. Versions that leave the set are retired: no new
+call reaches them, and after `retire_delay` (for calls that looked them up and have not queued
+yet, e.g. while reading an HTTP body) their batcher finishes what is queued and closes.
+
+A version that fails its checks is refused: one log line, the failure metric, and it is not
+tried again until its files change (then at the next sync). Model control (Triton's modes):
+`none` syncs once at start, `poll` syncs every --repository-poll-secs (serving.inference.poller),
+`explicit` syncs the models that load()/unload() name.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+
+from core.repository import RepositoryError, list_versions
+from serving.inference.batcher import BatchObserver, DynamicBatcher
+from serving.inference.errors import (
+    ModelControlDisabled,
+    ModelLoadFailed,
+    ServingError,
+    UnknownModel,
+    UnknownVersion,
+)
+from serving.inference.loader import LoadFailure, OpenedVersion, fingerprint, open_version
+from serving.inference.model_config import ConfigError, ModelConfig, read_model_config, version_policy
+from serving.inference.runtime import RuntimeOptions
+from serving.inference.served_model import ServedModel
+from serving.inference.stats import InferenceStats
+from serving.inference.version_policy import VersionPolicy
+
+log = logging.getLogger("mnist-serve")
+
+CONTROL_MODES = ("none", "poll", "explicit")
+DEFAULT_MODEL = "mnist"  # what an empty model name means when the server serves it
+
+
+class LifecycleObserver(Protocol):
+    """Where the registry reports loads, unloads and refusals (the server plugs Prometheus in)."""
+
+    def batch_observer(self) -> BatchObserver: ...
+    def version_loaded(self, name: str, version: int, provider: str) -> None: ...
+    def version_unloaded(self, name: str, version: int, provider: str) -> None: ...
+    def load_failed(self, name: str, reason: str) -> None: ...
+
+
+class _NoLifecycleObserver:
+    def batch_observer(self) -> BatchObserver | None:
+        return None
+
+    def version_loaded(self, name: str, version: int, provider: str) -> None: ...
+    def version_unloaded(self, name: str, version: int, provider: str) -> None: ...
+    def load_failed(self, name: str, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    repository: Path
+    model_names: tuple[str, ...] = ()  # () : every model in the repository (explicit mode: none at start)
+    pinned_version: int | None = None  # --model-version: serve exactly this version of each model
+    control_mode: str = "poll"
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    max_batch_size: int = 64
+    max_queue_delay: float = 0.0
+    max_queue_size: int = 1024
+    retire_delay: float = 1.0  # seconds a retired version still accepts calls that looked it up
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One line of Triton's RepositoryIndex."""
+
+    name: str
+    version: str
+    state: str  # READY | UNAVAILABLE | "" (never loaded)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    fingerprint: tuple
+    reason: str
+    message: str
+
+
+class _VersionObserver:
+    """Forwards the batcher's reports to the server's observer and feeds the version's statistics."""
+
+    def __init__(self, stats: InferenceStats, outer: BatchObserver | None) -> None:
+        self.stats = stats
+        self.outer = outer
+        self.requests_in_batch = 1
+
+    def batch_started(self, images: int, requests: int, waits: list[float]) -> None:
+        self.requests_in_batch = requests
+        self.stats.queued(waits)
+        if self.outer:
+            self.outer.batch_started(images, requests, waits)
+
+    def batch_finished(self, images: int, seconds: float) -> None:
+        if self.outer:
+            self.outer.batch_finished(images, seconds)
+
+    def request_dropped(self, reason: str) -> None:
+        if self.outer:
+            self.outer.request_dropped(reason)
+
+    def queue_depth(self, requests: int) -> None:
+        if self.outer:
+            self.outer.queue_depth(requests)
+
+
+def _timed_infer(run: Callable[[np.ndarray], np.ndarray], observer: _VersionObserver,
+                 stats: InferenceStats) -> Callable[[np.ndarray], np.ndarray]:
+    """The batcher's infer function, timing Triton's compute_input / compute_infer / compute_output."""
+
+    def infer(images: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        tensor = np.ascontiguousarray(images, dtype=np.float32)  # the input tensor onnxruntime reads
+        ready = time.perf_counter()
+        outputs = run(tensor)
+        computed = time.perf_counter()
+        outputs = np.asarray(outputs, dtype=np.float32)  # the outputs, as the batcher hands them back
+        done = time.perf_counter()
+        stats.batch_computed(len(images), observer.requests_in_batch, ready - started, computed - ready, done - computed)
+        return outputs
+
+    return infer
+
+
+def list_models(repository: Path) -> list[str]:
+    """Model folders in the repository: not hidden, holding a config.pbtxt or a version folder."""
+    repository = Path(repository)
+    if not repository.is_dir():
+        return []
+    return sorted(p.name for p in repository.iterdir()
+                  if p.is_dir() and not p.name.startswith(".")
+                  and ((p / "config.pbtxt").is_file() or any(c.name.isdigit() for c in p.iterdir() if c.is_dir())))
+
+
+class ModelRegistry:
+    def __init__(self, options: RegistryOptions, observer: LifecycleObserver | None = None) -> None:
+        if options.control_mode not in CONTROL_MODES:
+            raise ValueError(f"model control mode must be one of {', '.join(CONTROL_MODES)}")
+        self.options = options
+        self._observer = observer or _NoLifecycleObserver()
+        # name -> version -> ServedModel. Replaced as a whole on every change, never edited in place.
+        self._served: dict[str, dict[int, ServedModel]] = {}
+        self._configs: dict[str, ModelConfig] = {}
+        self._explicit: set[str] = set(options.model_names)  # explicit mode: the models asked for
+        self._refused: dict[tuple[str, int], _Refusal] = {}
+        self._config_refused: dict[str, tuple] = {}
+        self._retiring: set[asyncio.Task] = set()
+        self._lock = asyncio.Lock()
+
+    # ---- lookups: plain functions, called by every API on the event loop ----
+
+    @property
+    def repository(self) -> Path:
+        return Path(self.options.repository)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.options.max_batch_size
+
+    def model_names(self) -> list[str]:
+        """The models with at least one ready version."""
+        return sorted(name for name, versions in self._served.items() if versions)
+
+    def default_name(self) -> str:
+        """What an empty model name means: the first --model-name, else `mnist`, else the first served."""
+        for name in (*self.options.model_names, DEFAULT_MODEL):
+            if self._served.get(name):
+                return name
+        names = self.model_names()
+        return names[0] if names else (self.options.model_names or (DEFAULT_MODEL,))[0]
+
+    def resolve(self, name: str, version: str) -> ServedModel:
+        """The ready version a call means: `version` empty = the newest ready one. UnknownModel/UnknownVersion."""
+        name = name or self.default_name()
+        versions = self._served.get(name)
+        if not versions:
+            served = ", ".join(f"'{n}'" for n in self.model_names()) or "no model"
+            raise UnknownModel(f"unknown model '{name}'; this server serves {served}")
+        if version == "":
+            return versions[max(versions)]
+        model = versions.get(int(version)) if version.isdigit() else None
+        if model is None:
+            raise UnknownVersion(
+                f"model '{name}' version '{version}' is not served; ready versions: "
+                f"{', '.join(map(str, sorted(versions)))} (leave the version empty for the newest)")
+        return model
+
+    def is_ready(self, name: str, version: str) -> bool:
+        try:
+            self.resolve(name, version)
+        except ServingError:
+            return False
+        return True
+
+    def ready_versions(self, name: str) -> list[int]:
+        return sorted(self._served.get(name or self.default_name(), {}))
+
+    def served(self) -> list[ServedModel]:
+        """Every ready version of every model, by name then version."""
+        return [self._served[name][v] for name in sorted(self._served) for v in sorted(self._served[name])]
+
+    def config(self, name: str) -> ModelConfig:
+        """The model's config.pbtxt as Triton's ModelConfig (of a model with a ready version)."""
+        self.resolve(name, "")
+        return self._configs[name or self.default_name()]
+
+    def statistics(self, name: str, version: str) -> list[ServedModel]:
+        """The versions ModelStatistics reports on: empty name = every model, empty version = every version."""
+        if not name:
+            return self.served()
+        if not version:
+            self.resolve(name, "")
+            return [self._served[name][v] for v in sorted(self._served[name])]
+        return [self.resolve(name, version)]
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Triton's RepositoryIndex: every model in the repository, each ready or refused version."""
+        entries: list[IndexEntry] = []
+        for name in sorted(set(list_models(self.repository)) | set(self._served)):
+            versions = self._served.get(name, {})
+            refused = {v: r for (n, v), r in self._refused.items() if n == name and v not in versions}
+            entries += [IndexEntry(name, str(v), "READY") for v in sorted(versions)]
+            if ready_only:
+                continue
+            entries += [IndexEntry(name, str(v), "UNAVAILABLE", r.message) for v, r in sorted(refused.items())]
+            if not versions and not refused:
+                entries.append(IndexEntry(name, "", "UNAVAILABLE" if self._is_managed(name) else "",
+                                          "no version could load" if self._is_managed(name) else "unloaded"))
+        return entries
+
+    # ---- lifecycle: coroutines on the event loop, one at a time ----
+
+    async def start(self) -> None:
+        """Load what the mode asks for at start; raise RepositoryError when a model has no version to serve."""
+        names = self._managed_names()
+        if not names and self.options.control_mode != "explicit":
+            raise RepositoryError(
+                f"no versions of models under {self.repository}: run `mnist-train --out {self.repository}` "
+                "first, or point --model-repository at a trained one")
+        await self.sync(names)
+        for name in sorted(names):
+            if not self._served.get(name):
+                raise RepositoryError(self._why_not_served(name))
+
+    async def sync(self, names: Iterable[str] | None = None) -> None:
+        """Bring the served versions of `names` (default: the managed models) in line with the repository."""
+        async with self._lock:
+            for name in sorted(set(names) if names is not None else self._managed_names() | set(self._served)):
+                await self._sync_model(name)
+
+    async def load(self, name: str) -> None:
+        """RepositoryModelLoad: load (or reload) `name` per its policy. Explicit mode only."""
+        self._require_explicit("load")
+        if not name or not (self.repository / name).is_dir():
+            raise UnknownModel(f"no model '{name}' in the repository {self.repository}")
+        self._explicit.add(name)
+        await self.sync([name])
+        if not self._served.get(name):
+            raise ModelLoadFailed(f"failed to load '{name}': {self._why_not_served(name)}")
+
+    async def unload(self, name: str) -> None:
+        """RepositoryModelUnload: stop serving every version of `name`, after its accepted calls finish."""
+        self._require_explicit("unload")
+        self._explicit.discard(name)
+        async with self._lock:
+            retired = self._served.get(name, {})
+            self._publish(name, {})
+            await asyncio.gather(*(self._retire(model, now=False) for model in retired.values()))
+
+    async def close(self) -> None:
+        """Refuse new work on every version and finish what each has queued (the server's drain)."""
+        async with self._lock:
+            models = self.served()
+            await asyncio.gather(*(model.batcher.close() for model in models), *self._retiring)
+
+    # ---- internals ----
+
+    def _managed_names(self) -> set[str]:
+        if self.options.control_mode == "explicit":
+            return set(self._explicit)
+        if self.options.model_names:
+            return set(self.options.model_names)
+        return set(list_models(self.repository))
+
+    def _is_managed(self, name: str) -> bool:
+        return name in self._managed_names()
+
+    def _require_explicit(self, action: str) -> None:
+        if self.options.control_mode != "explicit":
+            # Triton's own words (and code, UNAVAILABLE), which its users' scripts look for.
+            raise ModelControlDisabled(
+                f"explicit model load / unload is not allowed if polling is enabled (--model-control-mode "
+                f"{self.options.control_mode}; {action} refused): "
+                + ("the server polls the repository, so publish or remove version folders instead"
+                   if self.options.control_mode == "poll" else "restart with --model-control-mode explicit"))
+
+    def _why_not_served(self, name: str) -> str:
+        refusals = [r for (n, _v), r in sorted(self._refused.items(), reverse=True) if n == name]
+        if refusals:
+            return refusals[0].message
+        on_disk = list_versions(self.repository, name)
+        pinned = self.options.pinned_version
+        if pinned is not None and on_disk:
+            return (f"model '{name}' has no version {pinned} under {self.repository} "
+                    f"(available: {', '.join(map(str, on_disk))})")
+        if not on_disk:
+            return (f"no versions of model '{name}' under {self.repository}: run `mnist-train --out "
+                    f"{self.repository}` first, or point --model-repository at a trained one")
+        return f"model '{name}': its version_policy selects none of the versions {on_disk}"
+
+    def _policy(self, config: ModelConfig) -> VersionPolicy:
+        if self.options.pinned_version is not None:
+            return VersionPolicy("specific", versions=(self.options.pinned_version,))
+        return version_policy(config)
+
+    async def _sync_model(self, name: str) -> None:
+        model_dir = self.repository / name
+        current = self._served.get(name, {})
+        if not self._is_managed(name) or not model_dir.is_dir():
+            if current:
+                log.info("model '%s' %s: unloading versions %s", name,
+                         "left the repository" if not model_dir.is_dir() else "is not managed", sorted(current))
+            self._publish(name, {})
+            for model in current.values():
+                self._retire(model)
+            return
+        try:
+            config = read_model_config(model_dir, self.options.max_batch_size)
+        except (ConfigError, OSError) as err:
+            self._refuse_config(name, model_dir, str(err))
+            return
+        policy = self._policy(config)
+        on_disk = list_versions(self.repository, name)
+        candidates = [v for v in on_disk if not self._still_refused(name, v)]
+        loaded: dict[int, ServedModel] = {}
+        while True:
+            missing = sorted(policy.select(candidates) - current.keys() - loaded.keys(), reverse=True)
+            if not missing:
+                break
+            for number in missing:
+                try:
+                    loaded[number] = await self._load(name, number, config)
+                except LoadFailure as failure:
+                    self._refuse(name, number, failure)
+                    candidates.remove(number)
+        wanted = policy.select(candidates)
+        served = {v: m for v, m in {**current, **loaded}.items() if v in wanted}
+        self._configs[name] = config
+        self._publish(name, served)  # the switch: one assignment
+        for number, model in {**current, **loaded}.items():
+            if number not in served:
+                self._retire(model)
+        if loaded:
+            log.info("model '%s' (%s) now serves versions %s", name, policy.describe(), sorted(served))
+
+    async def _load(self, name: str, number: int, config: ModelConfig) -> ServedModel:
+        options = self.options
+        started = time.monotonic()
+        opened: OpenedVersion = await asyncio.get_running_loop().run_in_executor(
+            None, open_version, self.repository, name, number, options.runtime)
+        stats = InferenceStats()
+        observer = _VersionObserver(stats, self._observer.batch_observer())
+        batcher = DynamicBatcher(_timed_infer(opened.runtime.run, observer, stats), options.max_batch_size,
+                                 options.max_queue_delay, options.max_queue_size, observer)
+        batcher.start()
+        self._refused.pop((name, number), None)
+        self._observer.version_loaded(name, number, opened.runtime.provider)
+        log.info("model '%s' version %d passed its checks (sha256 %s…, %s) in %.2f s", name, number,
+                 opened.sha256[:12], opened.runtime.provider, time.monotonic() - started)
+        return ServedModel(opened.version, opened.runtime.provider, options.max_batch_size, batcher, stats)
+
+    def _refuse(self, name: str, number: int, failure: LoadFailure) -> None:
+        self._refused[(name, number)] = _Refusal(fingerprint(self.repository / name / str(number)),
+                                                 failure.reason, failure.message)
+        self._observer.load_failed(name, failure.reason)
+        serving = sorted(self._served.get(name, {}))
+        log.warning("model '%s' version %d refused (%s): %s; %s", name, number, failure.reason, failure.message,
+                    f"still serving versions {serving}" if serving else "no version of it is serving")
+
+    def _refuse_config(self, name: str, model_dir: Path, message: str) -> None:
+        stamp = fingerprint(model_dir)
+        if self._config_refused.get(name) != stamp:  # one line and one count per change of the file
+            self._config_refused[name] = stamp
+            self._observer.load_failed(name, "config")
+            log.warning("model '%s': %s; its served versions are unchanged", name, message)
+
+    def _still_refused(self, name: str, number: int) -> bool:
+        """A refused version is tried again only once its files have changed."""
+        refusal = self._refused.get((name, number))
+        return refusal is not None and refusal.fingerprint == fingerprint(self.repository / name / str(number))
+
+    def _publish(self, name: str, versions: dict[int, ServedModel]) -> None:
+        served = dict(self._served)
+        if versions:
+            served[name] = versions
+        else:
+            served.pop(name, None)
+        self._served = served
+
+    def _retire(self, model: ServedModel, now: bool = False) -> asyncio.Task:
+        """Drain a version no call can reach any more, then let it go."""
+        task = asyncio.get_running_loop().create_task(self._drain(model, 0.0 if now else self.options.retire_delay))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
+
+    async def _drain(self, model: ServedModel, delay: float) -> None:
+        await asyncio.sleep(delay)  # calls that looked it up before the switch and have not queued yet
+        await model.batcher.close()
+        self._observer.version_unloaded(model.name, model.version.version, model.provider)
+        log.info("model '%s' version %s unloaded after its accepted calls finished", model.name, model.version_label)
