@@ -5,28 +5,71 @@ the real server the same way.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from serving.client import ClassifierClient
+from serving.client import ClassifierClient, ClientTls
+
+
+# Ports handed out by free_port(), each held by an open, locked file for this process's lifetime.
+_reserved: dict[int, IO[str]] = {}
+
+
+def _port_range() -> tuple[int, int]:
+    """Ports the kernel never picks on its own: below its ephemeral range (or above it)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    if low - 20000 >= 2000:
+        return 20000, low
+    return high + 1, 65536
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that nobody else will take before our server binds it.
+
+    Binding port 0, closing, and passing the number on is a race: the kernel may hand the same
+    port to any other socket in between. So ports come from outside the kernel's ephemeral range
+    (no connect() or bind(0) ever gets one), and a lock file per port, held until this process
+    exits, keeps concurrent test runs and servers started by this process from picking the same one.
+    """
+    lock_dir = Path(tempfile.gettempdir()) / "mnist-serving-ports"
+    lock_dir.mkdir(exist_ok=True)
+    low, high = _port_range()
+    pick = random.SystemRandom()  # not `random`: pytest-randomly seeds it alike in every process
+    for _ in range(500):
+        port = pick.randrange(low, high)
+        if port in _reserved:
+            continue
+        handle = open(lock_dir / f"{port}.lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket() as probe:  # and no process outside this scheme listens there
+                probe.bind(("127.0.0.1", port))
+        except OSError:
+            handle.close()
+            continue
+        _reserved[port] = handle
+        return port
+    raise RuntimeError(f"no free port in {low}-{high - 1} after 500 tries")
 
 
-def wait_until_serving(target: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+def wait_until_serving(target: str, timeout: float, proc: subprocess.Popen | None = None,
+                       tls: ClientTls | None = None) -> None:
     """The client's health polling, in short slices so that a server that died fails at once."""
     deadline = time.monotonic() + timeout
-    with ClassifierClient(target) as client:
+    with ClassifierClient(target, tls=tls) as client:
         while True:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
@@ -81,8 +124,9 @@ class ServerProcess:
 
 
 def start_server(repository: Path | str, *extra_args: str, log_path: Path | None = None,
-                 ready_timeout: float = 60.0, env: dict[str, str] | None = None) -> ServerProcess:
-    """Run `mnist-serve` on free loopback ports; return once it reports SERVING."""
+                 ready_timeout: float = 60.0, env: dict[str, str] | None = None,
+                 tls: ClientTls | None = None) -> ServerProcess:
+    """Run `mnist-serve` on free loopback ports; return once it reports SERVING (over TLS with `tls`)."""
     port, metrics_port, http_port = free_port(), free_port(), free_port()
     args = [sys.executable, "-m", "serving.cli", "--model-repository", str(repository), "--host", "127.0.0.1",
             "--port", str(port), "--metrics-port", str(metrics_port), "--http-port", str(http_port), *extra_args]
@@ -90,7 +134,7 @@ def start_server(repository: Path | str, *extra_args: str, log_path: Path | None
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = ServerProcess(proc, port, metrics_port, log_path, args, http_port)
     try:
-        wait_until_serving(server.target, ready_timeout, proc)
+        wait_until_serving(server.target, ready_timeout, proc, tls)
     except BaseException:
         server.stop(signal.SIGKILL)
         raise
