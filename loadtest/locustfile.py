@@ -53,7 +53,7 @@ from loadtest.locust_runner import (  # noqa: E402
     single_request_name,
 )
 from loadtest.options import DEFAULTS, SCENARIOS  # noqa: E402
-from serving.client import ClassifierClient  # noqa: E402
+from serving.client import ClassifierClient, client_security  # noqa: E402
 from serving.rest_client import RestClient, RestError  # noqa: E402  (http.client: cooperative once patched)
 
 log = logging.getLogger("mnist-loadtest")
@@ -80,6 +80,23 @@ def _add_arguments(parser) -> None:
                             "(default: --host's host, port 8000)")
     parser.add_argument("--mnist-dir", default=os.environ.get("MNIST_DATA_DIR", ""), include_in_web_ui=False,
                        help="folder of the MNIST IDX files (default: $MNIST_DATA_DIR, else ../shared/datasets/mnist)")
+    # Servers with --tls-cert, --tls-client-ca or --auth-token-file (gRPC scenarios).
+    parser.add_argument("--tls", action="store_true", default=False, include_in_web_ui=False,
+                       help="connect with TLS, trusting the system's CAs")
+    parser.add_argument("--tls-ca", default="", include_in_web_ui=False,
+                       help="PEM CA of the server's certificate (implies --tls)")
+    parser.add_argument("--tls-cert", default="", include_in_web_ui=False, help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", default="", include_in_web_ui=False, help="PEM key of --tls-cert")
+    parser.add_argument("--auth-token-file", default="", include_in_web_ui=False,
+                       help="file holding the server's bearer token")
+
+
+def _security(options) -> dict:
+    """ClassifierClient's tls and token from the TLS and token options (absent options: plaintext)."""
+    tls, token = client_security(getattr(options, "tls", False), getattr(options, "tls_ca", ""),
+                                 getattr(options, "tls_cert", ""), getattr(options, "tls_key", ""),
+                                 getattr(options, "auth_token_file", ""))
+    return {"tls": tls, "token": token}
 
 
 # --- the load pool -----------------------------------------------------------------------------
@@ -108,13 +125,14 @@ def _mnist_dir(configured: str) -> Path:
     return find_data_dir("mnist", configured) or Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
 
 
-def build_pool(target: str, mnist_dir: Path, pool_size: int, timeout: float) -> tuple[np.ndarray, np.ndarray, int]:
+def build_pool(target: str, mnist_dir: Path, pool_size: int, timeout: float,
+               security: dict | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """The pool images, their labels and the server's per-call image limit."""
     data = load_idx_dir(mnist_dir)
     images = np.ascontiguousarray(data.test_images[:pool_size], dtype=np.uint8)
     truth = np.asarray(data.test_labels[:pool_size], dtype=np.int64)
     served = np.empty_like(truth)
-    with ClassifierClient(target, timeout=timeout) as client:
+    with ClassifierClient(target, timeout=timeout, **(security or {})) as client:
         model = client.describe()
         limit = model.max_batch_size or _SCREEN_BATCH  # the server refuses calls with more images
         log.info("server: model %s version %s on %s, at most %d images per call", model.model_name,
@@ -147,7 +165,7 @@ def prepare(environment) -> None:
         if LoadPool.images is None or LoadPool.key != key:
             LoadPool.images = None
             images, labels, LoadPool.max_batch_size = build_pool(
-                target, _mnist_dir(options.mnist_dir), options.pool_size, options.rpc_timeout)
+                target, _mnist_dir(options.mnist_dir), options.pool_size, options.rpc_timeout, _security(options))
             LoadPool.images, LoadPool.labels, LoadPool.key = images, labels, key
     batch_calls = options.scenario == "batch" or (weights is not None and weights[1] > 0)
     if batch_calls and options.images_per_call > LoadPool.max_batch_size:
@@ -230,7 +248,7 @@ class MnistGrpcUser(User):
             return  # the pool could not be built (test_start logged why): the first task stops this user
         options = self.environment.parsed_options
         self.target = normalize_target(self.environment.host or "")
-        self.client = ClassifierClient(self.target, timeout=options.rpc_timeout)
+        self.client = ClassifierClient(self.target, timeout=options.rpc_timeout, **_security(options))
         self.images_per_call = max(1, int(options.images_per_call))
         calls = {"single": self.call_single, "batch": self.call_batch, "kserve": self.call_kserve,
                  "rest": self.call_rest}

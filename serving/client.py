@@ -5,6 +5,9 @@ resolves to, e.g. a Kubernetes headless Service) or `ipv4:a:port,b:port`. Calls 
 call over every address (gRPC's round_robin policy), and inference calls that meet UNAVAILABLE
 (a replica draining or gone) are retried by gRPC itself, a bounded number of times with backoff.
 Other RPC failures propagate as grpc.RpcError: callers decide whether to retry or report.
+With `tls` the channel is TLS (mTLS when it names a client certificate); with `token` every call
+carries "authorization: Bearer <token>" (servers run with --tls-cert, --tls-client-ca and
+--auth-token-file: see serving.security).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -58,6 +62,41 @@ def service_config(health_check: bool) -> str:
 
 
 @dataclass(frozen=True)
+class ClientTls:
+    """How the client speaks TLS: the CA it trusts (None: the system's) and, for mTLS, its own certificate."""
+
+    ca: Path | None = None
+    cert: Path | None = None  # with key: present this certificate (servers with --tls-client-ca ask for one)
+    key: Path | None = None
+    server_name: str | None = None  # the name to check in the server's certificate, when not the target's host
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+def read_token(path: Path | str | None) -> str | None:
+    """The bearer token in a file (its one line), or None without a file."""
+    if not path:
+        return None
+    token = Path(path).read_text().strip()
+    if not token or len(token.split()) != 1:
+        raise ValueError(f"{path} must hold one bearer token")
+    return token
+
+
+def client_security(tls: bool = False, ca: str | None = None, cert: str | None = None, key: str | None = None,
+                    token_file: str | None = None) -> tuple[ClientTls | None, str | None]:
+    """The CLIs' and load tests' flags (--tls, --tls-ca, --tls-cert, --tls-key, --auth-token-file) as
+    the client's `tls` and `token`; naming any TLS file turns TLS on."""
+    wants_tls = tls or any((ca, cert, key))
+    as_path = lambda text: Path(text) if text else None  # noqa: E731
+    return (ClientTls(as_path(ca), as_path(cert), as_path(key)) if wants_tls else None), read_token(token_file)
+
+
+@dataclass(frozen=True)
 class ClassifyResult:
     """One Classify call's answer, one row per image in request order."""
 
@@ -74,7 +113,7 @@ class ClassifierClient:
 
     def __init__(
         self, target: str = "localhost:8500", timeout: float = 10.0, max_message_bytes: int = 64 * 1024 * 1024,
-        min_resolution_interval: float | None = None,
+        min_resolution_interval: float | None = None, tls: ClientTls | None = None, token: str | None = None,
     ) -> None:
         """`min_resolution_interval`: the fewest seconds between two DNS lookups of a `dns:` target
         (gRPC's default, 30 s, when None); a lookup follows every lost or aged connection."""
@@ -88,7 +127,12 @@ class ClassifierClient:
         ]
         if min_resolution_interval is not None:
             options.append(("grpc.dns_min_time_between_resolutions_ms", round(min_resolution_interval * 1000)))
-        self._channel = grpc.insecure_channel(target, options=options)
+        if tls is not None and tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        self._channel = (grpc.secure_channel(target, tls.credentials(), options=options) if tls is not None
+                         else grpc.insecure_channel(target, options=options))
+        # Sent with every call; servers without --auth-token-file ignore it.
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._classifier = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._model_infer: grpc.UnaryUnaryMultiCallable | None = None  # built on first use: see _kserve_message_types
@@ -121,7 +165,7 @@ class ClassifierClient:
 
     def describe(self, model_name: str = "", model_version: str = "") -> pb.ModelDescription:
         request = pb.DescribeModelRequest(model_name=model_name, model_version=model_version)
-        return self._classifier.DescribeModel(request, timeout=self.timeout)
+        return self._classifier.DescribeModel(request, timeout=self.timeout, metadata=self._metadata)
 
     def infer_kserve(self, images: np.ndarray, model_name: str = "mnist") -> np.ndarray:
         """Probabilities [N, classes] through KServe v2 ModelInfer (UINT8 when given uint8, else FP32)."""
@@ -137,7 +181,7 @@ class ClassifierClient:
                 request_serializer=request_type.SerializeToString,
                 response_deserializer=response_type.FromString,
             )
-        return _first_output(self._model_infer(request, timeout=self.timeout))
+        return _first_output(self._model_infer(request, timeout=self.timeout, metadata=self._metadata))
 
     def wait_until_ready(self, timeout: float) -> None:
         """Block until grpc.health.v1 reports the server ("" service) SERVING, or raise TimeoutError."""
@@ -161,7 +205,7 @@ class ClassifierClient:
 
     def _classify(self, images: list[pb.Image], model_name: str, model_version: str) -> ClassifyResult:
         request = pb.ClassifyRequest(images=images, model_name=model_name, model_version=model_version)
-        response = self._classifier.Classify(request, timeout=self.timeout)
+        response = self._classifier.Classify(request, timeout=self.timeout, metadata=self._metadata)
         predictions = response.predictions
         return ClassifyResult(
             labels=np.array([p.label for p in predictions], dtype=np.int64),

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from serving.client import ClassifierClient
+from serving.client import ClassifierClient, client_security
 from serving.rest_client import RestClient, RestError
 
 
@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "HTTP/REST (files then go through the page's /api/classify)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
+    security = parser.add_argument_group("security (gRPC APIs; servers run with --tls-cert, --tls-client-ca, "
+                                         "--auth-token-file)")
+    security.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    security.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (implies --tls)")
+    security.add_argument("--tls-cert", help="PEM client certificate, for servers that require mTLS")
+    security.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    security.add_argument("--auth-token-file", help="file holding the server's bearer token")
     return parser
 
 
@@ -50,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size must be at least 1")
     if args.api == "rest":
         return _report(*_predict_rest(args))
-    with ClassifierClient(args.target or "localhost:8500", timeout=args.timeout) as client:
+    tls, token = client_security(args.tls, args.tls_ca, args.tls_cert, args.tls_key, args.auth_token_file)
+    with ClassifierClient(args.target or "localhost:8500", timeout=args.timeout, tls=tls, token=token) as client:
         if args.mnist_test:
             images, labels = _load_mnist(args.mnist_test, args.data_dir)
             names = [f"mnist-test[{i}]" for i in range(len(images))]
