@@ -175,6 +175,11 @@ def test_the_server_accepts_every_manifests_arguments(name: str) -> None:
         assert str(config.model_repository) == expected_repository or str(config.model_repository) in mounts, \
             f"{owner}: --model-repository {config.model_repository} is not a mounted volume"
         assert config.device == ("cuda" if name == "overlays/gpu" else "auto"), f"{owner}: --device {config.device}"
+        # Workers are set, never counted from the node's cores: one per core of the CPU limit, one per GPU.
+        cpu_limit = float(str(container["resources"]["limits"]["cpu"]).removesuffix("m")) / (
+            1000 if str(container["resources"]["limits"]["cpu"]).endswith("m") else 1)
+        expected_workers = 1 if config.device == "cuda" else int(cpu_limit)
+        assert config.workers == expected_workers, f"{owner}: --workers {config.workers}, expected {expected_workers}"
 
 
 def test_a_misspelt_flag_in_a_manifest_fails() -> None:
