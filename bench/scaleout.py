@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--callers", type=int, default=32, help="concurrent callers sharing one client")
     parser.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DATA_DIR)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="mnist-serve --workers of each replica (1: one process per replica, as one pod per core)")
     args = parser.parse_args(argv)
 
     from core.idx import find_data_dir, load_idx_dir
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR", file=sys.stderr)
         return 1
     images = load_idx_dir(folder).test_images[:1000]
-    replicas = start_replicas(args.model_repository, 3, "--grace-period", "10")
+    replicas = start_replicas(args.model_repository, 3, "--grace-period", "10", "--workers", str(args.workers))
     try:
         with ClassifierClient(replicas[0].address, timeout=30) as client:
             expected = _reference_labels(client, images)
