@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = resolve(config)  # --workers 0 and --intra-op-threads 0: what fits this machine
+    except ValueError as err:
+        print(f"mnist-serve: error: {err}", file=sys.stderr)
+        return 2
+    try:
         if config.workers > 1:
             return run_workers(config)
         return asyncio.run(serve(config))

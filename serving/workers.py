@@ -53,7 +53,12 @@ def resolve(config: ServeConfig, cores: int | None = None) -> ServeConfig:
     (at least 1), so that N workers together never ask for more threads than there are cores.
     """
     cores = cores or usable_cores()
-    workers = config.workers or (1 if _gpu_likely(config.device) else cores)
+    explicit = config.model_control_mode == "explicit"
+    if explicit and config.workers > 1:
+        # A load or unload call reaches the one worker its connection landed on; the others would differ.
+        raise ValueError("--model-control-mode explicit needs --workers 1 (a load/unload call reaches one worker "
+                         "only); use --model-control-mode poll with several workers")
+    workers = config.workers or (1 if explicit or _gpu_likely(config.device) else cores)
     threads = config.intra_op_threads or max(1, cores // workers)
     return dataclasses.replace(config, workers=workers, intra_op_threads=threads)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 import socket
@@ -47,7 +48,7 @@ def wait_until_gone(pid: int, seconds: float = 10) -> bool:
 def wait_for_both_workers(server, seconds: float = 60) -> None:
     """start_server returns when one worker answers SERVING; the other may still be loading."""
     deadline = time.monotonic() + seconds
-    while server.log().count("serving model 'mnist'") < 2:
+    while len(re.findall(r"\[worker \d\]: serving ", server.log())) < 2:
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.1)
 
@@ -180,6 +181,10 @@ def test_automatic_settings_fit_the_machine():
     assert (explicit.workers, explicit.intra_op_threads) == (3, 2)
     with pytest.raises(ValueError, match="--workers cannot be negative"):
         ServeConfig(workers=-1)
+    # Explicit model control: a load call would reach one worker only, so one worker, or a clear error.
+    assert resolve(ServeConfig(device="cpu", model_control_mode="explicit"), cores=4).workers == 1
+    with pytest.raises(ValueError, match="--model-control-mode explicit needs --workers 1"):
+        resolve(ServeConfig(device="cpu", model_control_mode="explicit", workers=2), cores=4)
 
 
 def test_small_and_large_batches_give_the_same_answers(trained_repository, mnist_test_set):
