@@ -108,6 +108,20 @@ class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
         return self._handlers[method]
 
 
+def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with `code` and `message` by setting them, not by context.abort().
+
+    abort() raises an exception that gRPC keeps on the call's state; its traceback holds the
+    handler frames and so the request, in a reference cycle that only Python's cyclic collector
+    frees. Measured: three 15 MB malformed requests took the server from 160 MB to 920 MB of RSS,
+    and it stayed there. With set_code/set_details and no exception, the request is freed as soon
+    as the call ends (gRPC sends no message for a non-OK code).
+    """
+    context.set_code(code)
+    context.set_details(message)
+    return None
+
+
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     """The method's deserializer, returning a MalformedRequest where it would raise."""
     if deserializer is None:
@@ -128,16 +142,15 @@ def _mapping_errors(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMeth
     async def mapped(request, context: grpc.aio.ServicerContext):
         if isinstance(request, MalformedRequest):
             MALFORMED.note(f"malformed protobuf request on {method} ({request.size} bytes): INVALID_ARGUMENT")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return _fail(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
         code, message = grpc.StatusCode.OK, ""
         try:
             return await behaviour(request, context)
         except ServingError as error:
             code, message = status_for(error), str(error)
-        # Aborting here, after the `except` block, not inside it: there, gRPC's abort exception would
-        # chain the domain error, whose traceback holds the request's frames and arrays, in a cycle
-        # that only the cyclic collector frees (memory stayed high for thousands of calls).
-        await context.abort(code, message)
+        # Outside the `except` block, so the domain error and its traceback (the frames that hold the
+        # request) are already gone.
+        return _fail(context, code, message)
 
     return grpc.unary_unary_rpc_method_handler(
         mapped, request_deserializer=_tolerant(handler.request_deserializer),
