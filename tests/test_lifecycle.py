@@ -80,7 +80,7 @@ def test_a_version_published_by_training_under_load_takes_over_with_no_failed_ca
                  "--limit", "1200", "--epochs", "1", "--no-int8", "--seed", "7"],
                 capture_output=True, text=True, timeout=600, cwd=ROOT)
             assert trained.returncode == 0, trained.stderr[-2000:]
-            published = time.time()
+            published = (repository / "mnist" / "2").stat().st_ctime  # renamed into place by write_version
             wait_for(lambda: any(a.version == "2" for a in load.answers), 60, "an answer from version 2")
             time.sleep(3)  # keep calling on the new version, and past the old one's drain
         finally:
@@ -97,7 +97,7 @@ def test_a_version_published_by_training_under_load_takes_over_with_no_failed_ca
     late = [a for a in load.answers if a.started > switched + 0.002]
     assert late and all(a.version == "2" for a in late)
     assert "version 1 unloaded after its accepted calls finished" in server_log
-    print(f"\nswitch: version 2 on disk -> serving in {switched - published:+.2f} s "
+    print(f"\nswitch: version 2 renamed into place -> serving in {switched - published:.2f} s "
           f"(poll 0.5 s + checks and warm-up); {len(load.answers)} calls, 0 failed")
 
 
