@@ -1,0 +1,165 @@
+"""Draining and health, without races: calls are held in the server's queue on purpose.
+
+A server started with a long --max-queue-delay-us keeps a lone call waiting for company, so
+the test knows which calls were accepted (they are in the queue: mnist_queue_depth says so)
+before it sends SIGTERM/SIGINT. Then every accepted call must be answered correctly, every new
+call refused with the server's own words, and health must say NOT_SERVING.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from core.repository import load_version
+from serving.generated import mnist_classifier_pb2 as pb
+from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
+from serving.process import start_server
+from tests.conftest import ROOT
+
+SERVICES = ("", "mnist.v1.Classifier", "inference.GRPCInferenceService")
+REFUSAL = "the server is shutting down and takes no new requests"
+
+
+@pytest.fixture(scope="module")
+def expected_labels(trained_repository, mnist_test_set):
+    """What in-process onnxruntime answers for the first 8 test images."""
+    session = ort.InferenceSession(str(load_version(trained_repository, "mnist").model_path),
+                                   providers=["CPUExecutionProvider"])
+    images = (mnist_test_set[0][:8].astype(np.float32) / 255)[..., None]
+    return session.run(None, {"images": images})[0].argmax(axis=1).tolist()
+
+
+def classify(target: str, image: np.ndarray, timeout: float = 60) -> tuple[str, object]:
+    """One Classify call on a plain channel (no client retries: the server's own answer is kept)."""
+    with grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]) as channel:
+        try:
+            response = pb_grpc.ClassifierStub(channel).Classify(
+                pb.ClassifyRequest(images=[pb.Image(raw_pixels=image.tobytes())]), timeout=timeout)
+            return "ok", response.predictions[0].label
+        except grpc.RpcError as err:
+            return err.code().name, err.details()
+
+
+def in_background(function, *args):
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(function(*args)))
+    thread.start()
+
+    def result():
+        thread.join(90)
+        assert outcome, "the call never returned"
+        return outcome[0]
+
+    return result
+
+
+def queue_depth(server) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("mnist_queue_depth "))
+
+
+def health(target: str, service: str = "") -> str:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as err:
+            return err.code().name
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def hold_calls(server, images: np.ndarray) -> list:
+    """Send one call per image and return once all of them wait in the server's queue."""
+    results = [in_background(classify, server.target, image) for image in images]
+    wait_for(lambda: queue_depth(server) == len(images), f"{len(images)} calls held in the queue")
+    return results
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_drains_answers_every_accepted_call_and_refuses_new_ones(
+        signal_name, trained_repository, mnist_test_set, expected_labels, tmp_path):
+    images, _ = mnist_test_set
+    # Held calls wait up to 6 s from the first one's arrival: time enough to look at the draining server.
+    server = start_server(trained_repository, "--workers", "1", "--max-queue-delay-us", "6000000",
+                          "--grace-period", "30", log_path=tmp_path / "server.log")
+    try:
+        held = hold_calls(server, images[:8])
+        server.proc.send_signal(getattr(signal, signal_name))
+        wait_for(lambda: health(server.target) == "NOT_SERVING", "NOT_SERVING")
+        assert [health(server.target, service) for service in SERVICES] == ["NOT_SERVING"] * 3
+        # A new call is refused before it is accepted, in the server's own words (not a dropped call).
+        assert classify(server.target, images[8]) == ("UNAVAILABLE", REFUSAL)
+        if signal_name == "SIGTERM":  # the container healthcheck fails while draining
+            probe = subprocess.run([sys.executable, "-m", "serving.health_probe", "--target", server.target],
+                                   capture_output=True, text=True, timeout=60, cwd=ROOT)
+            assert probe.returncode != 0 and "NOT_SERVING" in probe.stdout + probe.stderr, probe
+            assert server.proc.poll() is None, "the held calls must still be waiting"
+        # Every accepted call is answered, with what onnxruntime computes.
+        assert [call() for call in held] == [("ok", label) for label in expected_labels]
+        assert server.proc.wait(60) == 0, server.log()
+    finally:
+        server.stop(signal.SIGKILL)
+    assert "draining" in server.log()
+
+
+def test_calls_still_queued_when_the_grace_period_ends_are_cancelled(trained_repository, mnist_test_set, tmp_path):
+    images, _ = mnist_test_set
+    # Held for 10 minutes, far beyond a 1 s grace period: only its end can release them.
+    server = start_server(trained_repository, "--workers", "1", "--max-queue-delay-us", "600000000",
+                          "--grace-period", "1", log_path=tmp_path / "server.log")
+    try:
+        held = hold_calls(server, images[:2])
+        server.proc.send_signal(signal.SIGTERM)
+        assert [call() for call in held] == [("UNAVAILABLE", "Cancelling all calls")] * 2
+        assert server.proc.wait(60) == 0, server.log()
+    finally:
+        server.stop(signal.SIGKILL)
+    assert "grace period over with calls still queued: they are cancelled" in server.log()
+
+
+def test_not_serving_until_the_model_is_warm(trained_repository, tmp_path):
+    """Before warm-up ends nothing reports SERVING; after, everything does."""
+    import os
+
+    from serving.process import free_port, wait_until_serving
+
+    port, log_path = free_port(), tmp_path / "server.log"
+    # Enough warm-up runs (a batch of 1 and of 64 each) to take seconds on any machine.
+    args = [sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository), "--host", "127.0.0.1",
+            "--port", str(port), "--metrics-port", "0", "--http-port", "0", "--workers", "1",
+            "--warmup-runs", "400"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        wait_for(lambda: "configuration:" in log_path.read_text(), "the server to start")
+        target = f"127.0.0.1:{port}"
+        probes = 0
+        # "passed its checks" is logged once warm-up is done, before the ports open: a probe that began
+        # before that line must not find SERVING.
+        while "passed its checks" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert health(target) != "SERVING"
+            probes += 1
+        assert probes > 0, "warm-up ended before any probe: raise --warmup-runs"
+        wait_until_serving(target, 60, proc)
+        assert [health(target, service) for service in SERVICES] == ["SERVING"] * 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
