@@ -215,6 +215,35 @@ def needs_token(method: str) -> bool:
     return method.startswith(PROTECTED_SERVICES) and method not in OPEN_METHODS
 
 
+# HTTP paths that stay open with --auth-token-file: health, the page itself, and a model's readiness.
+OPEN_HTTP_PREFIXES = ("/v2/health/", "/static/")
+OPEN_HTTP_PATHS = frozenset({"/", "/favicon.ico"})
+
+
+def http_needs_token(path: str) -> bool:
+    if path in OPEN_HTTP_PATHS or path.startswith(OPEN_HTTP_PREFIXES):
+        return False
+    return not (path.startswith("/v2/models/") and path.endswith("/ready"))
+
+
+def http_token_middleware(token: TokenFile):
+    """The REST port's token check: the same rule and error as gRPC's (401 from the error table)."""
+    from aiohttp import web  # the HTTP transport's dependency, loaded only when it runs
+
+    @web.middleware
+    async def check_token(request, handler):
+        if http_needs_token(request.path):
+            presented = bearer_token(list(request.headers.items()))
+            if presented is None:
+                raise Unauthenticated("this call needs a bearer token: send the header "
+                                      "'Authorization: Bearer <token>' (the server runs with --auth-token-file)")
+            if not token.accepts(presented):
+                raise Unauthenticated("the bearer token is not valid for this server")
+        return await handler(request)
+
+    return check_token
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses protected calls without the right bearer token: Unauthenticated, mapped to UNAUTHENTICATED.
 

@@ -156,8 +156,11 @@ class Server:
                             "is another server running? choose --port") from err
         await self._grpc.start()
         if config.http_port:
-            self._http = HttpServer(build_app(self.model, self.is_ready, config.max_message_bytes),
-                                    config.host, config.http_port, config.grace_period)
+            app = build_app(self.model, self.is_ready, config.max_message_bytes)
+            if token is not None:
+                app.middlewares.append(security.http_token_middleware(token))  # inside the error answers
+            self._http = HttpServer(app, config.host, config.http_port, config.grace_period,
+                                    security.http_ssl_context(tls) if tls else None)
             await self._http.start()
         await self._set_readiness(Readiness.SERVING)
         if config.model_control_mode == "poll":

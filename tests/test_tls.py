@@ -12,6 +12,7 @@ import ipaddress
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,22 +168,33 @@ def test_an_expired_server_certificate_is_refused_by_the_client(trained_reposito
         proc.wait(30)
 
 
+def _install(files: Issued, source: Issued) -> None:
+    files.key.write_bytes(source.key.read_bytes())
+    files.cert.write_bytes(source.cert.read_bytes())
+
+
+def _first_ok(target: str, tls: ClientTls, images, seconds: float = 20) -> grpc.StatusCode:
+    deadline = time.monotonic() + seconds
+    while (code := classify_code(target, tls, images)) != grpc.StatusCode.OK and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return code
+
+
 def test_certificate_files_are_reloaded_without_a_restart(tls_server, pki, mnist_test_set):
     """A renewed certificate from a new CA: new connections get it, and the server never restarted."""
     new_ca = make_ca(pki["folder"], "renewed-ca")
     renewed = issue(pki["folder"], "renewed-server", new_ca, server=True)
     pid = tls_server.proc.pid
-    tls_server.tls_files.key.write_bytes(renewed.key.read_bytes())
-    tls_server.tls_files.cert.write_bytes(renewed.cert.read_bytes())
-    deadline = time.monotonic() + 20
-    while (code := classify_code(tls_server.target, ClientTls(ca=new_ca[0].cert), mnist_test_set[0])) \
-            != grpc.StatusCode.OK and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert code == grpc.StatusCode.OK
-    assert classify_code(tls_server.target, ClientTls(ca=pki["ca"].cert), mnist_test_set[0]) == \
-        grpc.StatusCode.UNAVAILABLE  # the old CA no longer verifies the server
-    assert tls_server.proc.pid == pid and tls_server.proc.poll() is None
-    assert "TLS certificate reloaded" in tls_server.log()
+    try:
+        _install(tls_server.tls_files, renewed)
+        assert _first_ok(tls_server.target, ClientTls(ca=new_ca[0].cert), mnist_test_set[0]) == grpc.StatusCode.OK
+        assert classify_code(tls_server.target, ClientTls(ca=pki["ca"].cert), mnist_test_set[0]) == \
+            grpc.StatusCode.UNAVAILABLE  # the old CA no longer verifies the server
+        assert tls_server.proc.pid == pid and tls_server.proc.poll() is None
+        assert "TLS certificate reloaded" in tls_server.log()
+    finally:  # the other tests of this server expect the first certificate
+        _install(tls_server.tls_files, pki["server"])
+        assert _first_ok(tls_server.target, ClientTls(ca=pki["ca"].cert), mnist_test_set[0]) == grpc.StatusCode.OK
 
 
 # --- mutual TLS ---------------------------------------------------------------------------------
@@ -249,7 +261,11 @@ def test_a_rotated_token_is_read_without_a_restart(token_server, mnist_test_set)
         time.sleep(0.3)
     assert classify_code(token_server.target, None, mnist_test_set[0], "rotated-token") == grpc.StatusCode.OK
     assert classify_code(token_server.target, None, mnist_test_set[0], TOKEN) == grpc.StatusCode.UNAUTHENTICATED
-    token_server.token_file.write_text(TOKEN + "\n")
+    token_server.token_file.write_text(TOKEN + "\n")  # back, for the other tests of this server
+    deadline = time.monotonic() + 10
+    while classify_code(token_server.target, None, mnist_test_set[0], TOKEN) != grpc.StatusCode.OK \
+            and time.monotonic() < deadline:
+        time.sleep(0.3)
 
 
 # --- the CLI and start-up errors ----------------------------------------------------------------
@@ -290,3 +306,34 @@ def test_bad_tls_files_stop_the_server_with_one_line(trained_repository, pki, tm
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("mnist-serve: error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "--tls" in lines[0], lines[0]
+
+
+# --- the HTTP port: the same TLS files and the same token rule -----------------------------------
+
+
+def http_status(url: str, token: str | None = None, context=None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_the_http_port_serves_tls_with_the_same_certificate(tls_server, pki):
+    import ssl
+
+    https = tls_server.http_url.replace("http://", "https://") + "/v2/health/ready"
+    trusting = ssl.create_default_context(cafile=str(pki["ca"].cert))
+    assert http_status(https, context=trusting) == 200
+    with pytest.raises(urllib.error.URLError):
+        http_status(https, context=ssl.create_default_context(cafile=str(pki["other_ca"].cert)))
+
+
+def test_the_http_port_needs_the_token_for_models_but_not_for_health(token_server):
+    base = token_server.http_url
+    assert http_status(base + "/v2/models/mnist") == 401
+    assert http_status(base + "/v2/models/mnist", "wrong-token") == 401
+    assert http_status(base + "/v2/models/mnist", TOKEN) == 200
+    assert http_status(base + "/v2/health/ready") == 200
+    assert http_status(base + "/v2/models/mnist/ready") == 200

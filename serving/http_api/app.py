@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Awaitable, Callable
 
@@ -143,15 +144,17 @@ def build_app(model: ModelLookup, is_ready: Callable[[], bool], max_body_bytes: 
 class HttpServer:
     """The REST port, on the running event loop (the one grpc.aio uses): start() and stop()."""
 
-    def __init__(self, app: web.Application, host: str, port: int, shutdown_timeout: float) -> None:
+    def __init__(self, app: web.Application, host: str, port: int, shutdown_timeout: float,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         # No access log: one line per call would cost more than the call on a busy server.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._host, self._port, self._shutdown_timeout = host, port, shutdown_timeout
+        self._ssl_context = ssl_context  # --tls-cert: HTTPS (serving.security.http_ssl_context)
 
     async def start(self) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=self._shutdown_timeout,
-                           reuse_port=False)
+                           reuse_port=False, ssl_context=self._ssl_context)
         await site.start()
 
     async def stop(self) -> None:

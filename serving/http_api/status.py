@@ -15,6 +15,7 @@ from serving.inference.errors import (
     QueueFull,
     ServingError,
     ShuttingDown,
+    Unauthenticated,
     UnknownModel,
     UnknownVersion,
 )
@@ -28,6 +29,7 @@ HTTP_STATUS: dict[type[ServingError], int] = {
     ShuttingDown: 503,  # Service Unavailable: clients retry on another replica
     ModelControlDisabled: 503,  # Triton's answer to load/unload outside explicit mode
     ModelLoadFailed: 500,
+    Unauthenticated: 401,  # --auth-token-file: no or wrong bearer token
 }
 
 
