@@ -10,33 +10,43 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # copied into a clean runtime stage, so pip's work files, the build backend and the source stay here.
 # Each builder copies only the packages its target ships: setuptools packages the folders it finds,
 # so the server's environment holds no training code (and its extra no TensorFlow).
+# Dependencies install first, from pyproject.toml alone (empty packages stand in for the code), so a
+# change to the code reinstalls only the project, from the layer cache's dependencies. README.md only
+# fills the package's description: an empty one keeps README edits from invalidating the cache.
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml constraints.txt README.md ./
-COPY core ./core
+COPY pyproject.toml constraints.txt ./
+RUN touch README.md
 
 FROM builder AS trainer-venv
+RUN mkdir core training && touch core/__init__.py training/__init__.py \
+ && pip install -c constraints.txt --no-cache-dir '.[training]'
+COPY core ./core
 COPY training ./training
-RUN pip install -c constraints.txt --no-cache-dir '.[training]'
+RUN pip install -c constraints.txt --no-cache-dir --no-deps .
 
-# serving-cpu: onnxruntime's CPU build; onnxruntime-gpu's CUDA kernels would triple the image.
-FROM builder AS server-venv
-COPY serving ./serving
-RUN pip install -c constraints.txt --no-cache-dir '.[serving-cpu]'
+# serving-cpu: onnxruntime's CPU build; onnxruntime-gpu's CUDA kernels would make the image far larger.
 # pip and setuptools built the environment and are not needed to run it; test suites are never
 # imported. Together about 45 MB of the server image.
-RUN pip uninstall -q -y pip setuptools \
+FROM builder AS server-venv
+RUN mkdir core serving && touch core/__init__.py serving/__init__.py \
+ && pip install -c constraints.txt --no-cache-dir '.[serving-cpu]'
+COPY core ./core
+COPY serving ./serving
+RUN pip install -c constraints.txt --no-cache-dir --no-deps . \
+ && pip uninstall -q -y pip setuptools \
  && find /opt/venv -type d -name tests -prune -exec rm -rf {} +
 
 FROM builder AS locust-venv
+RUN mkdir core serving loadtest && touch core/__init__.py serving/__init__.py loadtest/__init__.py \
+ && pip install -c constraints.txt --no-cache-dir '.[loadtest-cpu]'
+COPY core ./core
 COPY serving ./serving
 COPY loadtest ./loadtest
-RUN pip install -c constraints.txt --no-cache-dir '.[loadtest-cpu]'
-# pip and setuptools built the environment and are not needed to run it; test suites are never
-# imported. Together about 45 MB of the server image.
-RUN pip uninstall -q -y pip setuptools \
+RUN pip install -c constraints.txt --no-cache-dir --no-deps . \
+ && pip uninstall -q -y pip setuptools \
  && find /opt/venv -type d -name tests -prune -exec rm -rf {} +
 
 # ---- runtime base: an unprivileged user (uid 1000) and the mount points it owns. A named volume
