@@ -275,19 +275,6 @@ def test_metrics_label_the_kserve_calls_by_method(server, triton, mnist_test_set
         assert metric(server, "mnist_requests_total", method=method, code="OK") == before[method] + 1, method
 
 
-def test_mnist_predict_cli(server, mnist_path):
-    result = subprocess.run([sys.executable, "-m", "serving.predict_cli", "--target", server.target,
-                             "--mnist-test", "200", "--data-dir", str(mnist_path), "--quiet"],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    correct = int(re.search(r"accuracy: (\d+)/200", result.stdout).group(1))
-    assert correct >= 180
-    dead = subprocess.run([sys.executable, "-m", "serving.predict_cli", "--target", f"127.0.0.1:{free_port()}",
-                           "--mnist-test", "5", "--data-dir", str(mnist_path), "--timeout", "1"],
-                          capture_output=True, text=True, timeout=60)
-    assert dead.returncode == 1 and len(dead.stderr.strip().splitlines()) == 1 and "UNAVAILABLE" in dead.stderr
-
-
 # --- bad input: a clear status, and the server goes on -------------------------------------------
 
 BAD_CLASSIFY = [
@@ -548,7 +535,10 @@ def test_flags_and_environment_configure_the_server(trained_repository, mnist_te
     with start_server(repository, "--model-name", "digits", "--max-queue-size", "7",  # the command line wins
                       "--graph-optimization", "basic", "--intra-op-threads", "2", "--inter-op-threads", "1",
                       "--multi-thread-min-batch", "8", "--warmup-runs", "5", "--max-message-bytes", "65536",
-                      "--workers", "1", log_path=tmp_path / "flags.log", env=environment) as server:
+                      "--workers", "1", "--metrics-port", "0", log_path=tmp_path / "flags.log",
+                      env=environment) as server:
+        with pytest.raises(urllib.error.URLError):  # --metrics-port 0: no Prometheus endpoint at all
+            urllib.request.urlopen(server.metrics_url, timeout=5)
         with ClassifierClient(server.target) as c:
             description = c.describe()
             assert (description.model_name, description.max_batch_size) == ("digits", 16)
@@ -567,6 +557,7 @@ def test_flags_and_environment_configure_the_server(trained_repository, mnist_te
                     "intra_op_threads=2", "warmup_runs=5", "max_message_bytes=65536"):
         assert setting in log, setting
     assert "batches under 8 images on 1 thread, larger on 2" in log
+    assert "metrics on :off" in log
 
 
 FLAGS_TO_ONNXRUNTIME = """
