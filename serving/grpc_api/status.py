@@ -143,13 +143,19 @@ def _mapping_errors(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMeth
         if isinstance(request, MalformedRequest):
             MALFORMED.note(f"malformed protobuf request on {method} ({request.size} bytes): INVALID_ARGUMENT")
             return _fail(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        code, message = grpc.StatusCode.OK, ""
+        code, message, refused = grpc.StatusCode.OK, "", False
         try:
             return await behaviour(request, context)
         except ServingError as error:
-            code, message = status_for(error), str(error)
+            code, message, refused = status_for(error), str(error), isinstance(error, ShuttingDown)
         # Outside the `except` block, so the domain error and its traceback (the frames that hold the
         # request) are already gone.
+        if refused:
+            # A draining replica's UNAVAILABLE asks the client to retry on another one, and gRPC retries
+            # only a call whose answer carried no headers: abort() sends the status alone, set_code()
+            # does not. The exception abort() leaves behind lives no longer than the draining process.
+            del request
+            await context.abort(code, message)
         return _fail(context, code, message)
 
     return grpc.unary_unary_rpc_method_handler(
