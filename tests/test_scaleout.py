@@ -29,6 +29,7 @@ from tests.conftest import ROOT
 ENVOY_CONFIG = ROOT / "deploy" / "compose" / "envoy.yaml"
 
 CALLERS = 32
+ONE_PROCESS = ("--workers", "1")  # a replica is one process here, as a pod per core would be
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def digits(mnist_test_set) -> tuple[np.ndarray, np.ndarray]:
 def expected(trained_repository, digits, tmp_path_factory) -> np.ndarray:
     """What the trained model answers for each digit (every replica must answer the same)."""
     images, _ = digits
-    replica = start_replica(trained_repository, "127.0.0.1", free_port(),
+    replica = start_replica(trained_repository, "127.0.0.1", free_port(), *ONE_PROCESS,
                             log_path=tmp_path_factory.mktemp("reference") / "server.log")
     try:
         with ClassifierClient(replica.address, timeout=30) as client:
@@ -52,7 +53,7 @@ def expected(trained_repository, digits, tmp_path_factory) -> np.ndarray:
 
 @pytest.fixture
 def replicas(trained_repository, tmp_path) -> Iterator[list[Replica]]:
-    started = start_replicas(trained_repository, 3, "--grace-period", "10", log_dir=tmp_path)
+    started = start_replicas(trained_repository, 3, "--grace-period", "10", *ONE_PROCESS, log_dir=tmp_path)
     yield started
     for replica in started:
         replica.stop()
@@ -171,7 +172,8 @@ def test_a_replica_started_later_gets_calls_within_the_max_connection_age(traine
                                                                          dns, tmp_path):
     max_age = 3.0
     port = free_port()
-    args = ("--max-connection-age", str(max_age), "--max-connection-age-grace", "1", "--grace-period", "5")
+    args = ("--max-connection-age", str(max_age), "--max-connection-age-grace", "1", "--grace-period", "5",
+            *ONE_PROCESS)
     replicas = start_replicas(trained_repository, 3, *args, port=port, log_dir=tmp_path)
     try:
         dns.addresses = [replica.host for replica in replicas]
@@ -249,7 +251,8 @@ def envoy_entry_point(dns, tmp_path) -> Iterator[tuple[str, int]]:
 def test_envoy_entry_point_balances_per_call_and_loses_no_call_to_a_draining_replica(
         trained_repository, digits, expected, dns, envoy_entry_point, tmp_path):
     target, port = envoy_entry_point
-    replicas = start_replicas(trained_repository, 3, "--grace-period", "10", port=port, log_dir=tmp_path)
+    replicas = start_replicas(trained_repository, 3, "--grace-period", "10", *ONE_PROCESS, port=port,
+                              log_dir=tmp_path)
     try:
         dns.addresses = [replica.host for replica in replicas]
         # One plain host:port target, as a client outside compose would use: no client-side balancing.
