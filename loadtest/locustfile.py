@@ -78,6 +78,11 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--http-host", default="", include_in_web_ui=True,
                        help="host:port of the server's KServe v2 REST API for the rest scenario "
                             "(default: --host's host, port 8000)")
+    parser.add_argument("--model-name", default="", include_in_web_ui=True,
+                       help="the model every call asks for (default: the server's default model)")
+    parser.add_argument("--model-version", default="", include_in_web_ui=True,
+                       help="the version every call asks for (default: the newest ready one, which may change "
+                            "under load; each answer is judged against the version that computed it)")
     parser.add_argument("--mnist-dir", default=os.environ.get("MNIST_DATA_DIR", ""), include_in_web_ui=False,
                        help="folder of the MNIST IDX files (default: $MNIST_DATA_DIR, else ../shared/datasets/mnist)")
     # Servers with --tls-cert, --tls-client-ca or --auth-token-file (gRPC scenarios).
@@ -107,13 +112,22 @@ def _security(options) -> dict:
 # served label equals the true label go into the pool. Under load, a wrong answer for a pool image
 # therefore means the server returned something other than its own idle answer (a batching mix-up,
 # a corrupted tensor, a race): that is the correctness signal, and each one is a Locust failure.
+#
+# A server that polls its repository may switch to a new version mid-run, whose honest answers
+# differ from the old one's. Every answer names the version that computed it, so each answer is
+# judged against that version's own answers for the pool: a version met for the first time is
+# screened once (the whole pool, naming the version), and its answers become its reference.
 
 class LoadPool:
     images: np.ndarray | None = None  # uint8 [P, 28, 28]
     labels: np.ndarray | None = None  # int64 [P]: the true label, which the idle server also answered
-    key: tuple | None = None  # (target, pool size, MNIST folder) the pool was built for
+    key: tuple | None = None  # (target, pool size, MNIST folder, model, version) the pool was built for
     max_batch_size: int = 0  # the most images the server accepts per call
+    model_name: str = ""  # what the calls ask for: --model-name, else the server's default model
+    model_version: str = ""  # --model-version; empty: the newest ready one
+    answers: dict[tuple[str, str], np.ndarray] = {}  # (model, version) -> its labels for the pool
     lock = BoundedSemaphore()  # one build at a time (init and test_start may overlap on a worker)
+    screening = BoundedSemaphore()  # one version screened at a time
 
 
 _SCREEN_BATCH = 250  # images per screening call (fewer when the server accepts fewer)
@@ -125,26 +139,36 @@ def _mnist_dir(configured: str) -> Path:
     return find_data_dir("mnist", configured) or Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
 
 
+def screen(client: ClassifierClient, images: np.ndarray, model_name: str, model_version: str,
+           limit: int) -> np.ndarray:
+    """The labels that (model_name, model_version) gives `images`, in calls of at most `limit` images."""
+    served = np.empty(len(images), dtype=np.int64)
+    step = min(_SCREEN_BATCH, limit)
+
+    def one_call(start: int) -> None:
+        served[start:start + step] = client.classify(images[start:start + step], model_name, model_version).labels
+
+    # Several calls in flight (greenlets), so that a server with batching off screens quickly too.
+    Pool(_SCREEN_CONCURRENCY).map(one_call, range(0, len(images), step))
+    return served
+
+
 def build_pool(target: str, mnist_dir: Path, pool_size: int, timeout: float,
-               security: dict | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """The pool images, their labels and the server's per-call image limit."""
+               security: dict | None = None, model_name: str = "",
+               model_version: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+    """The pool images, their labels and the server's per-call image limit; records the model's answers."""
     data = load_idx_dir(mnist_dir)
     images = np.ascontiguousarray(data.test_images[:pool_size], dtype=np.uint8)
     truth = np.asarray(data.test_labels[:pool_size], dtype=np.int64)
-    served = np.empty_like(truth)
     with ClassifierClient(target, timeout=timeout, **(security or {})) as client:
-        model = client.describe()
+        model = client.describe(model_name, model_version)
         limit = model.max_batch_size or _SCREEN_BATCH  # the server refuses calls with more images
         log.info("server: model %s version %s on %s, at most %d images per call", model.model_name,
                  model.model_version, model.execution_provider or "?", limit)
-        step = min(_SCREEN_BATCH, limit)
-
-        def screen(start: int) -> None:
-            served[start:start + step] = client.classify(images[start:start + step]).labels
-
-        # Several calls in flight (greenlets), so that a server with batching off screens quickly too.
-        Pool(_SCREEN_CONCURRENCY).map(screen, range(0, len(images), step))
+        served = screen(client, images, model.model_name, model.model_version, limit)
+    LoadPool.model_name, LoadPool.model_version = model.model_name, model_version
     keep = served == truth
+    LoadPool.answers = {(model.model_name, model.model_version): truth[keep]}
     if not keep.any():
         raise LoadTestError(f"the server got none of the first {len(images)} test images right; "
                             "is the model in the repository trained?")
@@ -160,12 +184,14 @@ def prepare(environment) -> None:
     weights = parse_mix_weights(options.mix_weights) if options.scenario == "mix" else None
     if options.images_per_call < 1 or options.pool_size < 1:
         raise LoadTestError("--images-per-call and --pool-size must be at least 1")
-    key = (target, options.pool_size, options.mnist_dir)
+    model_name, model_version = getattr(options, "model_name", ""), getattr(options, "model_version", "")
+    key = (target, options.pool_size, options.mnist_dir, model_name, model_version)
     with LoadPool.lock:
         if LoadPool.images is None or LoadPool.key != key:
             LoadPool.images = None
             images, labels, LoadPool.max_batch_size = build_pool(
-                target, _mnist_dir(options.mnist_dir), options.pool_size, options.rpc_timeout, _security(options))
+                target, _mnist_dir(options.mnist_dir), options.pool_size, options.rpc_timeout, _security(options),
+                model_name, model_version)
             LoadPool.images, LoadPool.labels, LoadPool.key = images, labels, key
     batch_calls = options.scenario == "batch" or (weights is not None and weights[1] > 0)
     if batch_calls and options.images_per_call > LoadPool.max_batch_size:
@@ -227,7 +253,31 @@ class WrongPrediction(Exception):
     """The server answered a pool image with a label other than the one it gave when idle."""
 
 
-def _check(name: str, served: np.ndarray, expected: np.ndarray) -> Exception | None:
+def expected_labels(client: ClassifierClient, model_name: str, model_version: str,
+                    index: np.ndarray) -> np.ndarray | None:
+    """What (model_name, model_version) answers for the pool images `index`; None: it cannot be known.
+
+    A version met for the first time is screened once; one that left before it could be (a short
+    overlap during a switch) is not judged.
+    """
+    key = (model_name, model_version)
+    if key not in LoadPool.answers:
+        with LoadPool.screening:
+            if key not in LoadPool.answers:
+                try:
+                    LoadPool.answers[key] = screen(client, LoadPool.images, model_name, model_version,
+                                                   LoadPool.max_batch_size)
+                except grpc.RpcError as error:
+                    log.warning("cannot screen %s version %s (%s): its answers go unjudged", model_name,
+                                model_version, error.code().name)
+                    return None
+                log.info("screened %s version %s: its answers are judged against its own", model_name, model_version)
+    return LoadPool.answers[key][index]
+
+
+def _check(name: str, served: np.ndarray, expected: np.ndarray | None) -> Exception | None:
+    if expected is None:
+        return None
     if served.shape != expected.shape:
         return WrongPrediction(f"{name}: {len(served)} predictions for {len(expected)} images")
     if np.array_equal(served, expected):
@@ -276,8 +326,12 @@ class MnistGrpcUser(User):
     # --- the three kinds of call -------------------------------------------------------------
 
     def _pick(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Random pool images, and their indices in the pool."""
         index = np.random.randint(0, len(LoadPool.images), size=count)
-        return LoadPool.images[index], LoadPool.labels[index]
+        return LoadPool.images[index], index
+
+    def _expected(self, model_name: str, model_version: str, index: np.ndarray) -> np.ndarray | None:
+        return expected_labels(self.client, model_name, model_version, index)
 
     def call_single(self) -> None:
         self._classify(single_request_name(), 1)
@@ -286,26 +340,27 @@ class MnistGrpcUser(User):
         self._classify(batch_request_name(self.images_per_call), self.images_per_call)
 
     def _classify(self, name: str, count: int) -> None:
-        images, expected = self._pick(count)
+        images, index = self._pick(count)
         start = time.perf_counter()
         length, error = 0, None
         try:
-            result = self.client.classify(images)
+            result = self.client.classify(images, LoadPool.model_name, LoadPool.model_version)
             length = result.response_bytes
-            error = _check(name, result.labels, expected)
+            error = _check(name, result.labels, self._expected(result.model_name, result.model_version, index))
         except grpc.RpcError as rpc_error:
             error = _rpc_failure(rpc_error)
         self._report(name, start, length, error)
 
     def call_kserve(self) -> None:
         name = kserve_request_name()
-        images, expected = self._pick(1)
+        images, index = self._pick(1)
         start = time.perf_counter()
         length, error = 0, None
         try:
-            probabilities = self.client.infer_kserve(images)
-            length = probabilities.nbytes
-            error = _check(name, probabilities.argmax(axis=-1), expected)
+            answer = self.client.infer_kserve_answer(images, LoadPool.model_name, LoadPool.model_version)
+            length = answer.probabilities.nbytes
+            error = _check(name, answer.probabilities.argmax(axis=-1),
+                           self._expected(answer.model_name, answer.model_version, index))
         except grpc.RpcError as rpc_error:
             error = _rpc_failure(rpc_error)
         except ValueError as bad_reply:  # e.g. an output of the wrong type or shape
@@ -314,13 +369,14 @@ class MnistGrpcUser(User):
 
     def call_rest(self) -> None:
         name = rest_request_name()
-        images, expected = self._pick(1)
+        images, index = self._pick(1)
         start = time.perf_counter()
         length, error = 0, None
         try:
-            probabilities = self.rest.infer(images)
+            probabilities, model_name, model_version = self.rest.infer_answer(
+                images, LoadPool.model_name, LoadPool.model_version)
             length = probabilities.nbytes
-            error = _check(name, probabilities.argmax(axis=-1), expected)
+            error = _check(name, probabilities.argmax(axis=-1), self._expected(model_name, model_version, index))
         except (RestError, OSError, ValueError) as failure:  # an HTTP error, a dropped connection, a bad reply
             error = failure
         self._report(name, start, length, error, request_type="http")

@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--mix-weights", default=DEFAULTS.mix_weights_text,
                       help="relative weights of single,batch,kserve calls in the mix scenario; "
                            "a fourth weight mixes in rest calls (e.g. 6,3,1,2)")
+    load.add_argument("--model-name", default="", help="the model the calls ask for (default: the server's default)")
+    load.add_argument("--model-version", default="",
+                      help="the version the calls ask for (default: the newest ready one; answers are judged "
+                           "against the version that computed them)")
     load.add_argument("--pool-size", type=int, default=DEFAULTS.pool_size,
                       help="MNIST test images screened at start; the ones the idle server gets right are sent")
     load.add_argument("--processes", type=int, default=None,
@@ -124,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                          html_path=reports / f"{args.name}.html",
                          log_path=reports / f"{args.name}.log", processes=args.processes,
                          images_per_call=args.images_per_call, mix_weights=args.mix_weights,
-                         extra=["--pool-size", str(args.pool_size), *(["--http-host", http_host] if http_host else [])],
+                         extra=["--pool-size", str(args.pool_size), *(["--http-host", http_host] if http_host else []),
+                                *(["--model-name", args.model_name] if args.model_name else []),
+                                *(["--model-version", args.model_version] if args.model_version else [])],
                          stream=args.verbose)
     except LoadTestError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

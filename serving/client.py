@@ -108,6 +108,15 @@ class ClassifyResult:
     response_bytes: int  # serialized response size, for load-test reports
 
 
+@dataclass(frozen=True)
+class KServeAnswer:
+    """One ModelInfer answer: the probabilities, and the model and version that computed them."""
+
+    probabilities: np.ndarray  # float32 [N, classes]
+    model_name: str
+    model_version: str
+
+
 class ClassifierClient:
     """A synchronous channel to the service's mnist.v1.Classifier and KServe v2 APIs."""
 
@@ -167,12 +176,20 @@ class ClassifierClient:
         request = pb.DescribeModelRequest(model_name=model_name, model_version=model_version)
         return self._classifier.DescribeModel(request, timeout=self.timeout, metadata=self._metadata)
 
-    def infer_kserve(self, images: np.ndarray, model_name: str = "mnist") -> np.ndarray:
-        """Probabilities [N, classes] through KServe v2 ModelInfer (UINT8 when given uint8, else FP32)."""
+    def infer_kserve(self, images: np.ndarray, model_name: str = "mnist", model_version: str = "") -> np.ndarray:
+        """Probabilities [N, classes] through KServe v2 ModelInfer (UINT8 when given uint8, else FP32).
+
+        `model_version` empty: the newest ready version of the model.
+        """
+        return self.infer_kserve_answer(images, model_name, model_version).probabilities
+
+    def infer_kserve_answer(self, images: np.ndarray, model_name: str = "mnist",
+                            model_version: str = "") -> KServeAnswer:
+        """ModelInfer's probabilities with the model and version that computed them."""
         batch = _as_batch(images)
         datatype = "UINT8" if batch.dtype == np.uint8 else "FP32"
         request_type, response_type = _kserve_message_types()
-        request = request_type(model_name=model_name)
+        request = request_type(model_name=model_name, model_version=model_version)
         request.inputs.add(name=INPUT_NAME, datatype=datatype, shape=[len(batch), *IMAGE_SHAPE])
         request.raw_input_contents.append(batch.astype(KSERVE_DTYPES[datatype]).tobytes())
         if self._model_infer is None:
@@ -181,7 +198,8 @@ class ClassifierClient:
                 request_serializer=request_type.SerializeToString,
                 response_deserializer=response_type.FromString,
             )
-        return _first_output(self._model_infer(request, timeout=self.timeout, metadata=self._metadata))
+        response = self._model_infer(request, timeout=self.timeout, metadata=self._metadata)
+        return KServeAnswer(_first_output(response), response.model_name, response.model_version)
 
     def wait_until_ready(self, timeout: float) -> None:
         """Block until grpc.health.v1 reports the server ("" service) SERVING, or raise TimeoutError."""

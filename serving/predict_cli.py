@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api", choices=["classifier", "kserve", "rest"], default="classifier",
                         help="mnist.v1.Classifier, the KServe v2 ModelInfer over gRPC, or KServe v2 over "
                              "HTTP/REST (files then go through the page's /api/classify)")
+    parser.add_argument("--model-name", default="",
+                        help="the model to ask (default: the server's default model; mnist for KServe v2)")
+    parser.add_argument("--model-version", default="", help="the version to ask (default: the newest ready one)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
     security = parser.add_argument_group("security (gRPC APIs; servers run with --tls-cert, --tls-client-ca, "
@@ -64,19 +67,23 @@ def run(args: argparse.Namespace) -> int:
             names = [f"mnist-test[{i}]" for i in range(len(images))]
             batches = [images[i: i + args.batch_size] for i in range(0, len(images), args.batch_size)]
             if args.api == "kserve":
-                predicted = np.concatenate([client.infer_kserve(batch).argmax(axis=1) for batch in batches])
+                predicted = np.concatenate([
+                    client.infer_kserve(batch, args.model_name or "mnist", args.model_version).argmax(axis=1)
+                    for batch in batches])
             else:
-                predicted = np.concatenate([client.classify(batch).labels for batch in batches])
+                results = [client.classify(batch, args.model_name, args.model_version) for batch in batches]
+                predicted = np.concatenate([result.labels for result in results])
+                _say_who_answered(args, results)
         else:
             if args.api == "kserve":
                 raise ValueError("--api kserve takes --mnist-test; files go through the classifier API")
             labels = None
             names = [str(path) for path in args.images]
             blobs = [path.read_bytes() for path in args.images]
-            predicted = np.concatenate([
-                client.classify_encoded(blobs[i: i + args.batch_size]).labels
-                for i in range(0, len(blobs), args.batch_size)
-            ])
+            results = [client.classify_encoded(blobs[i: i + args.batch_size], args.model_name, args.model_version)
+                       for i in range(0, len(blobs), args.batch_size)]
+            predicted = np.concatenate([result.labels for result in results])
+            _say_who_answered(args, results)
     return _report(args, names, predicted, labels)
 
 
@@ -85,11 +92,19 @@ def _predict_rest(args: argparse.Namespace) -> tuple[argparse.Namespace, list[st
     with RestClient(args.target or "localhost:8000", timeout=args.timeout) as client:
         if args.mnist_test:
             images, labels = _load_mnist(args.mnist_test, args.data_dir)
-            predicted = np.concatenate([client.infer(images[i: i + args.batch_size]).argmax(axis=1)
-                                        for i in range(0, len(images), args.batch_size)])
+            predicted = np.concatenate([
+                client.infer(images[i: i + args.batch_size], args.model_name or "mnist", args.model_version).argmax(axis=1)
+                for i in range(0, len(images), args.batch_size)])
             return args, [f"mnist-test[{i}]" for i in range(len(images))], predicted, labels
         predicted = np.array([client.classify_encoded(path.read_bytes())["label"] for path in args.images])
         return args, [str(path) for path in args.images], predicted, None
+
+
+def _say_who_answered(args: argparse.Namespace, results: list) -> None:
+    """Which model and version(s) computed the answers (a new version may take over mid-run)."""
+    if not args.quiet:
+        answered = sorted({(r.model_name, r.model_version) for r in results})
+        print("answered by " + ", ".join(f"{name} version {version}" for name, version in answered))
 
 
 def _report(args: argparse.Namespace, names: list[str], predicted: np.ndarray, labels: np.ndarray | None) -> int:

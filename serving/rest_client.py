@@ -72,6 +72,11 @@ class RestClient:
     def infer(self, images: np.ndarray, model_name: str = "mnist", model_version: str = "",
               binary: bool = True) -> np.ndarray:
         """Probabilities [N, classes] for uint8 images [N, 28, 28] through POST .../infer."""
+        return self.infer_answer(images, model_name, model_version, binary)[0]
+
+    def infer_answer(self, images: np.ndarray, model_name: str = "mnist", model_version: str = "",
+                     binary: bool = True) -> tuple[np.ndarray, str, str]:
+        """The probabilities, and the model name and version that computed them (empty version: the newest)."""
         pixels = np.ascontiguousarray(images, dtype=np.uint8).reshape(-1, contract.IMAGE_SIDE, contract.IMAGE_SIDE, 1)
         tensor = {"name": contract.INPUT_NAME, "datatype": "UINT8", "shape": list(pixels.shape)}
         request = {"inputs": [tensor], "outputs": [{"name": contract.OUTPUT_NAME,
@@ -85,7 +90,9 @@ class RestClient:
             tensor["data"] = pixels.ravel().tolist()
             body, headers = json.dumps(request).encode(), {"Content-Type": "application/json"}
         path = f"/v2/models/{model_name}" + (f"/versions/{model_version}" if model_version else "") + "/infer"
-        return _probabilities(self._checked(self.request("POST", path, body, headers)))
+        reply = self._checked(self.request("POST", path, body, headers))
+        header = _header(reply)
+        return _probabilities(reply), str(header.get("model_name", "")), str(header.get("model_version", ""))
 
     def classify_encoded(self, blob: bytes) -> dict:
         """One PNG or JPEG through the page's POST /api/classify: label, probabilities, framed pixels."""
@@ -102,10 +109,16 @@ class RestClient:
         return reply
 
 
+def _header(reply: RestReply) -> dict:
+    """An infer response's JSON part (all of it, or the part before the binary data)."""
+    length = reply.headers.get(HEADER_LENGTH)
+    return json.loads(reply.body if length is None else reply.body[: int(length)])
+
+
 def _probabilities(reply: RestReply) -> np.ndarray:
     """The `probabilities` output of an infer response, JSON data or binary data after the header."""
     length = reply.headers.get(HEADER_LENGTH)
-    header = json.loads(reply.body if length is None else reply.body[: int(length)])
+    header = _header(reply)
     output = next((o for o in header.get("outputs", []) if o.get("name") == contract.OUTPUT_NAME), None)
     if output is None:
         raise ValueError(f"the response has no '{contract.OUTPUT_NAME}' output")

@@ -101,6 +101,54 @@ def test_a_version_published_by_training_under_load_takes_over_with_no_failed_ca
           f"(poll 0.5 s + checks and warm-up); {len(load.answers)} calls, 0 failed")
 
 
+def test_locust_judges_each_answer_by_the_version_that_computed_it(repository, mnist_path, tmp_path):
+    import threading
+
+    from loadtest.locust_runner import read_stats_csv, run_locust
+
+    # A version whose honest answers differ from version 1's on some digits: judged against version
+    # 1's answers, those would be "wrong predictions".
+    new_version = variant_bytes(model_file(repository, "mnist", 1), seed=3)
+
+    def publish_soon() -> None:
+        time.sleep(2)
+        publish(repository, "mnist", 2, new_version)
+
+    with start_server(repository, *POLL, log_path=tmp_path / "server.log") as server:
+        run_locust(server.target, scenario="mix", users=6, spawn_rate=6, run_time="10s",
+                   csv_prefix=tmp_path / "switch", log_path=tmp_path / "locust.log", mix_weights="1,1,1,1",
+                   extra=["--pool-size", "500", "--http-host", f"127.0.0.1:{server.http_port}"],
+                   on_spawned=lambda: threading.Thread(target=publish_soon, daemon=True).start())
+        assert "now serves versions [2]" in server.log()
+    stats = read_stats_csv(tmp_path / "switch_stats.csv")
+    locust_log = (tmp_path / "locust.log").read_text()
+    assert stats["Aggregated"].requests > 0 and stats["Aggregated"].failures == 0, locust_log[-3000:]
+    assert "screened mnist version 2" in locust_log
+
+
+def test_mnist_predict_names_a_model_and_version(repository, mnist_path, tmp_path):
+    publish(repository, "mnist", 2, variant_bytes(model_file(repository, "mnist", 1), seed=5))
+    write_config(repository, "mnist", "{ all { } }")
+    with start_server(repository, *POLL, log_path=tmp_path / "server.log") as server:
+        for version in ("1", "2"):
+            result = subprocess.run(
+                [sys.executable, "-m", "serving.predict_cli", "--target", server.target, "--mnist-test", "100",
+                 "--data-dir", str(mnist_path), "--model-name", "mnist", "--model-version", version, "--quiet"],
+                capture_output=True, text=True, timeout=120, cwd=ROOT)
+            assert result.returncode == 0, result.stderr
+            assert "accuracy: " in result.stdout
+        missing = subprocess.run(
+            [sys.executable, "-m", "serving.predict_cli", "--target", server.target, "--mnist-test", "10",
+             "--data-dir", str(mnist_path), "--api", "kserve", "--model-version", "7"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "ready versions: 1, 2" in missing.stderr
+        verbose = subprocess.run(
+            [sys.executable, "-m", "serving.predict_cli", "--target", server.target, "--mnist-test", "10",
+             "--data-dir", str(mnist_path), "--model-version", "1"],
+            capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert "answered by mnist version 1" in verbose.stdout
+
+
 def test_broken_versions_are_refused_under_load_and_a_fixed_one_is_taken(
         repository, mnist_test_set, reference, tmp_path):
     images, _ = mnist_test_set
