@@ -15,7 +15,7 @@ from serving.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from serving.grpc_api import kserve_converters as convert
 from serving.grpc_api import triton
 from serving.grpc_api.converters import deadline_of
-from serving.inference.errors import ModelControlDisabled
+from serving.inference.errors import InvalidInput, ModelControlDisabled
 from serving.inference.registry import ModelRegistry
 from serving.inference.served_model import ModelLookup
 
@@ -65,11 +65,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context) -> pb.RepositoryModelLoadResponse:
+        _no_overrides(request.parameters)
         await self._registry("repository").load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context) -> pb.RepositoryModelUnloadResponse:
+        _no_overrides(request.parameters)
         await self._registry("repository").unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -77,3 +79,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not isinstance(self.model, ModelRegistry):
             raise ModelControlDisabled(f"this server has no model repository, so no {extension} extension")
         return self.model
+
+
+def _no_overrides(parameters) -> None:
+    """Triton's load parameters (a config override, model files in the request) are not supported: say so."""
+    if parameters:
+        raise InvalidInput(f"load/unload parameters ({', '.join(sorted(parameters))}) are not supported: "
+                           "put the configuration and files in the model repository")
