@@ -10,7 +10,7 @@ export MNIST_DATA_DIR
 FASHION_MNIST_DATA_DIR ?= $(wildcard ../shared/datasets/fashion-mnist)
 export FASHION_MNIST_DATA_DIR
 
-.PHONY: install demo train serve test proto proto-check loadtest batching-study bench lock clean
+.PHONY: install demo train serve test proto proto-check loadtest batching-study bench lock clean soak overload
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,15 @@ batching-study: install
 
 bench: install
 	$(BIN)/python -m bench.bench_serving --model-repository $(REPOSITORY) $(ARGS)
+
+## Reliability: steady mixed load (with hostile calls) checked for correctness and RSS over time,
+## printed and plotted (bench/results/soak.png); `make soak ARGS="--minutes 10"`.
+soak: install
+	$(BIN)/python -m bench.soak --model-repository $(REPOSITORY) $(ARGS)
+
+## Overload: goodput, p99 and shed calls at 0.5x to 4x the capacity (docs/figures/overload.png).
+overload: install
+	$(BIN)/python -m bench.overload --model-repository $(REPOSITORY) $(ARGS)
 
 ## Refresh constraints.txt from a fresh resolve of pyproject.toml.
 lock:

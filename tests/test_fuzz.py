@@ -159,3 +159,18 @@ def _still_correct(server, mnist_test_set) -> None:
         assert client.infer_kserve(images[:32]).argmax(axis=1).tolist() == idle.tolist()
     assert server.proc.poll() is None
     assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+def test_a_short_soak_is_correct_with_flat_memory(trained_repository, mnist_path, tmp_path):
+    """`make soak` at CI size: mixed and hostile calls for 20 s, every answer checked, RSS flat."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--model-repository", str(trained_repository), "--minutes", "0.34",
+         "--interval", "5", "--callers", "4", "--data-dir", str(mnist_path), "--out", str(tmp_path / "soak.json")],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "soak.json").read_text())
+    assert summary["calls"] > 0 and summary["hostile_refused"] > 0 and summary["wrong"] == 0
+    assert (tmp_path / "soak.png").stat().st_size > 0

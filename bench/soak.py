@@ -1,0 +1,224 @@
+"""Soak: correctness and memory over time under steady mixed load.
+
+    make soak ARGS="--minutes 10"
+    python -m bench.soak --model-repository model_repository --minutes 10 [--callers 16]
+    python -m bench.soak --target host:8500 --minutes 60 [--server-pid PID]
+
+Callers send Classify (raw pixels and PNG files) and KServe ModelInfer back to back. Every answer
+is checked against the server's own idle answer for the same images, and a share of hostile calls
+(malformed protobuf, oversized names, typed contents beside raw) must be refused with
+INVALID_ARGUMENT or NOT_FOUND. Every --interval seconds one line: calls, errors, wrong answers,
+calls/s and the server's RSS (read from /proc when the server runs on this machine). At the end a
+summary and a plot (bench/results/soak.png). Exits 1 on any wrong answer, unexpected error, or
+RSS that grew more than --max-rss-growth after the first interval.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import re
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from core.idx import find_data_dir, load_idx_dir
+from serving.client import ClassifierClient
+from serving.generated import mnist_classifier_pb2 as pb
+from serving.process import start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+HOSTILE_SHARE = 0.05  # of calls
+REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+
+
+@dataclass
+class Tally:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    calls: int = 0
+    errors: int = 0
+    wrong: int = 0
+    hostile_refused: int = 0
+    last_error: str = ""
+
+    def add(self, *, calls: int = 0, errors: int = 0, wrong: int = 0, refused: int = 0, error: str = "") -> None:
+        with self.lock:
+            self.calls += calls
+            self.errors += errors
+            self.wrong += wrong
+            self.hostile_refused += refused
+            self.last_error = error or self.last_error
+
+
+def rss_mb(pid: int | None) -> float:
+    if pid is None:
+        return float("nan")
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def hostile_call(channel: grpc.Channel, rng: random.Random) -> grpc.StatusCode:
+    """One of the hostile shapes of issue 14; the answer must be a refusal, quickly."""
+    kind = rng.randrange(3)
+    if kind == 0:  # not protobuf at all
+        call = channel.unary_unary("/mnist.v1.Classifier/Classify", request_serializer=None,
+                                   response_deserializer=None)
+        request = b"\x0a\xff\xff\xff\xff\x0f"
+    elif kind == 1:  # a 64 KiB model name
+        call = channel.unary_unary("/mnist.v1.Classifier/Classify", request_serializer=None,
+                                   response_deserializer=None)
+        request = pb.ClassifyRequest(model_name="x" * 65536,
+                                     images=[pb.Image(raw_pixels=bytes(784))]).SerializeToString()
+    else:  # raw pixels of the wrong size
+        call = channel.unary_unary("/mnist.v1.Classifier/Classify", request_serializer=None,
+                                   response_deserializer=None)
+        request = pb.ClassifyRequest(images=[pb.Image(raw_pixels=bytes(700))]).SerializeToString()
+    try:
+        call(request, timeout=10)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        return error.code()
+
+
+def caller(target: str, images: np.ndarray, reference: np.ndarray, blobs: list[bytes], stop: threading.Event,
+           tally: Tally, seed: int) -> None:
+    rng = random.Random(seed)
+    with ClassifierClient(target, timeout=30) as client, grpc.insecure_channel(target) as raw_channel:
+        while not stop.is_set():
+            try:
+                if rng.random() < HOSTILE_SHARE:
+                    code = hostile_call(raw_channel, rng)
+                    ok = code in REFUSED
+                    tally.add(calls=1, refused=int(ok), errors=int(not ok),
+                              error="" if ok else f"hostile call answered {code.name}")
+                    continue
+                start = rng.randrange(len(images) - 16)
+                count = rng.choice((1, 4, 16))
+                kind = rng.randrange(3)
+                if kind == 0:
+                    labels = client.classify(images[start:start + count]).labels
+                elif kind == 1:
+                    labels = client.infer_kserve(images[start:start + count]).argmax(axis=1)
+                else:
+                    labels = client.classify_encoded(blobs[start:start + count]).labels
+                expected = reference[int(kind == 2)][start:start + count]  # PNGs have their own idle answers
+                tally.add(calls=1, wrong=int((np.asarray(labels) != expected).sum()))
+            except grpc.RpcError as error:
+                tally.add(calls=1, errors=1, error=f"{error.code().name}: {(error.details() or '')[:200]}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    minutes = [row["t"] / 60 for row in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(minutes, [row["calls_per_s"] for row in rows], "-")
+    left.set_xlabel("minutes")
+    left.set_ylabel("calls/s")
+    left.set_title("throughput (errors and wrong answers: see the log)", fontsize=9)
+    right.plot(minutes, [row["rss_mb"] for row in rows], "-", color="tab:red")
+    right.set_xlabel("minutes")
+    right.set_ylabel("server RSS (MB)")
+    right.set_ylim(bottom=0)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--callers", type=int, default=16)
+    parser.add_argument("--interval", type=float, default=10.0, help="seconds between two report lines")
+    parser.add_argument("--target", help="a running server (default: start one on this machine)")
+    parser.add_argument("--server-pid", type=int, help="with --target: the server's pid, for its RSS")
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: $MNIST_DATA_DIR)")
+    parser.add_argument("--max-rss-growth", type=float, default=0.10,
+                        help="allowed RSS growth from the first interval to the end (fraction)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
+    args = parser.parse_args(argv)
+    if args.minutes <= 0 or args.callers < 1:
+        parser.error("--minutes must be positive and --callers at least 1")
+    folder = find_data_dir("mnist", args.data_dir)
+    if folder is None:
+        parser.error("the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR")
+    images = np.ascontiguousarray(load_idx_dir(folder).test_images[:1024])
+    blobs = [png(image) for image in images]
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    context = (nullcontext(None) if args.target else
+               start_server(args.model_repository, "--workers", "1", log_path=args.out.with_suffix(".log")))
+    with context as server:
+        target = args.target or server.target
+        pid = args.server_pid if args.target else server.proc.pid
+        with ClassifierClient(target, timeout=60) as client:  # the idle answers every later one must equal
+            reference = np.stack([
+                np.concatenate([client.classify(images[i:i + 64]).labels for i in range(0, len(images), 64)]),
+                np.concatenate([client.classify_encoded(blobs[i:i + 64]).labels for i in range(0, len(images), 64)]),
+            ])
+        tally, stop = Tally(), threading.Event()
+        threads = [threading.Thread(target=caller, args=(target, images, reference, blobs, stop, tally, seed),
+                                    daemon=True) for seed in range(args.callers)]
+        for thread in threads:
+            thread.start()
+        rows: list[dict] = []
+        started = time.monotonic()
+        previous = 0
+        print(f"soak: {args.callers} callers for {args.minutes:g} min against {target}")
+        print(f"{'t s':>6} {'calls':>9} {'calls/s':>8} {'errors':>6} {'wrong':>5} {'refused':>7} {'RSS MB':>7}")
+        try:
+            while (elapsed := time.monotonic() - started) < args.minutes * 60:
+                time.sleep(min(args.interval, args.minutes * 60 - elapsed))
+                with tally.lock:
+                    calls, errors, wrong, refused = tally.calls, tally.errors, tally.wrong, tally.hostile_refused
+                now = time.monotonic() - started
+                row = {"t": now, "calls": calls, "calls_per_s": (calls - previous) / args.interval,
+                       "errors": errors, "wrong": wrong, "refused": refused, "rss_mb": rss_mb(pid)}
+                previous = calls
+                rows.append(row)
+                print(f"{now:>6.0f} {calls:>9} {row['calls_per_s']:>8.0f} {errors:>6} {wrong:>5} {refused:>7} "
+                      f"{row['rss_mb']:>7.0f}", flush=True)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(30)
+    first, last = rows[0]["rss_mb"], rows[-1]["rss_mb"]
+    growth = (last - first) / first if first == first and first else 0.0  # NaN-safe: no RSS when remote
+    summary = {"minutes": args.minutes, "callers": args.callers, "calls": tally.calls, "errors": tally.errors,
+               "wrong": tally.wrong, "hostile_refused": tally.hostile_refused, "rss_first_mb": first,
+               "rss_last_mb": last, "rss_max_mb": max(r["rss_mb"] for r in rows), "rss_growth": growth,
+               "last_error": tally.last_error, "rows": rows}
+    args.out.write_text(json.dumps(summary, indent=2))
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"{tally.calls} calls ({tally.hostile_refused} hostile, refused), {tally.errors} errors, "
+          f"{tally.wrong} wrong answers; RSS {first:.0f} -> {last:.0f} MB ({growth:+.1%}, max "
+          f"{summary['rss_max_mb']:.0f}); wrote {args.out} and {args.out.with_suffix('.png')}")
+    if tally.last_error:
+        print(f"last error: {tally.last_error}")
+    failed = tally.errors or tally.wrong or growth > args.max_rss_growth
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
