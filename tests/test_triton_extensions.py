@@ -119,6 +119,8 @@ def test_explicit_mode_loads_and_unloads_on_request(repository, mnist_test_set, 
         index = {m.name: m for m in client.get_model_repository_index().models}
         assert index["mnist"].state == "READY" and index["mnist_int8"].state == ""
 
+        with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT.*not supported"):
+            client.load_model("mnist_int8", config='{"max_batch_size": 8}')  # Triton's config override
         client.load_model("mnist_int8")
         assert client.is_model_ready("mnist_int8", "1")
         result = infer(client, images[:16], "mnist_int8")

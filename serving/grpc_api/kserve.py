@@ -82,7 +82,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _no_overrides(parameters) -> None:
-    """Triton's load parameters (a config override, model files in the request) are not supported: say so."""
-    if parameters:
-        raise InvalidInput(f"load/unload parameters ({', '.join(sorted(parameters))}) are not supported: "
+    """Triton's overrides (`config`, `file:<path>`) are not supported: say so rather than ignore them.
+
+    `unload_dependents` (which tritonclient always sends) is accepted: no model here has dependents.
+    """
+    overrides = sorted(key for key in parameters if key == "config" or key.startswith("file:"))
+    if overrides:
+        raise InvalidInput(f"load/unload parameters ({', '.join(overrides)}) are not supported: "
                            "put the configuration and files in the model repository")
