@@ -1,0 +1,123 @@
+"""One heavy decoding caller beside ordinary ones: does it cost the others their latency?
+
+    python -m bench.heavy_decode --model-repository model_repository [--seconds 15]
+
+Ordinary callers send one-image Classify calls back to back; their p50/p99 are measured alone,
+then beside a caller that sends Classify with 64 encoded 4096x4096 RGBA PNGs (75 KB each, 1.07
+billion pixels once decoded) in a loop: first on a server with the default --max-decoded-pixels
+(the call is refused from the image headers), then on one whose budget admits it, so the images
+are really decoded, on the decoding threads, off the event loop.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image, ImageDraw
+
+from core.idx import find_data_dir, load_idx_dir
+from serving.client import ClassifierClient
+from serving.generated import mnist_classifier_pb2 as pb
+from serving.process import start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+SIDE = 4096
+
+
+def big_png() -> bytes:
+    image = Image.new("RGBA", (SIDE, SIDE), (255, 255, 255, 255))
+    ImageDraw.Draw(image).line([(2048, 600), (2048, 3500)], fill=(0, 0, 0, 255), width=300)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def heavy_caller(target: str, heavy: bytes, outcomes) -> None:
+    """In a process of its own: its 4.7 MB messages must not hold the ordinary callers' GIL."""
+    request = pb.ClassifyRequest(images=[pb.Image(encoded=heavy)] * 64)
+    with ClassifierClient(target, timeout=600) as client:
+        while True:
+            try:
+                client._classifier.Classify(request, timeout=600)
+                outcome = "OK"
+            except grpc.RpcError as error:
+                outcome = error.code().name
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+
+def measure(target: str, images: np.ndarray, callers: int, seconds: float, heavy: bytes | None) -> dict:
+    latencies: list[float] = []
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def ordinary(k: int) -> None:
+        with ClassifierClient(target, timeout=60) as client:
+            i = k
+            while not stop.is_set():
+                started = time.perf_counter()
+                client.classify(images[i % len(images)][None])
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+                i += callers
+
+    threads = [threading.Thread(target=ordinary, args=(k,)) for k in range(callers)]
+    for thread in threads:
+        thread.start()
+    context = multiprocessing.get_context("spawn")  # no fork of a process that runs gRPC threads
+    manager = context.Manager()
+    outcomes = manager.dict()
+    process = None
+    if heavy is not None:
+        process = context.Process(target=heavy_caller, args=(target, heavy, outcomes))
+        process.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    heavy_outcomes = dict(outcomes)
+    if process is not None:  # an admitted heavy call outlives the measurement: stop its caller
+        process.terminate()
+        process.join()
+    manager.shutdown()
+    values = np.array(latencies[len(latencies) // 20:])  # the first 5 %: connections warming up
+    return {"calls": len(values), "p50_ms": float(np.percentile(values, 50) * 1000),
+            "p99_ms": float(np.percentile(values, 99) * 1000), "heavy": heavy_outcomes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.heavy_decode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--callers", type=int, default=4)
+    args = parser.parse_args(argv)
+    folder = find_data_dir("mnist", args.data_dir)
+    if folder is None:
+        parser.error("the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR")
+    images = load_idx_dir(folder).test_images[:1000]
+    heavy = big_png()
+    print(f"ordinary: {args.callers} callers, 1 image per Classify; heavy: 64 x {SIDE}x{SIDE} RGBA PNG "
+          f"({len(heavy) // 1024} KB each) per call, in a loop; {args.seconds:g} s each")
+    print(f"{'server':<44} {'heavy caller':<28} {'calls':>6} {'p50 ms':>7} {'p99 ms':>7}")
+    cases = [("default budget (16.8 Mpx per call)", ()),
+             ("budget admits it (--max-decoded-pixels 1.07 G)", ("--max-decoded-pixels", str(64 * SIDE * SIDE)))]
+    for name, extra in cases:
+        with start_server(args.model_repository, "--workers", "1", "--http-port", "0", *extra) as server:
+            for label, blob in (("none", None), ("64 x 4096^2 PNG", heavy)):
+                if blob is None and extra:
+                    continue  # the baseline is the same server configuration's
+                result = measure(server.target, images, args.callers, args.seconds, blob)
+                outcomes = ", ".join(f"{k} {v}" for k, v in result["heavy"].items()) or "-"
+                print(f"{name:<44} {label + ' (' + outcomes + ')':<28} {result['calls']:>6} "
+                      f"{result['p50_ms']:>7.2f} {result['p99_ms']:>7.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
