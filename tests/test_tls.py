@@ -337,3 +337,12 @@ def test_the_http_port_needs_the_token_for_models_but_not_for_health(token_serve
     assert http_status(base + "/v2/models/mnist", TOKEN) == 200
     assert http_status(base + "/v2/health/ready") == 200
     assert http_status(base + "/v2/models/mnist/ready") == 200
+
+
+def test_the_health_probe_speaks_tls_and_mtls(mtls_server, pki):
+    probe = [sys.executable, "-m", "serving.health_probe", "--target", mtls_server.target, "--timeout", "10"]
+    client = ["--tls-ca", str(pki["ca"].cert), "--tls-cert", str(pki["client"].cert), "--tls-key", str(pki["client"].key)]
+    ok = subprocess.run([*probe, *client], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stdout + ok.stderr
+    plain = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 1 and "UNAVAILABLE" in plain.stdout, plain.stdout + plain.stderr
