@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR")
     images = np.ascontiguousarray(load_idx_dir(folder).test_images[:2048])
     calls = requests(images, args.images_per_call, 512)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     server_args = ("--workers", "1", "--max-queue-size", str(args.max_queue_size), "--http-port", "0")
     with start_server(args.model_repository, *server_args, log_path=args.out.with_suffix(".log")) as server:
         with ClassifierClient(server.target, timeout=60) as client:
@@ -213,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result.shed:>6} {result.other_errors:>5} {result.wrong:>5} {result.p50_ms:>7.1f} "
                   f"{result.p99_ms:>7.1f} {result.shed_p50_ms:>5.1f}/{result.shed_p99_ms:<6.1f} "
                   f"{result.rss_start_mb:>7.0f}/{result.rss_max_mb:.0f}/{result.rss_end_mb:.0f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"capacity_per_s": capacity, "images_per_call": args.images_per_call,
                                     "max_queue_size": args.max_queue_size,
                                     "results": [asdict(r) for r in results]}, indent=2))
