@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--callers", type=int, default=4)
+    parser.add_argument("--decode-threads", type=int, default=2, help="the server's --decode-threads")
     parser.add_argument("--heavy-interval", type=float, default=0.5, help="seconds between two heavy calls' starts")
     args = parser.parse_args(argv)
     folder = find_data_dir("mnist", args.data_dir)
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = [("default budget (16.8 Mpx per call)", ()),
              ("budget admits it (--max-decoded-pixels 1.07 G)", ("--max-decoded-pixels", str(64 * SIDE * SIDE)))]
     for name, extra in cases:
-        with start_server(args.model_repository, "--workers", "1", "--http-port", "0", *extra) as server:
+        with start_server(args.model_repository, "--workers", "1", "--http-port", "0",
+                          "--decode-threads", str(args.decode_threads), *extra) as server:
             for label, blob in (("none", None), ("64 x 4096^2 PNG", heavy)):
                 if blob is None and extra:
                     continue  # the baseline is the same server configuration's
