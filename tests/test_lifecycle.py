@@ -67,6 +67,41 @@ def ready_versions(target: str, name: str = "mnist") -> list[int]:
             return []
 
 
+def health(target: str) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
+def test_version_policy_selects_like_triton() -> None:
+    from serving.inference.version_policy import VersionPolicy
+
+    on_disk = [1, 2, 3, 5]
+    assert VersionPolicy().select(on_disk) == {5}
+    assert VersionPolicy("latest", num_versions=2).select(on_disk) == {3, 5}
+    assert VersionPolicy("latest", num_versions=9).select(on_disk) == {1, 2, 3, 5}
+    assert VersionPolicy("all").select(on_disk) == {1, 2, 3, 5}
+    assert VersionPolicy("specific", versions=(2, 4, 5)).select(on_disk) == {2, 5}
+    assert VersionPolicy().select([]) == set()
+    with pytest.raises(ValueError, match="at least 1"):
+        VersionPolicy("latest", num_versions=0)
+
+
+def test_model_control_flags_are_checked() -> None:
+    from serving.config import load_config
+
+    config = load_config(["--model-name", "mnist", "--model-name", "fashion_mnist", "--model-control-mode", "none"])
+    assert config.model_names == ("mnist", "fashion_mnist") and config.model_control_mode == "none"
+    assert load_config([]).model_names == () and load_config([]).model_control_mode == "poll"
+    assert load_config([], {"MNIST_SERVE_MODEL_NAMES": "a,b"}).model_names == ("a", "b")
+    with pytest.raises(ValueError, match="--repository-poll-secs"):
+        load_config(["--repository-poll-secs", "0"])
+    with pytest.raises(ValueError, match="--model-name"):
+        load_config(["--model-name", "../elsewhere"])
+
+
 def test_a_version_published_by_training_under_load_takes_over_with_no_failed_call(
         repository, mnist_test_set, reference, tmp_path):
     images, _ = mnist_test_set
@@ -169,6 +204,7 @@ def test_broken_versions_are_refused_under_load_and_a_fixed_one_is_taken(
                          30, f"a '{reason}' load failure")
             time.sleep(2)  # several more polls: each refusal is logged and counted once, not per poll
             assert ready_versions(server.target) == [1]
+            assert health(server.target) == "SERVING"
             refused_log = server.log()
             counted = {r: metric_value(server.metrics_url, FAILURES, model="mnist", reason=r)
                        for r in ("checksum", "signature", "incomplete")}
