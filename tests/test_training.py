@@ -14,7 +14,7 @@ import onnx
 import pytest
 from google.protobuf import text_format
 
-from tests.conftest import ROOT, run_train
+from tests.conftest import QUICK_TRAIN_ARGS, ROOT, run_train
 from core.idx import DatasetError, find_data_dir, load_idx_dir, parse_idx
 from training.data import load_dataset
 
@@ -151,8 +151,8 @@ def test_same_seed_same_model(mnist_path):
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("small_run")
-    result = run_train("--limit", "2000", "--epochs", "1", "--out", str(root / "repo"),
-                       "--artifacts", str(root / "artifacts"))
+    # The article's network with the quick recipe of the serving tests (~95 % on the test digits).
+    result = run_train(*QUICK_TRAIN_ARGS, "--out", str(root / "repo"), "--artifacts", str(root / "artifacts"))
     assert result.returncode == 0, result.stderr[-3000:]
     return root, result
 
@@ -194,8 +194,51 @@ def test_onnx_model_interface_and_metadata(small_run):
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["class_names"]) == [str(i) for i in range(10)]
-    assert props["recipe"] == "article" and float(props["test_accuracy"]) > 0
+    assert props["recipe"] == "article"
     assert {"trained_at", "source_revision"} <= set(props)
+
+
+def test_published_model_reads_the_test_digits_as_well_as_it_claims(small_run, mnist_test_set):
+    """Recomputed here with onnxruntime on the 10,000 test images from disk, not read from the run."""
+    import onnxruntime as ort
+
+    from core.repository import load_version
+
+    root, _ = small_run
+    version = load_version(root / "repo", "mnist")
+    images, labels = mnist_test_set
+    session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
+    predicted = session.run(None, {"images": (images.astype(np.float32) / 255)[..., None]})[0].argmax(axis=1)
+    accuracy = float((predicted == labels).mean())
+    # 5,400 images, two epochs: a competent reader of digits, and exactly what the run reported.
+    assert accuracy >= 0.90, accuracy
+    assert version.metadata.onnx_test_accuracy == pytest.approx(accuracy, abs=1e-4)
+    props = {p.key: p.value for p in onnx.load(version.model_path).metadata_props}
+    assert float(props["test_accuracy"]) == pytest.approx(version.metadata.test_accuracy, abs=1e-4)
+    assert abs(version.metadata.test_accuracy - accuracy) <= 1e-3  # Keras' own figure agrees too
+
+
+def test_keras_and_onnx_agree_recomputed_here(small_run, mnist_test_set):
+    """Parity measured by the test itself: the saved Keras model against the published ONNX file."""
+    import onnxruntime as ort
+
+    from training.quiet import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import keras
+
+    from core.repository import load_version
+
+    root, _ = small_run
+    version = load_version(root / "repo", "mnist")
+    images = (mnist_test_set[0].astype(np.float32) / 255)[..., None]
+    keras_model = keras.models.load_model(root / "artifacts" / "mnist-v1" / "model.keras")
+    by_keras = keras_model.predict(images, batch_size=1000, verbose=0)
+    session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
+    by_onnx = session.run(None, {"images": images})[0]
+    max_diff = float(np.abs(by_keras - by_onnx).max())
+    assert max_diff <= 1e-4 and (by_keras.argmax(axis=1) == by_onnx.argmax(axis=1)).all()
+    assert version.metadata.parity["max_abs_diff"] == pytest.approx(max_diff, rel=0.5, abs=1e-7)
 
 
 def test_metadata_records_parity_and_checksum(small_run):
@@ -208,19 +251,24 @@ def test_metadata_records_parity_and_checksum(small_run):
     assert meta.parity["images"] == 10000 and meta.parity["max_abs_diff"] <= 1e-4
     assert meta.parity["argmax_mismatches"] == 0
     assert meta.parameters == 62346 and meta.hyperparameters["batch_size"] == 100
-    assert meta.hyperparameters["epochs"] == 1 and meta.train_images == 1800
+    assert meta.hyperparameters["epochs"] == 2 and meta.hyperparameters["optimizer"] == "adam"
+    assert (meta.train_images, meta.validation_images) == (5400, 600)  # --limit 6000, the 0.1 split
     assert abs(meta.test_accuracy - meta.onnx_test_accuracy) < 1e-3
     assert meta.wall_seconds > 0 and meta.recipe == "article"
 
 
-def test_a_new_run_adds_the_next_version(small_run):
+def test_a_new_run_adds_the_next_version(small_run, tmp_path):
     root, _ = small_run
-    before = (root / "repo" / "mnist" / "1" / "model.onnx").read_bytes()
-    result = run_train("--limit", "500", "--epochs", "1", "--out", str(root / "repo"),
-                       "--artifacts", str(root / "artifacts"))
+    repository = tmp_path / "repo"  # a copy of its own: the module's repository keeps exactly version 1
+    shutil.copytree(root / "repo", repository)
+    before = (repository / "mnist" / "1" / "model.onnx").read_bytes()
+    result = run_train("--limit", "500", "--epochs", "1", "--no-int8", "--out", str(repository),
+                       "--artifacts", str(tmp_path / "artifacts"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (root / "repo" / "mnist" / "2" / "model.onnx").is_file()
-    assert (root / "repo" / "mnist" / "1" / "model.onnx").read_bytes() == before
+    assert sorted(p.name for p in (repository / "mnist").iterdir()) == ["1", "2", "config.pbtxt"]
+    assert (repository / "mnist" / "2" / "model.onnx").is_file()
+    assert (repository / "mnist" / "1" / "model.onnx").read_bytes() == before
+    assert (tmp_path / "artifacts" / "mnist-v2" / "model.keras").is_file()
 
 
 def test_parity_failure_names_the_images(small_run, mnist_test_set):
@@ -243,3 +291,106 @@ def test_parity_failure_names_the_images(small_run, mnist_test_set):
     images, labels = mnist_test_set
     with pytest.raises(ParityError, match=r"ONNX differs from Keras: max \|Δp\| .* on \d+ images \(0, 1, 2"):
         check_parity(keras_model, onnx_model.SerializeToString(), to_model_input(images[:200]), labels[:200])
+
+
+# --- the folder's SHA256SUMS, a parity failure through the CLI, flags and Fashion-MNIST ------------
+
+def _write_sums(folder: Path, digests: dict[str, str]) -> None:
+    (folder / "SHA256SUMS").write_text("".join(f"{digest}  {stem}\n" for stem, digest in digests.items()))
+
+
+def test_the_folders_own_sha256sums_decide(mnist_path, tmp_path):
+    import hashlib
+
+    folder = _copy_dataset(mnist_path, tmp_path / "mnist")
+    labels = bytearray(gzip.decompress((folder / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    labels[8 + 0] = 3  # the first test label is 7 in MNIST; this folder's copy says 3
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(labels)))
+    digests = {gz.stem: hashlib.sha256(gzip.decompress(gz.read_bytes())).hexdigest()
+               for gz in folder.glob("*.gz")}
+    _write_sums(folder, digests)  # sums of this folder's files: they are accepted as they are
+    assert load_idx_dir(folder).test_labels[0] == 3
+    _write_sums(folder, {**digests, "train-images-idx3-ubyte": "0" * 64})  # a sum that no longer matches
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte: sha256 .* differs from the expected 000000000000"):
+        load_idx_dir(folder)
+
+
+# The exporter made to disagree with Keras (its final bias nudged), as a broken converter would.
+PARITY_BREAK = """
+import sys
+import onnx
+from onnx import numpy_helper
+import training.export as export
+
+original = export.export_onnx
+
+def drifting_export(*args, **kwargs):
+    model = original(*args, **kwargs)
+    bias = max(model.graph.initializer, key=lambda t: list(t.dims) == [10])
+    values = numpy_helper.to_array(bias).copy()
+    values[3] += 0.5
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    return model
+
+export.export_onnx = drifting_export
+from training.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_parity_failure_exits_non_zero_and_publishes_nothing(mnist_path, tmp_path):
+    result = subprocess.run([sys.executable, "-c", PARITY_BREAK, "--limit", "500", "--epochs", "1",
+                             "--out", str(tmp_path / "repo"), "--artifacts", str(tmp_path / "artifacts")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "MNIST_DATA_DIR": str(mnist_path)})
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mnist-train: error: ParityError: ONNX differs from Keras"), last
+    assert "Traceback" not in result.stderr
+    published = [p for p in (tmp_path / "repo").rglob("*") if p.is_file()] if (tmp_path / "repo").exists() else []
+    assert published == [], published  # no model.onnx, no metadata.json, no config.pbtxt, no INT8 copy
+
+
+def fashion_mnist_dir() -> Path | None:
+    """Fashion-MNIST's folder ($FASHION_MNIST_DATA_DIR, the shared copy, or Debian's package)."""
+    shared = ROOT.parent / "shared" / "datasets" / "fashion-mnist"
+    if not os.environ.get("FASHION_MNIST_DATA_DIR") and shared.is_dir():
+        return shared
+    return find_data_dir("fashion-mnist")
+
+
+def test_fashion_mnist_end_to_end_with_the_export_flags(tmp_path):
+    """--dataset fashion-mnist through fit, export, parity and publishing, with --opset,
+    --max-batch-size and --validation-split set away from their defaults."""
+    import onnxruntime as ort
+
+    from core.repository import load_version
+
+    folder = fashion_mnist_dir()
+    if folder is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("Fashion-MNIST is missing under CI: apt-get install dataset-fashion-mnist")
+        pytest.skip("Fashion-MNIST not found: set FASHION_MNIST_DATA_DIR or apt-get install dataset-fashion-mnist")
+    result = run_train("--dataset", "fashion-mnist", "--data-dir", str(folder), "--limit", "1000", "--epochs", "1",
+                       "--optimizer", "adam", "--learning-rate", "0.002", "--opset", "18", "--max-batch-size", "32",
+                       "--validation-split", "0.25", "--no-int8", "--model-name", "fashion",
+                       "--out", str(tmp_path / "repo"), "--artifacts", str(tmp_path / "artifacts"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    version = load_version(tmp_path / "repo", "fashion")
+    meta = version.metadata
+    assert meta.dataset == "fashion-mnist" and meta.class_names[9] == "Ankle boot"
+    assert (meta.train_images, meta.validation_images) == (750, 250)  # --validation-split 0.25 of --limit 1000
+    model = onnx.load(version.model_path)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((tmp_path / "repo" / "fashion" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    assert config.name == "fashion" and config.max_batch_size == 32
+    # The published model reads Fashion-MNIST's own test images (from the folder) far above chance (0.1):
+    # 750 images, one epoch give about 0.55.
+    data = load_idx_dir(folder, "fashion-mnist")
+    session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
+    predicted = session.run(None, {"images": (data.test_images.astype(np.float32) / 255)[..., None]})[0].argmax(axis=1)
+    accuracy = float((predicted == data.test_labels).mean())
+    assert accuracy >= 0.4 and meta.onnx_test_accuracy == pytest.approx(accuracy, abs=1e-4)
