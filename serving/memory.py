@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
 MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial value, kept fixed
@@ -26,3 +28,36 @@ def keep_large_blocks_unmappable(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, threshold) == 1
+
+
+def _rss_pages() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1])
+
+
+def start_trimmer(interval: float = 1.0, growth: float = 0.05) -> bool:
+    """A daemon thread that hands free heap memory back (malloc_trim) when RSS has grown.
+
+    Memory freed by threads other than the main one sits in glibc's per-thread arenas, which
+    give it back only when their top is free; gRPC's threads receive and free large requests
+    there. Every `interval` seconds, when RSS is over `growth` above what it was after the last
+    trim, malloc_trim(0) returns the free pages of every arena. It runs outside the GIL (ctypes
+    releases it) and only after RSS grew, so a steady server never calls it.
+    """
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+        _rss_pages()
+    except (OSError, AttributeError):  # not glibc, or no /proc
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def run() -> None:
+        settled = _rss_pages()
+        while True:
+            time.sleep(interval)
+            if _rss_pages() > settled * (1 + growth):
+                malloc_trim(0)
+                settled = _rss_pages()
+
+    threading.Thread(target=run, name="malloc-trim", daemon=True).start()
+    return True

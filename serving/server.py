@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving import metrics, security
-from serving.memory import keep_large_blocks_unmappable
+from serving.memory import keep_large_blocks_unmappable, start_trimmer
 from serving.config import ServeConfig
 from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from serving.generated import mnist_classifier_pb2, mnist_classifier_pb2_grpc
@@ -114,6 +114,7 @@ class Server:
         # loop would otherwise keep it for up to 5 ms (Python's default), stalling the answers.
         sys.setswitchinterval(config.switch_interval_us / 1e6)
         keep_large_blocks_unmappable()  # large bad requests must not leave RSS high (serving.memory)
+        start_trimmer()
         # TLS files and token first: a bad file is one clear line before anything loads.
         tls = (security.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
                if config.tls_cert and config.tls_key else None)
