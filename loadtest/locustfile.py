@@ -90,8 +90,10 @@ def _add_arguments(parser) -> None:
                        help="connect with TLS, trusting the system's CAs")
     parser.add_argument("--tls-ca", default="", include_in_web_ui=False,
                        help="PEM CA of the server's certificate (implies --tls)")
-    parser.add_argument("--tls-cert", default="", include_in_web_ui=False, help="PEM client certificate (mTLS)")
-    parser.add_argument("--tls-key", default="", include_in_web_ui=False, help="PEM key of --tls-cert")
+    # Not --tls-cert/--tls-key: Locust has those already (HTTPS for its web UI), and a second definition
+    # makes this whole handler fail, so none of these options would exist.
+    parser.add_argument("--client-tls-cert", default="", include_in_web_ui=False, help="PEM client certificate (mTLS)")
+    parser.add_argument("--client-tls-key", default="", include_in_web_ui=False, help="PEM key of --client-tls-cert")
     parser.add_argument("--auth-token-file", default="", include_in_web_ui=False,
                        help="file holding the server's bearer token")
 
@@ -99,7 +101,7 @@ def _add_arguments(parser) -> None:
 def _security(options) -> dict:
     """ClassifierClient's tls and token from the TLS and token options (absent options: plaintext)."""
     tls, token = client_security(getattr(options, "tls", False), getattr(options, "tls_ca", ""),
-                                 getattr(options, "tls_cert", ""), getattr(options, "tls_key", ""),
+                                 getattr(options, "client_tls_cert", ""), getattr(options, "client_tls_key", ""),
                                  getattr(options, "auth_token_file", ""))
     return {"tls": tls, "token": token}
 
