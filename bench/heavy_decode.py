@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--callers", type=int, default=4)
-    parser.add_argument("--decode-threads", type=int, default=2, help="the server's --decode-threads")
+    parser.add_argument("--decode-threads", type=int, default=1, help="the server's --decode-threads")
     parser.add_argument("--heavy-interval", type=float, default=0.5, help="seconds between two heavy calls' starts")
     args = parser.parse_args(argv)
     folder = find_data_dir("mnist", args.data_dir)

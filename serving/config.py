@@ -42,7 +42,7 @@ class ServeConfig:
     # Hostile input (serving.inputs): decoded pixels per call, all encoded images together, read from
     # their headers before decoding (one 4096x4096 image, or 64 of 512x512); threads that decode them.
     max_decoded_pixels: int = 4096 * 4096
-    decode_threads: int = 2
+    decode_threads: int = 1  # per worker process (--workers): one keeps the other cores for serving
     # Transport security (serving.security): PEM files, re-read when they change; no cert: plaintext.
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -23,7 +23,7 @@ from serving.inputs.wire import check_classify_request, decode_classify_images, 
 if TYPE_CHECKING:
     from serving.generated import mnist_classifier_pb2
 
-DEFAULT_DECODE_THREADS = 2
+DEFAULT_DECODE_THREADS = 1  # per worker process; a heavy call then takes one core, not all
 WAITING_PER_THREAD = 8  # calls with encoded images waiting per decoding thread before new ones are shed
 
 
