@@ -317,4 +317,4 @@ def test_memory_stays_flat_over_twenty_version_switches(repository, tmp_path):
                 rss.append(rss_kib(server.proc.pid))
     print(f"\nRSS after switch 1: {rss[0] / 1024:.1f} MiB, after switch 20: {rss[-1] / 1024:.1f} MiB "
           f"({100 * (rss[-1] / rss[0] - 1):+.1f} %)")
-    assert rss[-1] <= rss[0] * 1.10, [r // 1024 for r in rss]
+    assert rss[-1] <= rss[0] * 1.10, [r // 1024 for r in rss]  # MiB after each switch

@@ -435,9 +435,10 @@ class ModelRegistry:
         await asyncio.sleep(delay)  # calls that looked it up before the switch and have not queued yet
         await model.batcher.close()
         self._observer.version_unloaded(model.name, model.version.version, model.provider)
-        log.info("model '%s' version %s unloaded after its accepted calls finished", model.name, model.version_label)
+        name, version = model.name, model.version_label
         del model  # the last reference to its onnxruntime sessions
         await asyncio.get_running_loop().run_in_executor(None, release_memory)
+        log.info("model '%s' version %s unloaded after its accepted calls finished", name, version)
 
 
 def release_memory() -> None:
