@@ -39,9 +39,17 @@ def expected_labels(trained_repository, mnist_test_set):
     return session.run(None, {"images": images})[0].argmax(axis=1).tolist()
 
 
-def classify(target: str, image: np.ndarray, timeout: float = 60) -> tuple[str, object]:
-    """One Classify call on a plain channel (no client retries: the server's own answer is kept)."""
+def classify(target: str, image: np.ndarray, timeout: float = 60,
+             together: threading.Barrier | None = None) -> tuple[str, object]:
+    """One Classify call on a plain channel (no client retries: the server's own answer is kept).
+
+    The channel connects first, and callers sharing `together` then go at once: on a busy machine
+    held calls still reach the queue within its hold, not a connection set-up apart.
+    """
     with grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        if together is not None:
+            together.wait(30)
         try:
             response = pb_grpc.ClassifierStub(channel).Classify(
                 pb.ClassifyRequest(images=[pb.Image(raw_pixels=image.tobytes())]), timeout=timeout)
@@ -87,7 +95,8 @@ def wait_for(condition, what: str, timeout: float = 30.0) -> None:
 
 def hold_calls(server, images: np.ndarray) -> list:
     """Send one call per image and return once all of them wait in the server's queue."""
-    results = [in_background(classify, server.target, image) for image in images]
+    together = threading.Barrier(len(images))
+    results = [in_background(classify, server.target, image, 60, together) for image in images]
     wait_for(lambda: queue_depth(server) == len(images), f"{len(images)} calls held in the queue")
     return results
 

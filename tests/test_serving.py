@@ -364,9 +364,9 @@ def test_bad_kserve_requests(server, triton, mnist_test_set, case, datatype, sha
 # --- servers of their own: load shedding, draining, device choice, start-up errors ---------------
 
 
-# A server that holds a lone call in its queue for 2 s (a partial batch waiting for company), with
+# A server that holds a lone call in its queue for 4 s (a partial batch waiting for company), with
 # room for two: calls are in the queue, deterministically, while a test looks.
-HOLD_US = 2_000_000
+HOLD_US = 4_000_000
 
 
 @pytest.fixture(scope="module")
@@ -377,12 +377,20 @@ def holding_server(trained_repository, tmp_path_factory):
         yield running
 
 
-def call_in_background(target: str, images: np.ndarray, timeout: float = 30):
-    """Start one Classify call on its own thread; returns a function that waits for its outcome."""
+def call_in_background(target: str, images: np.ndarray, timeout: float = 30,
+                       together: threading.Barrier | None = None):
+    """Start one Classify call on its own thread; returns a function that waits for its outcome.
+
+    The channel connects first (and the callers sharing `together` wait for each other), so on a
+    busy machine the calls still reach the queue within the hold, not a connection set-up apart.
+    """
     outcome: dict[str, object] = {}
 
     def call():
         with ClassifierClient(target, timeout=timeout) as c:
+            c.wait_until_ready(30)
+            if together is not None:
+                together.wait(30)
             try:
                 outcome["labels"] = c.classify(images).labels.tolist()
             except grpc.RpcError as err:
@@ -404,7 +412,8 @@ def test_a_full_queue_answers_resource_exhausted_and_the_queued_are_served(holdi
     images, _ = mnist_test_set
     server = holding_server
     shed_before = metric(server, "mnist_dropped_requests_total", 0.0, reason="queue_full")
-    held = [call_in_background(server.target, images[i: i + 1]) for i in (0, 1)]
+    together = threading.Barrier(2)
+    held = [call_in_background(server.target, images[i: i + 1], together=together) for i in (0, 1)]
     wait_for(lambda: metric(server, "mnist_queue_depth") == 2, "two calls held in the queue")
     with ClassifierClient(server.target, timeout=30) as c:
         error = rpc_error(lambda: c.classify(images[2:3]))
@@ -422,9 +431,9 @@ def test_calls_that_expire_while_queued_are_dropped_not_computed(holding_server,
     cancelled_before = metric(server, "mnist_dropped_requests_total", 0.0, reason="cancelled")
     expired_before = metric(server, "mnist_dropped_requests_total", 0.0, reason="deadline")
 
-    # gRPC: the caller's deadline (0.5 s) ends the call while it waits in the queue (2 s). The client's
+    # gRPC: the caller's deadline (1.5 s) ends the call while it waits in the queue (4 s). The client's
     # own DEADLINE_EXCEEDED, and gRPC cancels the call on the server, which drops it unrun.
-    outcome = call_in_background(server.target, images[:1], timeout=0.5)
+    outcome = call_in_background(server.target, images[:1], timeout=1.5)
     wait_for(lambda: metric(server, "mnist_queue_depth") == 1, "the call held in the queue")
     assert outcome()["error"] == (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
     wait_for(lambda: metric(server, "mnist_dropped_requests_total", 0.0, reason="cancelled") == cancelled_before + 1,
@@ -433,7 +442,7 @@ def test_calls_that_expire_while_queued_are_dropped_not_computed(holding_server,
     # REST: the request's own `timeout` (µs) is the server's deadline: its own 504, with its own words.
     body = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 784],
                                    "data": images[0].ravel().tolist()}],
-                       "parameters": {"timeout": 500_000}}).encode()
+                       "parameters": {"timeout": 1_500_000}}).encode()
     request = urllib.request.Request(f"{server.http_url}/v2/models/mnist/infer", data=body,
                                      headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as caught:
