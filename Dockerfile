@@ -25,7 +25,8 @@ RUN mkdir core training && touch core/__init__.py training/__init__.py \
  && pip install -c constraints.txt --no-cache-dir '.[training]'
 COPY core ./core
 COPY training ./training
-RUN pip install -c constraints.txt --no-cache-dir --no-deps .
+# setuptools' build/ from the stand-in install would win over the older files COPY brings.
+RUN rm -rf build *.egg-info && pip install -c constraints.txt --no-cache-dir --no-deps .
 
 # serving-cpu: onnxruntime's CPU build; onnxruntime-gpu's CUDA kernels would make the image far larger.
 # pip and setuptools built the environment and are not needed to run it; test suites are never
@@ -35,7 +36,8 @@ RUN mkdir core serving && touch core/__init__.py serving/__init__.py \
  && pip install -c constraints.txt --no-cache-dir '.[serving-cpu]'
 COPY core ./core
 COPY serving ./serving
-RUN pip install -c constraints.txt --no-cache-dir --no-deps . \
+# setuptools' build/ from the stand-in install would win over the older files COPY brings.
+RUN rm -rf build *.egg-info && pip install -c constraints.txt --no-cache-dir --no-deps . \
  && pip uninstall -q -y pip setuptools \
  && find /opt/venv -type d -name tests -prune -exec rm -rf {} +
 
@@ -45,7 +47,8 @@ RUN mkdir core serving loadtest && touch core/__init__.py serving/__init__.py lo
 COPY core ./core
 COPY serving ./serving
 COPY loadtest ./loadtest
-RUN pip install -c constraints.txt --no-cache-dir --no-deps . \
+# setuptools' build/ from the stand-in install would win over the older files COPY brings.
+RUN rm -rf build *.egg-info && pip install -c constraints.txt --no-cache-dir --no-deps . \
  && pip uninstall -q -y pip setuptools \
  && find /opt/venv -type d -name tests -prune -exec rm -rf {} +
 

@@ -132,7 +132,7 @@ class Stack:
                                 text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr[-4000:]}"
-                                 f"\n{self.logs('trainer')[-3000:]}")
+                                 f"\ntrainer:\n{self.logs('trainer')[-2000:]}\nserver:\n{self.logs('server')[-2000:]}")
         return result
 
     def containers(self, service: str) -> list[str]:
