@@ -18,8 +18,9 @@ starts the engine). In one compose project with a unique name, this module:
 
 Everything it creates is removed at the end, even when a test fails: the compose project, the
 containers it runs by hand and the images it tagged (`docker rmi --no-prune`, so the layer cache,
-and the stand-in base image, stay and make the next run fast). The tests share one compose project
-and run in file order. Figures (build time, sizes, Locust calls/s) are printed: `pytest -s`.
+and the stand-in base image, stay and make the next run fast). The scenario runs once, in order, in a
+module fixture that records what each step saw; each test checks one promise against that record, so
+the tests pass or fail alone in any order. Figures (build time, sizes, Locust calls/s): `pytest -s`.
 """
 from __future__ import annotations
 
@@ -121,6 +122,19 @@ class Stack:
     env: dict[str, str]
     grpc_port: int
     figures: dict[str, str] = field(default_factory=dict)
+    seen: dict[str, object] = field(default_factory=dict)  # what each step of the scenario observed
+    errors: dict[str, str] = field(default_factory=dict)  # step -> why it could not finish
+
+    def step(self, name: str, action) -> None:
+        """Run one step of the scenario, recording what it saw; a failure is kept for its test."""
+        try:
+            action(self)
+        except Exception as error:  # noqa: BLE001  (reported by the test that checks this step)
+            self.errors[name] = f"{type(error).__name__}: {error}"
+
+    def check(self, *steps: str) -> None:
+        failed = {step: self.errors[step] for step in steps if step in self.errors}
+        assert not failed, "\n".join(f"{step}: {error}" for step, error in failed.items())
 
     def image(self, target: str) -> str:
         return f"{IMAGES[target]}:{self.tag}"
@@ -223,6 +237,10 @@ def stack(mnist_path):
         # Compose waits for the trainer to succeed and the server to turn healthy before Locust starts.
         stack.run_compose("up", "-d", "--no-build", "--scale", f"locust-worker={LOCUST_WORKERS}", timeout=900)
         stack.figures["up_s"] = f"{time.monotonic() - started:.0f}"
+        # The scenario runs once, in this order; the tests below check what it saw, in any order
+        # (pytest-randomly shuffles them).
+        for name, action in SCENARIO:
+            stack.step(name, action)
         yield stack
     finally:
         _remove_everything(stack)
@@ -230,7 +248,119 @@ def stack(mnist_path):
         print("\ncontainer figures: " + ", ".join(f"{key}={value}" for key, value in stack.figures.items()))
 
 
-# --- 1-2. images, up, trainer and server ---------------------------------------------------------
+# --- the scenario: steps in compose order, each recording what it saw -------------------------------
+
+def _up(stack: Stack) -> None:
+    stack.seen["trainer"] = _inspect(stack.container("trainer"))
+    stack.seen["trainer_log"] = stack.logs("trainer")
+    deadline = time.monotonic() + 120
+    while (health := _inspect(stack.container("server"))["State"]["Health"]["Status"]) == "starting" \
+            and time.monotonic() < deadline:
+        time.sleep(2)
+    stack.seen["server_health"] = health
+    stack.seen["server_log"] = stack.logs("server")
+
+
+def _users(stack: Stack) -> None:
+    # Locust's containers first: they exit when the bounded run ends.
+    running = [stack.container("server"), stack.container("locust"), *stack.containers("locust-worker")]
+    stack.seen["uids"] = {_inspect(cid)["Name"]: _docker("exec", cid, "id", "-u").stdout.strip() for cid in running}
+    stack.seen["trainer_user"] = _inspect(stack.container("trainer"))["Config"]["User"]
+    # The trainer has exited; what it wrote into the models volume is owned by the user it ran as.
+    stack.seen["model_owners"] = _docker("exec", stack.container("server"), "sh", "-c",
+                                         "stat -c %u /models/*/*/model.onnx").stdout.split()
+    probe = ("import importlib.metadata as m, importlib.util as u; "
+             "print(u.find_spec('tensorflow'), u.find_spec('training'), "
+             "sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].startswith('onnxruntime')))")
+    stack.seen["server_packages"] = _docker("exec", stack.container("server"), "python", "-c", probe).stdout.strip()
+
+
+def _host_clients(stack: Stack) -> None:
+    import tritonclient.grpc as grpcclient
+
+    from core.idx import load_idx_dir
+
+    mnist = stack.env["MNIST_DATA_DIR"]
+    for api in ("classifier", "kserve"):
+        result = subprocess.run([str(BIN_DIR / "mnist-predict"), "--target", f"127.0.0.1:{stack.grpc_port}",
+                                 "--mnist-test", "500", "--data-dir", mnist, "--api", api, "--quiet"],
+                                capture_output=True, text=True, timeout=120)
+        stack.seen[f"predict_{api}"] = (result.returncode, result.stdout + result.stderr)
+    data = load_idx_dir(mnist)
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{stack.grpc_port}") as client:
+        stack.seen["triton_ready"] = client.is_server_ready() and client.is_model_ready("mnist")
+        batch = (data.test_images[:64, ..., None] / 255).astype(np.float32)  # 64: the server's per-call limit
+        tensor = grpcclient.InferInput("images", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch)
+        result = client.infer("mnist", [tensor], outputs=[grpcclient.InferRequestedOutput("probabilities")])
+    stack.seen["triton_accuracy"] = float((result.as_numpy("probabilities").argmax(axis=1)
+                                           == data.test_labels[:64]).mean())
+
+
+def _locust(stack: Stack) -> None:
+    master = stack.container("locust")
+    stack.seen["locust_exit"] = _docker("wait", master, timeout=LOCUST_RUN_TIME_S + 240).stdout.strip()
+    stack.seen["locust_log"] = stack.logs("locust")
+    stack.seen["locust_workers"] = len(stack.containers("locust-worker"))
+    reports = stack.checkout / "reports"
+    with open(reports / "locust_stats.csv", newline="") as file:
+        total = next(row for row in csv.DictReader(file) if row["Name"] == "Aggregated")
+    stack.seen["locust_total"] = total
+    stack.figures["locust_calls_per_s"] = f"{float(total['Requests/s']):.0f}"
+    stack.seen["locust_html"] = (reports / "locust.html").read_text()
+
+
+def _retrain(stack: Stack) -> None:
+    stack.run_compose("up", "-d", "--no-build", "trainer", env={"RETRAIN": "1"})
+    stack.seen["retrain_exit"] = _docker("wait", stack.container("trainer"), timeout=600).stdout.strip()
+    stack.seen["retrain_log"] = stack.logs("trainer")
+    stack.seen["versions"] = _docker("exec", stack.container("server"), "ls", "/models/mnist").stdout.split()
+
+
+def _gpu_image(stack: Stack) -> None:
+    models = f"{stack.project}_models:/models:ro"
+    auto = f"{stack.project}-gpu-auto"
+    _docker("run", "-d", "--name", auto, "-v", models, stack.image("server-gpu"))  # the image's CMD: --device auto
+    try:
+        deadline = time.monotonic() + 180
+        while (health := _inspect(auto)["State"].get("Health", {}).get("Status")) == "starting" \
+                and _inspect(auto)["State"]["Running"] and time.monotonic() < deadline:
+            time.sleep(2)
+        stack.seen["gpu_auto_health"] = health
+        stack.seen["gpu_auto_log"] = _logs(auto)
+        stack.seen["gpu_auto_uid"] = _docker("exec", auto, "id", "-u").stdout.strip()
+        stack.seen["gpu_auto_tensorflow"] = _docker("exec", auto, "python", "-c",
+                                                    "import importlib.util as u; print(u.find_spec('tensorflow'))"
+                                                    ).stdout.strip()
+    finally:
+        _docker("rm", "-f", "-v", auto, check=False)
+    cuda = subprocess.run(["docker", "run", "--rm", "--name", f"{stack.project}-gpu-cuda", "-v", models,
+                           stack.image("server-gpu"), "mnist-serve", "--model-repository", "/models", "--device", "cuda"],
+                          capture_output=True, text=True, timeout=180)
+    stack.seen["gpu_cuda"] = (cuda.returncode, (cuda.stdout + cuda.stderr).strip())
+
+
+def _stop(stack: Stack) -> None:
+    stack.run_compose("stop", "-t", "30")
+    stack.seen["server_stopped"] = _inspect(stack.container("server"))["State"]
+    stack.seen["server_stop_log"] = stack.logs("server")
+
+
+def _down(stack: Stack) -> None:
+    stack.run_compose("--profile", "gpu", "down", "-v", "--remove-orphans")
+    label = f"label=com.docker.compose.project={stack.project}"
+    stack.seen["left_after_down"] = {
+        "containers": _docker("ps", "-a", "-q", "--filter", label).stdout.split(),
+        "volumes": _docker("volume", "ls", "-q", "--filter", label).stdout.split(),
+        "networks": _docker("network", "ls", "-q", "--filter", label).stdout.split(),
+    }
+
+
+SCENARIO = [("up", _up), ("users", _users), ("host_clients", _host_clients), ("locust", _locust),
+            ("retrain", _retrain), ("gpu_image", _gpu_image), ("stop", _stop), ("down", _down)]
+
+
+# --- the promises -----------------------------------------------------------------------------------
 
 def test_images_are_built_and_the_cpu_server_is_small(stack):
     sizes = {target: float(stack.figures[f"size_{target}_mb"]) for target in IMAGES}
@@ -238,123 +368,72 @@ def test_images_are_built_and_the_cpu_server_is_small(stack):
     assert sizes["server"] < sizes["server-gpu"], sizes
 
 
-def test_trainer_exits_0_and_server_turns_healthy(stack):
-    trainer = _inspect(stack.container("trainer"))
-    assert trainer["State"]["Status"] == "exited" and trainer["State"]["ExitCode"] == 0, stack.logs("trainer")[-3000:]
-    assert f"training: mnist-train --out /models --artifacts /artifacts {TRAIN_ARGS}" in stack.logs("trainer")
-    deadline = time.monotonic() + 120
-    while (health := _inspect(stack.container("server"))["State"]["Health"]["Status"]) != "healthy":
-        assert health == "starting" and time.monotonic() < deadline, f"server {health}:\n{stack.logs('server')[-3000:]}"
-        time.sleep(2)
+def test_trainer_exits_0_and_server_turns_healthy_by_its_healthcheck(stack):
+    stack.check("up")
+    trainer, log = stack.seen["trainer"], stack.seen["trainer_log"]
+    assert trainer["State"]["Status"] == "exited" and trainer["State"]["ExitCode"] == 0, log[-3000:]
+    assert f"training: mnist-train --out /models --artifacts /artifacts {TRAIN_ARGS}" in log, log[-3000:]
+    assert stack.seen["server_health"] == "healthy", stack.seen["server_log"][-3000:]
 
 
 def test_containers_run_as_app_and_the_server_holds_no_tensorflow(stack):
-    # Locust's containers are checked first: they exit when the bounded run ends.
-    running = [stack.container("server"), stack.container("locust"), *stack.containers("locust-worker")]
-    assert len(running) == 2 + LOCUST_WORKERS
-    for cid in running:
-        assert _docker("exec", cid, "id", "-u").stdout.strip() == APP_UID, _inspect(cid)["Name"]
-    # The trainer has exited; what it wrote into the models volume is owned by the user it ran as.
-    assert _inspect(stack.container("trainer"))["Config"]["User"] == "app"
-    owners = _docker("exec", stack.container("server"), "sh", "-c", "stat -c %u /models/mnist/*/model.onnx").stdout
-    assert owners.split() == [APP_UID], owners
-    probe = ("import importlib.metadata as m, importlib.util as u; "
-             "print(u.find_spec('tensorflow'), u.find_spec('training'), "
-             "sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].startswith('onnxruntime')))")
-    found = _docker("exec", stack.container("server"), "python", "-c", probe).stdout.strip()
+    stack.check("users")
+    uids = stack.seen["uids"]
+    assert len(uids) == 2 + LOCUST_WORKERS and set(uids.values()) == {APP_UID}, uids
+    assert stack.seen["trainer_user"] == "app"
+    assert stack.seen["model_owners"] and set(stack.seen["model_owners"]) == {APP_UID}, stack.seen["model_owners"]
+    found = stack.seen["server_packages"]
     assert found == "None None ['onnxruntime']", f"server image: tensorflow, training, runtimes = {found}"
 
 
-# --- 3. clients on this machine through the published port -------------------------------------------
-
-def test_mnist_predict_on_the_host_gets_correct_answers(stack, mnist_path):
+def test_host_clients_get_correct_answers_through_the_published_port(stack):
+    stack.check("host_clients")
     for api in ("classifier", "kserve"):
-        result = subprocess.run([str(BIN_DIR / "mnist-predict"), "--target", f"127.0.0.1:{stack.grpc_port}",
-                                 "--mnist-test", "500", "--data-dir", str(mnist_path), "--api", api, "--quiet"],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        accuracy = float(re.search(r"accuracy: \d+/500 = ([\d.]+)", result.stdout)[1])
-        assert accuracy >= 0.9, f"--api {api}: {result.stdout}"
+        returncode, output = stack.seen[f"predict_{api}"]
+        assert returncode == 0, output
+        accuracy = float(re.search(r"accuracy: \d+/500 = ([\d.]+)", output)[1])
+        assert accuracy >= 0.9, f"mnist-predict --api {api}: {output}"
+    assert stack.seen["triton_ready"]
+    assert stack.seen["triton_accuracy"] >= 0.9, stack.seen["triton_accuracy"]
 
 
-def test_tritonclient_on_the_host_gets_correct_answers(stack, mnist_test_set):
-    import tritonclient.grpc as grpcclient
-
-    images, labels = mnist_test_set
-    with grpcclient.InferenceServerClient(f"127.0.0.1:{stack.grpc_port}") as client:
-        assert client.is_server_ready() and client.is_model_ready("mnist")
-        batch = (images[:64, ..., None] / 255).astype(np.float32)
-        tensor = grpcclient.InferInput("images", list(batch.shape), "FP32")
-        tensor.set_data_from_numpy(batch)
-        result = client.infer("mnist", [tensor], outputs=[grpcclient.InferRequestedOutput("probabilities")])
-    predictions = result.as_numpy("probabilities").argmax(axis=1)
-    assert (predictions == labels[:64]).mean() >= 0.9
-
-
-# --- Locust: master + workers, headless, bounded --------------------------------------------------
-
-def test_locust_master_and_workers_run_headless_with_no_failures(stack):
-    master = stack.container("locust")
-    waited = _docker("wait", master, timeout=LOCUST_RUN_TIME_S + 240)
-    log = stack.logs("locust")
-    assert waited.stdout.strip() == "0", f"the Locust master exited {waited.stdout.strip()}:\n{log[-3000:]}"
-    assert len(stack.containers("locust-worker")) == LOCUST_WORKERS
-    reports = stack.checkout / "reports"
-    with open(reports / "locust_stats.csv", newline="") as file:
-        total = next(row for row in csv.DictReader(file) if row["Name"] == "Aggregated")
+def test_locust_master_and_workers_run_headless_with_no_failures_and_reports(stack):
+    stack.check("locust")
+    assert stack.seen["locust_exit"] == "0", f"the Locust master exited {stack.seen['locust_exit']}:\n" \
+                                             f"{stack.seen['locust_log'][-3000:]}"
+    assert stack.seen["locust_workers"] == LOCUST_WORKERS
+    total = stack.seen["locust_total"]
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0, total
-    stack.figures["locust_calls_per_s"] = f"{float(total['Requests/s']):.0f}"
-    html = (reports / "locust.html").read_text()
+    html = stack.seen["locust_html"]
     assert "<html" in html.lower() and "Classify" in html, "locust.html is not Locust's report of this run"
 
 
-# --- 4. retrain, the GPU image, stop, down -----------------------------------------------------------
-
 def test_retrain_publishes_version_2(stack):
-    stack.run_compose("up", "-d", "--no-build", "trainer", env={"RETRAIN": "1"})
-    trainer = stack.container("trainer")
-    waited = _docker("wait", trainer, timeout=600)
-    assert waited.stdout.strip() == "0", stack.logs("trainer")[-3000:]
-    versions = _docker("exec", stack.container("server"), "ls", "/models/mnist").stdout.split()
-    assert "1" in versions and "2" in versions, versions
+    stack.check("retrain")
+    assert stack.seen["retrain_exit"] == "0", stack.seen["retrain_log"][-3000:]
+    assert {"1", "2"} <= set(stack.seen["versions"]), stack.seen["versions"]
 
 
-def test_gpu_image_falls_back_to_cpu_under_auto_and_stops_under_cuda(stack):
-    models = f"{stack.project}_models:/models:ro"
-    auto = f"{stack.project}-gpu-auto"
-    _docker("run", "-d", "--name", auto, "-v", models, stack.image("server-gpu"))  # the image's CMD: --device auto
-    deadline = time.monotonic() + 180
-    while (health := _inspect(auto)["State"].get("Health", {}).get("Status")) != "healthy":
-        assert _inspect(auto)["State"]["Running"] and time.monotonic() < deadline, \
-            f"GPU image under --device auto: {health}\n{_logs(auto)[-3000:]}"
-        time.sleep(2)
-    log = _logs(auto)
-    fallback = [line for line in log.splitlines() if "fell back to the CPU" in line]
-    assert len(fallback) == 1, log[-3000:]
-    assert _docker("exec", auto, "id", "-u").stdout.strip() == APP_UID
-    found = _docker("exec", auto, "python", "-c", "import importlib.util as u; print(u.find_spec('tensorflow'))").stdout
-    assert found.strip() == "None"
-    _docker("rm", "-f", auto)
-
-    cuda = subprocess.run(["docker", "run", "--rm", "--name", f"{stack.project}-gpu-cuda", "-v", models,
-                           stack.image("server-gpu"), "mnist-serve", "--model-repository", "/models", "--device", "cuda"],
-                          capture_output=True, text=True, timeout=180)
-    output = (cuda.stdout + cuda.stderr).strip()
-    assert cuda.returncode != 0 and len(output.splitlines()) == 1 and "--device cuda" in output, output
+def test_gpu_image_serves_on_cpu_under_auto_and_stops_under_cuda(stack):
+    stack.check("gpu_image")
+    log = stack.seen["gpu_auto_log"]
+    assert stack.seen["gpu_auto_health"] == "healthy", log[-3000:]
+    # Each session it opens says, in one line, that and why it fell back (one reason for all).
+    reasons = {line.split("fell back to the CPU:", 1)[1].split(";")[0].strip()
+               for line in log.splitlines() if "fell back to the CPU:" in line}
+    assert len(reasons) == 1 and "Traceback" not in log, log[-3000:]
+    assert stack.seen["gpu_auto_uid"] == APP_UID and stack.seen["gpu_auto_tensorflow"] == "None"
+    returncode, output = stack.seen["gpu_cuda"]
+    assert returncode != 0 and len(output.splitlines()) == 1 and "--device cuda" in output, output
 
 
 def test_stop_drains_the_server_which_exits_0(stack):
-    stack.run_compose("stop", "-t", "30")
-    server = _inspect(stack.container("server"))
-    assert server["State"]["Status"] == "exited" and server["State"]["ExitCode"] == 0, stack.logs("server")[-3000:]
+    stack.check("stop")
+    state = stack.seen["server_stopped"]
+    assert state["Status"] == "exited" and state["ExitCode"] == 0, stack.seen["server_stop_log"][-3000:]
 
 
 def test_down_v_leaves_nothing(stack):
-    stack.run_compose("--profile", "gpu", "down", "-v", "--remove-orphans")
-    label = f"label=com.docker.compose.project={stack.project}"
-    left = {
-        "containers": _docker("ps", "-a", "-q", "--filter", label).stdout.split(),
-        "volumes": _docker("volume", "ls", "-q", "--filter", label).stdout.split(),
-        "networks": _docker("network", "ls", "-q", "--filter", label).stdout.split(),
-    }
-    assert left == {"containers": [], "volumes": [], "networks": []}, left
+    stack.check("down")
+    assert stack.seen["left_after_down"] == {"containers": [], "volumes": [], "networks": []}, \
+        stack.seen["left_after_down"]
