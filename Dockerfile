@@ -78,7 +78,7 @@ CMD ["locust", "-f", "loadtest/locustfile.py"]
 FROM runtime AS server
 COPY --from=server-venv /opt/venv /opt/venv
 USER app
-EXPOSE 8500 9100
+EXPOSE 8500 9100 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["mnist-health-probe", "--target", "localhost:8500"]
 CMD ["mnist-serve", "--model-repository", "/models", "--port", "8500", "--metrics-port", "9100"]

@@ -191,9 +191,9 @@ def _build(stack: Stack) -> None:
 
 
 def _remove_everything(stack: Stack) -> None:
-    stack.run_compose("--profile", "gpu", "down", "-v", "--remove-orphans", "-t", "20", check=False, timeout=300)
-    for suffix in ("gpu-auto", "gpu-cuda"):
+    for suffix in ("gpu-auto", "gpu-cuda"):  # first: they hold the models volume
         _docker("rm", "-f", "-v", f"{stack.project}-{suffix}", check=False)
+    stack.run_compose("--profile", "gpu", "down", "-v", "--remove-orphans", "-t", "20", check=False, timeout=300)
     tagged = [stack.image(target) for target in IMAGES]
     _docker("rmi", "--no-prune", *tagged, check=False, timeout=300)
 
@@ -214,7 +214,8 @@ def stack(mnist_path):
            if not key.startswith(("COMPOSE_", "LOCUST_")) and key not in ("RETRAIN", "TRAIN_ARGS", "IMAGE_TAG")}
     env.update({
         "IMAGE_TAG": project, "MNIST_DATA_DIR": str(Path(mnist_path).resolve()), "TRAIN_ARGS": TRAIN_ARGS,
-        "GRPC_PORT": str(grpc_port), "METRICS_PORT": str(free_port()), "LOCUST_PORT": str(free_port()),
+        "GRPC_PORT": str(grpc_port), "METRICS_PORT": str(free_port()), "HTTP_PORT": str(free_port()),
+        "LOCUST_PORT": str(free_port()),
         "GPU_GRPC_PORT": str(free_port()), "GPU_METRICS_PORT": str(free_port()),
         "LOCUST_HEADLESS": "true", "LOCUST_RUN_TIME": f"{LOCUST_RUN_TIME_S}s", "LOCUST_USERS": "8",
         "LOCUST_SPAWN_RATE": "8", "LOCUST_EXPECT_WORKERS": str(LOCUST_WORKERS),
