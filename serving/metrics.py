@@ -120,6 +120,8 @@ class PrometheusLifecycleObserver:
         VERSION_LOADS.labels(name).inc()
 
     def version_unloaded(self, name: str, version: int, provider: str) -> None:
+        # 0 first: with --workers the parent sums the workers' files, where a removed series would stay at 1.
+        MODEL.labels(name, str(version), provider).set(0)
         try:
             MODEL.remove(name, str(version), provider)
         except KeyError:

@@ -269,6 +269,11 @@ def test_version_policies_latest_two_all_and_specific(repository, mnist_test_set
             answers_by_version(client, [1, 3])
             assert client.classify(batch).model_version == "3"
 
+            write_config(repository, "mnist", "{ latest { num_versions: 0 } }")  # a policy that cannot work
+            wait_for(lambda: metric_value(server.metrics_url, FAILURES, model="mnist", reason="config") == 1, 30,
+                     "the refused config.pbtxt")
+            assert ready_versions(server.target) == [1, 3]  # the last good policy stays in force
+
             shutil.rmtree(repository / "mnist" / "3")  # removed from disk: drained, then unloaded
             wait_for(lambda: ready_versions(server.target) == [1], 30, "version 3 unloaded")
             assert client.classify(batch).model_version == "1"

@@ -60,5 +60,5 @@ def version_policy(config: model_config_pb2.ModelConfig) -> VersionPolicy:
         if choice == "latest":
             return VersionPolicy("latest", num_versions=policy.latest.num_versions)
     except ValueError as err:
-        raise ConfigError(f"model '{config.name}': {err}") from err
+        raise ConfigError(f"{CONFIG_FILENAME} of model '{config.name}': {err}") from err
     return VersionPolicy()

@@ -168,7 +168,7 @@ class ModelRegistry:
         self._configs: dict[str, ModelConfig] = {}
         self._explicit: set[str] = set(options.model_names)  # explicit mode: the models asked for
         self._refused: dict[tuple[str, int], _Refusal] = {}
-        self._config_refused: dict[str, tuple] = {}
+        self._config_refused: dict[str, tuple[tuple, str]] = {}  # name -> (files' fingerprint, message)
         self._retiring: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
 
@@ -322,6 +322,8 @@ class ModelRegistry:
                    if self.options.control_mode == "poll" else "restart with --model-control-mode explicit"))
 
     def _why_not_served(self, name: str) -> str:
+        if name in self._config_refused:
+            return self._config_refused[name][1]
         refusals = [r for (n, _v), r in sorted(self._refused.items(), reverse=True) if n == name]
         if refusals:
             return refusals[0].message
@@ -355,7 +357,11 @@ class ModelRegistry:
             config = read_model_config(model_dir, self.options.max_batch_size)
         except (ConfigError, OSError) as err:
             self._refuse_config(name, model_dir, str(err))
-            return
+            if name not in self._configs:
+                return
+            config = self._configs[name]  # keep following the last good config.pbtxt until it is fixed
+        else:
+            self._config_refused.pop(name, None)
         policy = self._policy(config)
         on_disk = list_versions(self.repository, name)
         candidates = [v for v in on_disk if not self._still_refused(name, v)]
@@ -406,10 +412,10 @@ class ModelRegistry:
 
     def _refuse_config(self, name: str, model_dir: Path, message: str) -> None:
         stamp = fingerprint(model_dir)
-        if self._config_refused.get(name) != stamp:  # one line and one count per change of the file
-            self._config_refused[name] = stamp
+        if self._config_refused.get(name, ((), ""))[0] != stamp:  # one line and one count per change of the file
+            self._config_refused[name] = (stamp, message)
             self._observer.load_failed(name, "config")
-            log.warning("model '%s': %s; its served versions are unchanged", name, message)
+            log.warning("model '%s' config refused: %s; the last good one stays in force", name, message)
 
     def _still_refused(self, name: str, number: int) -> bool:
         """A refused version is tried again only once its files have changed."""
