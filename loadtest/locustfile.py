@@ -85,7 +85,7 @@ def _add_arguments(parser) -> None:
                             "under load; each answer is judged against the version that computed it)")
     parser.add_argument("--mnist-dir", default=os.environ.get("MNIST_DATA_DIR", ""), include_in_web_ui=False,
                        help="folder of the MNIST IDX files (default: $MNIST_DATA_DIR, else ../shared/datasets/mnist)")
-    # Servers with --tls-cert, --tls-client-ca or --auth-token-file (gRPC scenarios).
+    # Servers with --tls-cert, --tls-client-ca or --auth-token-file (every scenario, rest included).
     parser.add_argument("--tls", action="store_true", default=False, include_in_web_ui=False,
                        help="connect with TLS, trusting the system's CAs")
     parser.add_argument("--tls-ca", default="", include_in_web_ui=False,
@@ -99,7 +99,8 @@ def _add_arguments(parser) -> None:
 
 
 def _security(options) -> dict:
-    """ClassifierClient's tls and token from the TLS and token options (absent options: plaintext)."""
+    """The clients' tls and token (ClassifierClient's and RestClient's) from the TLS and token options
+    (absent options: plaintext)."""
     tls, token = client_security(getattr(options, "tls", False), getattr(options, "tls_ca", ""),
                                  getattr(options, "client_tls_cert", ""), getattr(options, "client_tls_key", ""),
                                  getattr(options, "auth_token_file", ""))
@@ -304,7 +305,8 @@ class MnistGrpcUser(User):
         self.images_per_call = max(1, int(options.images_per_call))
         calls = {"single": self.call_single, "batch": self.call_batch, "kserve": self.call_kserve,
                  "rest": self.call_rest}
-        self.rest = RestClient(_http_host(options.http_host, self.target), timeout=options.rpc_timeout)
+        self.rest = RestClient(_http_host(options.http_host, self.target), timeout=options.rpc_timeout,
+                               **_security(options))
         if options.scenario == "mix":
             weights = parse_mix_weights(options.mix_weights)
             self.plan = [(calls[key], w) for key, w in zip(("single", "batch", "kserve", "rest"), weights) if w > 0]

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-version", default="", help="the version to ask (default: the newest ready one)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
-    security = parser.add_argument_group("security (gRPC APIs; servers run with --tls-cert, --tls-client-ca, "
+    security = parser.add_argument_group("security (every API; servers run with --tls-cert, --tls-client-ca, "
                                          "--auth-token-file)")
     security.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
     security.add_argument("--tls-ca", help="PEM CA that signed the server's certificate (implies --tls)")
@@ -58,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give PNG/JPEG files, or --mnist-test N")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    if args.api == "rest":
-        return _report(*_predict_rest(args))
     tls, token = client_security(args.tls, args.tls_ca, args.tls_cert, args.tls_key, args.auth_token_file)
+    if args.api == "rest":
+        return _report(*_predict_rest(args, RestClient(args.target or "localhost:8000", timeout=args.timeout,
+                                                       tls=tls, token=token)))
     with ClassifierClient(args.target or "localhost:8500", timeout=args.timeout, tls=tls, token=token) as client:
         if args.mnist_test:
             images, labels = _load_mnist(args.mnist_test, args.data_dir)
@@ -87,9 +88,10 @@ def run(args: argparse.Namespace) -> int:
     return _report(args, names, predicted, labels)
 
 
-def _predict_rest(args: argparse.Namespace) -> tuple[argparse.Namespace, list[str], np.ndarray, np.ndarray | None]:
+def _predict_rest(args: argparse.Namespace,
+                  client: RestClient) -> tuple[argparse.Namespace, list[str], np.ndarray, np.ndarray | None]:
     """The same predictions over KServe v2 REST (MNIST digits) or the page's /api/classify (files)."""
-    with RestClient(args.target or "localhost:8000", timeout=args.timeout) as client:
+    with client:
         if args.mnist_test:
             images, labels = _load_mnist(args.mnist_test, args.data_dir)
             predicted = np.concatenate([

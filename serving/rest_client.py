@@ -4,16 +4,22 @@ Python's own http.client over one keep-alive connection, so it needs no extra pa
 gevent has patched the socket module (as Locust does), it cooperates with gevent. Images go as
 UINT8 binary tensor data (Triton's extension, what tritonclient.http sends) or as JSON `data`;
 probabilities come back as binary data after the JSON header unless JSON is asked for.
+With `tls` it speaks HTTPS (presenting a client certificate where `tls` names one), with `token`
+every call carries "Authorization: Bearer <token>": the same ClientTls and token as the gRPC
+client (serving.client), for servers run with --tls-cert, --tls-client-ca and --auth-token-file.
 """
 from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from core import contract
+from serving.client import ClientTls
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -34,14 +40,45 @@ class RestReply:
     body: bytes
 
 
+def ssl_context(tls: ClientTls) -> ssl.SSLContext:
+    """What the client trusts (tls.ca, else the system's CAs) and, for mTLS, the certificate it presents."""
+    if (tls.cert is None) != (tls.key is None):
+        raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+    context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+    if tls.cert is not None and tls.key is not None:
+        context.load_cert_chain(Path(tls.cert), Path(tls.key))
+    return context
+
+
+class _HttpsConnection(http.client.HTTPSConnection):
+    """HTTPS that checks the certificate against `server_name` rather than the host connected to."""
+
+    def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext, server_name: str) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._server_name = server_name
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)  # the TCP connection; no proxy tunnel here
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._server_name)
+
+
 class RestClient:
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
-        """`address` is host:port of the server's HTTP port (mnist-serve --http-port, default 8000)."""
-        host, _, port = address.removeprefix("http://").rstrip("/").rpartition(":")
+    def __init__(self, address: str, timeout: float = 10.0, tls: ClientTls | None = None,
+                 token: str | None = None) -> None:
+        """`address` is host:port of the server's HTTP port (mnist-serve --http-port, default 8000);
+        an https:// prefix, or `tls`, makes it HTTPS."""
+        if address.startswith("https://") and tls is None:
+            tls = ClientTls()  # the system's CAs
+        host, _, port = address.removeprefix("http://").removeprefix("https://").rstrip("/").rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"expected host:port for the REST API, not {address!r}")
         self.address = f"{host}:{port}"
-        self._connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        host = host.strip("[]")  # an IPv6 literal: [::1]:8000
+        self._connection: http.client.HTTPConnection = (
+            http.client.HTTPConnection(host, int(port), timeout=timeout) if tls is None
+            else _HttpsConnection(host, int(port), timeout, ssl_context(tls), tls.server_name or host))
+        # Sent with every call; servers without --auth-token-file ignore it.
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
 
     def __enter__(self) -> RestClient:
         return self
@@ -57,7 +94,7 @@ class RestClient:
         """One call; a dropped keep-alive connection is reopened once (the server may close idle ones)."""
         for attempt in (1, 2):
             try:
-                self._connection.request(method, path, body=body, headers=headers or {})
+                self._connection.request(method, path, body=body, headers={**self._auth, **(headers or {})})
                 response = self._connection.getresponse()
                 return RestReply(response.status, dict(response.getheaders()), response.read())
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
@@ -93,6 +130,10 @@ class RestClient:
         reply = self._checked(self.request("POST", path, body, headers))
         header = _header(reply)
         return _probabilities(reply), str(header.get("model_name", "")), str(header.get("model_version", ""))
+
+    def json_call(self, method: str, path: str, body: bytes | None = None):
+        """A call answered with JSON (e.g. POST /v2/repository/index): the parsed answer, else RestError."""
+        return json.loads(self._checked(self.request(method, path, body)).body)
 
     def classify_encoded(self, blob: bytes) -> dict:
         """One PNG or JPEG through the page's POST /api/classify: label, probabilities, framed pixels."""

@@ -15,8 +15,6 @@ from serving.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from serving.grpc_api import kserve_converters as convert
 from serving.grpc_api import triton
 from serving.grpc_api.converters import deadline_of
-from serving.inference.errors import InvalidInput, ModelControlDisabled
-from serving.inference.registry import ModelRegistry
 from serving.inference.served_model import ModelLookup
 
 
@@ -24,6 +22,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, model: ModelLookup, is_ready: Callable[[], bool]) -> None:
         self.model = model  # the registry; a lone ServedModel in in-process tests
         self._is_ready = is_ready  # the Server's readiness: False while loading and while draining
+        self.triton = triton.TritonExtensions(model)
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -35,8 +34,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self._is_ready() and self.model.is_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
-        extensions = triton.EXTENSIONS if isinstance(self.model, ModelRegistry) else []
-        return pb.ServerMetadataResponse(name="mnist-serve", version=__version__, extensions=extensions)
+        return pb.ServerMetadataResponse(name="mnist-serve", version=__version__, extensions=self.triton.extensions)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
         model = self.model.resolve(request.name, request.version)
@@ -49,44 +47,23 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         probabilities = await model.predict(images, deadline_of(context))
         return convert.infer_response(request, model, probabilities)
 
-    # ---- Triton's extensions ----
+    # ---- Triton's extensions: checks and answers live in triton.TritonExtensions, shared with REST ----
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
-        registry = self._registry("model configuration")
-        registry.resolve(request.name, request.version)
-        return pb.ModelConfigResponse(config=registry.config(request.name))
+        return pb.ModelConfigResponse(config=self.triton.config(request.name, request.version))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
-        models = self._registry("statistics").statistics(request.name, request.version)
-        return pb.ModelStatisticsResponse(model_stats=[triton.model_statistics(m) for m in models])
+        return self.triton.statistics(request.name, request.version)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
-        return triton.repository_index(self._registry("repository").index(ready_only=request.ready))
+        return self.triton.index(ready_only=request.ready)
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context) -> pb.RepositoryModelLoadResponse:
-        _no_overrides(request.parameters)
-        await self._registry("repository").load(request.model_name)
+        await self.triton.load(request.model_name, request.parameters.keys())
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context) -> pb.RepositoryModelUnloadResponse:
-        _no_overrides(request.parameters)
-        await self._registry("repository").unload(request.model_name)
+        await self.triton.unload(request.model_name, request.parameters.keys())
         return pb.RepositoryModelUnloadResponse()
-
-    def _registry(self, extension: str) -> ModelRegistry:
-        if not isinstance(self.model, ModelRegistry):
-            raise ModelControlDisabled(f"this server has no model repository, so no {extension} extension")
-        return self.model
-
-
-def _no_overrides(parameters) -> None:
-    """Triton's overrides (`config`, `file:<path>`) are not supported: say so rather than ignore them.
-
-    `unload_dependents` (which tritonclient always sends) is accepted: no model here has dependents.
-    """
-    overrides = sorted(key for key in parameters if key == "config" or key.startswith("file:"))
-    if overrides:
-        raise InvalidInput(f"load/unload parameters ({', '.join(overrides)}) are not supported: "
-                           "put the configuration and files in the model repository")

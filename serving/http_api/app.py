@@ -1,7 +1,10 @@
-"""The REST transport: KServe v2 routes, error and metrics middleware, and the HTTP server's lifecycle.
+"""The REST transport: KServe v2 routes, Triton's extensions, error and metrics middleware, and the
+HTTP server's lifecycle.
 
 Handlers are thin: they check the model name and version, turn the body into arrays
-(serving.http_api.codec), await the same ServedModel the gRPC APIs use, and answer. Any
+(serving.http_api.codec), await the same ServedModel the gRPC APIs use, and answer. Triton's
+repository, model-control, configuration and statistics endpoints call
+serving.grpc_api.triton.TritonExtensions, the implementation the gRPC servicer calls too. Any
 ServingError they raise becomes `{"error": "<message>"}` with the code from
 serving.http_api.status; aiohttp's own refusals (unknown path, wrong method, body over
 --max-message-bytes) get the same body. Every call is counted in mnist_requests_total with
@@ -18,6 +21,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from serving import __version__, metrics
+from serving.grpc_api.triton import TritonExtensions
 from serving.http_api import codec, page
 from serving.http_api.status import status_for
 from serving.inference.errors import ServingError
@@ -128,15 +132,64 @@ class KServeRoutes:
         return web.Response(body=answer, headers=headers)
 
 
+class TritonRoutes:
+    """Triton's HTTP paths and JSON shapes, so that tritonclient.http's calls of the same names work:
+
+        GET  /v2/models/{model}[/versions/{version}]/config   the model's config.pbtxt as JSON
+        GET  /v2/models[/{model}[/versions/{version}]]/stats  {"model_stats": [...]}
+        POST /v2/repository/index                              [{"name", "version", "state", "reason"}, ...]
+        POST /v2/repository/models/{model}/load                200, empty body (explicit mode only)
+        POST /v2/repository/models/{model}/unload              200, empty body (explicit mode only)
+
+    The answers are the gRPC side's protobuf messages, written as Triton's JSON by codec.message_json.
+    """
+
+    def __init__(self, extensions: TritonExtensions) -> None:
+        self.extensions = extensions
+
+    def add_to(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/v2/models/stats", self.statistics)  # a fixed path: wins over /v2/models/{model}
+        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            router.add_get(base + "/config", self.config)
+            router.add_get(base + "/stats", self.statistics)
+        router.add_post("/v2/repository/index", self.index)
+        router.add_post("/v2/repository/models/{model}/load", self.load)
+        router.add_post("/v2/repository/models/{model}/unload", self.unload)
+
+    async def config(self, request: web.Request) -> web.Response:
+        return json_response(codec.message_json(self.extensions.config(*_model_and_version(request))))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        name, version = request.match_info.get("model", ""), request.match_info.get("version", "")
+        return json_response(codec.message_json(self.extensions.statistics(name, version)))
+
+    async def index(self, request: web.Request) -> web.Response:
+        ready = codec.parse_repository_request(await request.read()).ready
+        # Triton's REST answer is the list itself; gRPC wraps it in RepositoryIndexResponse.models.
+        return json_response(codec.message_json(self.extensions.index(ready_only=ready))["models"])
+
+    async def load(self, request: web.Request) -> web.Response:
+        parameters = codec.parse_repository_request(await request.read()).parameters
+        await self.extensions.load(request.match_info["model"], parameters)
+        return web.Response()
+
+    async def unload(self, request: web.Request) -> web.Response:
+        parameters = codec.parse_repository_request(await request.read()).parameters
+        await self.extensions.unload(request.match_info["model"], parameters)
+        return web.Response()
+
+
 def _model_and_version(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
 
 
 def build_app(model: ModelLookup, is_ready: Callable[[], bool], max_body_bytes: int) -> web.Application:
-    """The aiohttp application: KServe v2 under /v2, the drawing page at / (serving.http_api.page)."""
+    """The aiohttp application: KServe v2 and Triton's extensions under /v2, the drawing page at /
+    (serving.http_api.page)."""
     app = web.Application(middlewares=[count_calls, answer_errors], client_max_size=max_body_bytes)
     app["max_body_bytes"] = max_body_bytes
     KServeRoutes(model, is_ready).add_to(app.router)
+    TritonRoutes(TritonExtensions(model)).add_to(app.router)
     page.PageRoutes(model).add_to(app.router)
     return app
 
