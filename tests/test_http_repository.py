@@ -233,3 +233,17 @@ def test_mnist_predict_rest_passes_the_tls_and_token_options(secured, mnist_path
     no_token = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert no_token.returncode == 1 and "HTTP 401" in no_token.stderr
     assert len(no_token.stderr.strip().splitlines()) == 1, no_token.stderr
+
+
+def test_locust_rest_scenario_passes_the_tls_and_token_options(secured, mnist_path, tmp_path):
+    from loadtest.locust_runner import rest_request_name, run_locust
+
+    tls = secured.client_tls
+    run = run_locust(secured.target, scenario="rest", users=2, spawn_rate=2, run_time="4s",
+                     csv_prefix=tmp_path / "locust", log_path=tmp_path / "locust.log",
+                     extra=["--http-host", f"127.0.0.1:{secured.http_port}", "--mnist-dir", str(mnist_path),
+                            "--pool-size", "200", "--tls-ca", str(tls.ca), "--client-tls-cert", str(tls.cert),
+                            "--client-tls-key", str(tls.key), "--auth-token-file", str(secured.token_file)])
+    rest = run.stats[rest_request_name()]
+    assert run.returncode == 0 and run.failures == [], (run.failures, (tmp_path / "locust.log").read_text()[-2000:])
+    assert rest.requests > 0 and rest.failures == 0
