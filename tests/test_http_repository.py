@@ -119,6 +119,9 @@ def test_repository_index_lists_the_folders_as_grpc_does(polling_server, reposit
         assert sorted((m["name"], m["state"]) for m in ready_only) == [(name, "READY") for name in on_disk]
         bad = rest.request("POST", "/v2/repository/index", b'{"ready": "yes"}')
         assert bad.status == 400 and b"'ready' must be true or false" in bad.body
+        for body in (b"{not json", b"[1]", b'{"parameters": 3}'):
+            bad = rest.request("POST", "/v2/repository/models/mnist/load", body)
+            assert bad.status == 400 and (b"JSON" in bad.body or b"'parameters'" in bad.body), body
 
 
 def test_load_and_unload_are_refused_in_poll_mode_in_tritons_words(polling_server):

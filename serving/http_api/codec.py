@@ -130,7 +130,13 @@ class RepositoryRequest:
 
 def parse_repository_request(body: bytes) -> RepositoryRequest:
     """`{"ready": bool}` (index) or `{"parameters": {...}}` (load, unload); an empty body is `{}`."""
-    request = _load_object(body) if body.strip() else {}
+    try:
+        request = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError as error:
+        raise InvalidInput(f"the request body is not valid JSON ({error}); send e.g. {{\"ready\": true}} "
+                           "or {\"parameters\": {}}, or nothing") from error
+    if not isinstance(request, dict):
+        raise InvalidInput(f"the request body is a JSON {type(request).__name__}; send a JSON object or nothing")
     parameters = _parameters(request, "the request")
     return RepositoryRequest(ready=_flag(request.get("ready", False), "ready"), parameters=tuple(parameters))
 
