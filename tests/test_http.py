@@ -50,8 +50,9 @@ def test_tritonclient_http_health_and_metadata(triton_http, trained_repository):
     assert triton_http.is_server_live() and triton_http.is_server_ready()
     assert triton_http.is_model_ready("mnist") and triton_http.is_model_ready("mnist", version)
     assert not triton_http.is_model_ready("resnet") and not triton_http.is_model_ready("mnist", "99")
-    assert triton_http.get_server_metadata() == {"name": "mnist-serve", "version": "0.1.0",
-                                                 "extensions": ["binary_tensor_data"]}
+    assert triton_http.get_server_metadata() == {
+        "name": "mnist-serve", "version": "0.1.0",
+        "extensions": ["model_repository", "model_configuration", "statistics", "binary_tensor_data"]}
     for metadata in (triton_http.get_model_metadata("mnist"), triton_http.get_model_metadata("mnist", version)):
         assert metadata["name"] == "mnist" and metadata["versions"] == [version]
         assert metadata["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 28, 28, 1]}]

@@ -108,7 +108,8 @@ class KServeRoutes:
         return web.Response(status=200 if self._is_ready() else NOT_READY)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return json_response(codec.server_metadata(__version__))
+        # The same list as gRPC's ServerMetadata: one server, one set of extensions.
+        return json_response(codec.server_metadata(__version__, TritonExtensions(self.model).extensions))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         name, version = _model_and_version(request)

@@ -33,7 +33,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ["binary_tensor_data"]
 
 # The wire checks name the gRPC message's fields; over REST the same values travel as these.
 _REST_TERMS = (
@@ -104,8 +103,8 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
-def server_metadata(version: str) -> dict[str, Any]:
-    return {"name": "mnist-serve", "version": version, "extensions": EXTENSIONS}
+def server_metadata(version: str, extensions: list[str]) -> dict[str, Any]:
+    return {"name": "mnist-serve", "version": version, "extensions": extensions}
 
 
 def model_metadata(name: str, version: str, num_classes: int) -> dict[str, Any]:
