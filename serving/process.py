@@ -90,6 +90,7 @@ class ServerProcess:
     log_path: Path | None = None
     args: list[str] = field(default_factory=list)
     http_port: int = 0  # KServe v2 REST and the page (0: off)
+    temporary_log: bool = False  # start_server made log_path itself: removed once the server stopped
 
     @property
     def target(self) -> str:
@@ -114,6 +115,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.temporary_log and self.log_path:
+            self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 
     def __enter__(self) -> "ServerProcess":
@@ -130,11 +133,21 @@ def start_server(repository: Path | str, *extra_args: str, log_path: Path | None
     port, metrics_port, http_port = free_port(), free_port(), free_port()
     args = [sys.executable, "-m", "serving.cli", "--model-repository", str(repository), "--host", "127.0.0.1",
             "--port", str(port), "--metrics-port", str(metrics_port), "--http-port", str(http_port), *extra_args]
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = ServerProcess(proc, port, metrics_port, log_path, args, http_port)
+    # Without a log path the output still goes to a file, so that a server that fails to start says why.
+    temporary_log = log_path is None
+    if log_path is None:
+        handle, name = tempfile.mkstemp(prefix="mnist-serve-", suffix=".log")
+        os.close(handle)
+        log_path = Path(name)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    server = ServerProcess(proc, port, metrics_port, log_path, args, http_port, temporary_log)
     try:
         wait_until_serving(server.target, ready_timeout, proc, tls)
+    except RuntimeError as error:
+        last = server.log().strip().splitlines()[-3:]
+        server.stop(signal.SIGKILL)
+        raise RuntimeError(f"{error}; its last lines: {' | '.join(last) or '(none)'}") from None
     except BaseException:
         server.stop(signal.SIGKILL)
         raise
