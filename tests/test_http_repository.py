@@ -22,8 +22,8 @@ from serving.rest_client import RestClient, RestError
 from tests.lifecycle_tools import Reference, metric_value
 from tests.test_tls import TOKEN, issue, make_ca, tls_args
 
-tritonclient_http = pytest.importorskip("tritonclient.http")
-tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+import tritonclient.grpc as tritonclient_grpc  # noqa: E402  (a dev dependency: its absence fails)
+import tritonclient.http as tritonclient_http  # noqa: E402
 from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: E402  (tritonclient's copies: see conftest)
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
