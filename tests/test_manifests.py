@@ -27,7 +27,7 @@ from serving.config import ENV_PREFIX, ServeConfig, load_config
 KUBERNETES = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
 SCHEMAS = KUBERNETES / "schemas"
 KUBERNETES_VERSION = "1.32"  # the kubectl these machines have
-RENDERS = ["base", "overlays/gpu", "overlays/kserve", "overlays/triton"]
+RENDERS = ["base", "overlays/gpu", "overlays/kserve", "overlays/triton", "overlays/tls"]
 KSERVE_GROUP = "serving.kserve.io"
 KSERVE_SCHEMAS = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "kserve-inferenceservice-v1beta1.json",
@@ -350,3 +350,16 @@ def test_triton_overlay_serves_the_same_repository_with_tritons_image() -> None:
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] == "http" and "grpc" not in container[probe]
     assert int(flags["--http-port"]) == port_number(container, "http")
+
+
+def test_tls_overlay_turns_on_mutual_tls_and_a_token_with_probes_that_speak_it():
+    container = the(render("overlays/tls"), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    config = load_config(container["args"], {})
+    assert (config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file) == (
+        Path("/tls/tls.crt"), Path("/tls/tls.key"), Path("/tls/ca.crt"), Path("/token/token"))
+    # The kubelet's gRPC probes speak plaintext: every probe must be the mTLS exec probe instead.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "grpc" not in container[probe], probe
+        command = container[probe]["exec"]["command"]
+        assert command[0] == "mnist-health-probe" and "/tls/tls.crt" in command, probe
+    assert {"/tls", "/token"} <= {mount["mountPath"] for mount in container["volumeMounts"]}
