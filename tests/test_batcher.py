@@ -96,6 +96,40 @@ def test_a_lone_request_runs_at_once_on_the_loop_without_a_queue_delay():
     assert model.threads == [threading.main_thread().name]  # no hand-off, no timer: run in place
 
 
+def test_without_run_lone_inline_a_lone_request_runs_in_the_worker_thread():
+    # The GPU's setting: the loop stays free to accept the calls that will form the next batch.
+    async def scenario():
+        model = RecordingModel()
+        batcher = DynamicBatcher(model, max_batch_size=64, run_lone_inline=False)
+        batcher.start()
+        out = await batcher.submit(batch_of(1.0))
+        await batcher.close()
+        return model, out
+
+    model, out = run(scenario())
+    assert out[0, 0] == 784.0 and model.threads != [threading.main_thread().name]
+
+
+def test_a_lone_request_behind_a_running_batch_queues_and_joins_the_next_one():
+    async def scenario():
+        gate = threading.Event()
+        model = RecordingModel(gate)
+        batcher = DynamicBatcher(model, max_batch_size=64)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(batch_of(1.0, count=2)))  # 2 images: the thread
+        await model.running()
+        lone = [asyncio.ensure_future(batcher.submit(batch_of(2.0))) for _ in range(3)]
+        await queued(*lone)  # the batcher is busy: no fast path, they wait in the queue
+        gate.set()
+        outs = await asyncio.gather(running, *lone)
+        await batcher.close()
+        return model, outs
+
+    model, outs = run(scenario())
+    assert [len(b) for b in model.batches] == [2, 3]
+    assert all(out[0, 0] == 2 * 784.0 for out in outs[1:])
+
+
 def test_a_full_batch_does_not_wait_for_the_queue_delay_cap():
     async def scenario():
         model = RecordingModel()

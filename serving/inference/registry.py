@@ -43,7 +43,7 @@ from serving.inference.errors import (
 )
 from serving.inference.loader import LoadFailure, OpenedVersion, fingerprint, open_version
 from serving.inference.model_config import ConfigError, ModelConfig, read_model_config, version_policy
-from serving.inference.runtime import RuntimeOptions
+from serving.inference.runtime import CPU, RuntimeOptions
 from serving.inference.served_model import ServedModel
 from serving.inference.stats import InferenceStats
 from serving.inference.version_policy import VersionPolicy
@@ -394,7 +394,8 @@ class ModelRegistry:
         stats = InferenceStats()
         observer = _VersionObserver(stats, self._observer.batch_observer())
         batcher = DynamicBatcher(_timed_infer(opened.runtime.run, observer, stats), options.max_batch_size,
-                                 options.max_queue_delay, options.max_queue_size, observer)
+                                 options.max_queue_delay, options.max_queue_size, observer,
+                                 run_lone_inline=opened.runtime.provider == CPU)
         batcher.start()
         self._refused.pop((name, number), None)
         self._observer.version_loaded(name, number, opened.runtime.provider)
