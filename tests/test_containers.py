@@ -20,12 +20,19 @@ starts the engine). In one compose project with a unique name, this module:
 5. `RETRAIN=1` publishes version 2; the GPU image serves on the CPU with one log line saying why
    under `--device auto` and stops with one line under `--device cuda`; `docker compose stop`
    drains the server, which exits 0; `down -v` leaves no container, volume or network.
+6. In a second project on the same images, the TLS override (`-f docker-compose.yml -f
+   docker-compose.tls.yml`, certificates from docker/make-dev-certs.py): 2 replicas and Envoy turn
+   healthy by their mTLS healthchecks, Locust in compose runs with 0 failures, `mnist-predict` over mTLS
+   with the token through Envoy's published port reads real MNIST correctly and both replicas answer;
+   no client certificate, no token and plaintext are refused; `down -v` leaves nothing.
 
-Everything it creates is removed at the end, even when a test fails: the compose project, the
+Everything it creates is removed at the end, even when a test fails: the compose projects, the
 containers it runs by hand and the images it tagged (`docker rmi --no-prune`, so the layer cache,
 and the stand-in base image, stay and make the next run fast). The scenario runs once, in order, in a
 module fixture that records what each step saw; each test checks one promise against that record, so
-the tests pass or fail alone in any order. Figures (build time, sizes, Locust calls/s): `pytest -s`.
+the tests pass or fail alone in any order. The images are built once (fixture `images`) for both
+projects; `-k tls` runs the build and the TLS project alone. Figures (build time, sizes, Locust
+calls/s, up times): `pytest -s`.
 """
 from __future__ import annotations
 
@@ -131,6 +138,7 @@ class Stack:
     env: dict[str, str]
     grpc_port: int
     figures: dict[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ("docker-compose.yml",)  # the compose files, in the checkout, in -f order
     seen: dict[str, object] = field(default_factory=dict)  # what each step of the scenario observed
     errors: dict[str, str] = field(default_factory=dict)  # step -> why it could not finish
 
@@ -150,7 +158,8 @@ class Stack:
 
     def run_compose(self, *args: str, timeout: float = 600, check: bool = True,
                     env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        argv = [*self.compose, "-p", self.project, "-f", str(self.checkout / "docker-compose.yml"), *args]
+        files = [arg for name in self.files for arg in ("-f", str(self.checkout / name))]
+        argv = [*self.compose, "-p", self.project, *files, *args]
         result = subprocess.run(argv, cwd=self.checkout, env={**self.env, **(env or {})}, capture_output=True,
                                 text=True, timeout=timeout)
         if check and result.returncode != 0:
@@ -181,34 +190,60 @@ def _clean_checkout(dest: Path) -> None:
         tar.extractall(dest, filter="data")
 
 
-def _build(stack: Stack) -> None:
+@dataclass
+class Images:
+    """The images built once per module from a clean checkout, shared by the plain and the TLS stack."""
+
+    tag: str
+    checkout: Path
+    compose: list[str]
+    figures: dict[str, str] = field(default_factory=dict)
+
+    def image(self, target: str) -> str:
+        return f"{IMAGES[target]}:{self.tag}"
+
+
+def _build(images: Images) -> None:
     env = {**os.environ, "DOCKER_BUILDKIT": "0"}  # the classic builder: BuildKit may reach for a registry
-    base = subprocess.run(["sh", "docker/build-standin-base.sh"], cwd=stack.checkout, capture_output=True,
+    base = subprocess.run(["sh", "docker/build-standin-base.sh"], cwd=images.checkout, capture_output=True,
                           text=True, timeout=900)
     assert base.returncode == 0, f"docker/build-standin-base.sh: {base.stderr[-3000:]}"
     started = time.monotonic()
     for target in CPU_TARGETS:
-        build = subprocess.run(["docker", "build", "-q", "--target", target, "-t", stack.image(target), "."],
-                               cwd=stack.checkout, env=env, capture_output=True, text=True, timeout=1800)
+        build = subprocess.run(["docker", "build", "-q", "--target", target, "-t", images.image(target), "."],
+                               cwd=images.checkout, env=env, capture_output=True, text=True, timeout=1800)
         assert build.returncode == 0, f"docker build --target {target}:\n{build.stderr[-4000:]}"
-    stack.figures["build_cpu_s"] = f"{time.monotonic() - started:.0f}"
+    images.figures["build_cpu_s"] = f"{time.monotonic() - started:.0f}"
     started = time.monotonic()
-    build = subprocess.run(["docker", "build", "-q", "-f", "Dockerfile.gpu", "-t", stack.image("server-gpu"), "."],
-                           cwd=stack.checkout, env=env, capture_output=True, text=True, timeout=1800)
+    build = subprocess.run(["docker", "build", "-q", "-f", "Dockerfile.gpu", "-t", images.image("server-gpu"), "."],
+                           cwd=images.checkout, env=env, capture_output=True, text=True, timeout=1800)
     assert build.returncode == 0, f"docker build -f Dockerfile.gpu:\n{build.stderr[-4000:]}"
-    stack.figures["build_gpu_s"] = f"{time.monotonic() - started:.0f}"
+    images.figures["build_gpu_s"] = f"{time.monotonic() - started:.0f}"
 
 
-def _remove_everything(stack: Stack) -> None:
+def _remove_project(stack: Stack) -> None:
     for suffix in ("gpu-auto", "gpu-cuda"):  # first: they hold the models volume
         _docker("rm", "-f", "-v", f"{stack.project}-{suffix}", check=False)
     stack.run_compose("--profile", "gpu", "down", "-v", "--remove-orphans", "-t", "20", check=False, timeout=300)
-    tagged = [stack.image(target) for target in IMAGES]
-    _docker("rmi", "--no-prune", *tagged, check=False, timeout=300)
+
+
+def _project_env(images: Images, mnist_path: Path) -> dict[str, str]:
+    """The host environment for one compose project: this module's images, MNIST, and free host ports."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("COMPOSE_", "LOCUST_"))
+           and key not in ("RETRAIN", "TRAIN_ARGS", "IMAGE_TAG", "CERTS_DIR")}
+    env.update({
+        "IMAGE_TAG": images.tag, "MNIST_DATA_DIR": str(Path(mnist_path).resolve()), "TRAIN_ARGS": TRAIN_ARGS,
+        "GRPC_PORT": str(free_port()), "METRICS_PORT": str(free_port()), "HTTP_PORT": str(free_port()),
+        "LOCUST_PORT": str(free_port()), "ENVOY_ADMIN_PORT": str(free_port()),
+        "GPU_GRPC_PORT": str(free_port()), "GPU_METRICS_PORT": str(free_port()),
+    })
+    return env
 
 
 @pytest.fixture(scope="module")
-def stack(mnist_path):
+def images(mnist_path):
+    """Every image built from HEAD, once for the module; untagged at the end (the layer cache stays)."""
     problem = _engine_problem()
     if problem:
         message = (f"{problem}: the container tests need a Docker engine (Debian: apt-get install docker.io "
@@ -217,19 +252,7 @@ def stack(mnist_path):
             pytest.fail(message + "; under CI=true they must run")
         pytest.skip(message)
     checkout = Path(tempfile.mkdtemp(prefix="mnist-containers-"))
-    project = f"mnisttest{uuid.uuid4().hex[:8]}"
-    grpc_port = free_port()
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("COMPOSE_", "LOCUST_")) and key not in ("RETRAIN", "TRAIN_ARGS", "IMAGE_TAG")}
-    env.update({
-        "IMAGE_TAG": project, "MNIST_DATA_DIR": str(Path(mnist_path).resolve()), "TRAIN_ARGS": TRAIN_ARGS,
-        "GRPC_PORT": str(grpc_port), "METRICS_PORT": str(free_port()), "HTTP_PORT": str(free_port()),
-        "LOCUST_PORT": str(free_port()), "ENVOY_ADMIN_PORT": str(free_port()),
-        "GPU_GRPC_PORT": str(free_port()), "GPU_METRICS_PORT": str(free_port()),
-        "LOCUST_HEADLESS": "true", "LOCUST_RUN_TIME": f"{LOCUST_RUN_TIME_S}s", "LOCUST_USERS": "8",
-        "LOCUST_SPAWN_RATE": "8", "LOCUST_EXPECT_WORKERS": str(LOCUST_WORKERS),
-    })
-    stack = Stack(project, project, checkout, _compose_command(), env, grpc_port)
+    images = Images(f"mnisttest{uuid.uuid4().hex[:8]}", checkout, _compose_command())
     try:
         _clean_checkout(checkout)
         # ./reports as the README has it: Locust writes there as uid 1000.
@@ -239,10 +262,28 @@ def stack(mnist_path):
             os.chown(reports, int(APP_UID), int(APP_UID))
         else:
             reports.chmod(0o777)
-        _build(stack)
+        _build(images)
         for target in IMAGES:
-            size = int(_docker("image", "inspect", "-f", "{{.Size}}", stack.image(target)).stdout)
-            stack.figures[f"size_{target}_mb"] = f"{size / 1e6:.0f}"
+            size = int(_docker("image", "inspect", "-f", "{{.Size}}", images.image(target)).stdout)
+            images.figures[f"size_{target}_mb"] = f"{size / 1e6:.0f}"
+        yield images
+    finally:
+        _docker("rmi", "--no-prune", *[images.image(target) for target in IMAGES], check=False, timeout=300)
+        shutil.rmtree(checkout, ignore_errors=True)
+        print("\ncontainer figures: " + ", ".join(f"{key}={value}" for key, value in images.figures.items()))
+
+
+@pytest.fixture(scope="module")
+def stack(images, mnist_path):
+    env = _project_env(images, mnist_path)
+    env.update({
+        "LOCUST_HEADLESS": "true", "LOCUST_RUN_TIME": f"{LOCUST_RUN_TIME_S}s", "LOCUST_USERS": "8",
+        "LOCUST_SPAWN_RATE": "8", "LOCUST_EXPECT_WORKERS": str(LOCUST_WORKERS),
+    })
+    # The project is named as the images are tagged (the GPU step names its volume after it).
+    stack = Stack(images.tag, images.tag, images.checkout, images.compose, env, int(env["GRPC_PORT"]),
+                  figures=images.figures)
+    try:
         started = time.monotonic()
         # Compose waits for the trainer to succeed and the server to turn healthy before Locust starts.
         stack.run_compose("up", "-d", "--no-build", "--scale", f"server={SERVERS}",
@@ -254,9 +295,7 @@ def stack(mnist_path):
             stack.step(name, action)
         yield stack
     finally:
-        _remove_everything(stack)
-        shutil.rmtree(checkout, ignore_errors=True)
-        print("\ncontainer figures: " + ", ".join(f"{key}={value}" for key, value in stack.figures.items()))
+        _remove_project(stack)
 
 
 # --- the scenario: steps in compose order, each recording what it saw -------------------------------
@@ -264,13 +303,7 @@ def stack(mnist_path):
 def _up(stack: Stack) -> None:
     stack.seen["trainer"] = _inspect(stack.container("trainer"))
     stack.seen["trainer_log"] = stack.logs("trainer")
-    deadline = time.monotonic() + 120
-    health = {}
-    for cid in [*stack.containers("server"), stack.container("envoy")]:
-        while (status := _inspect(cid)["State"]["Health"]["Status"]) == "starting" and time.monotonic() < deadline:
-            time.sleep(2)
-        health[_inspect(cid)["Name"]] = status
-    stack.seen["server_health"] = health
+    stack.seen["server_health"] = _wait_healthy([*stack.containers("server"), stack.container("envoy")])
     stack.seen["server_log"] = stack.logs("server")
     stack.seen["envoy_log"] = stack.logs("envoy")
 
@@ -451,8 +484,8 @@ SCENARIO = [("up", _up), ("users", _users), ("locust", _locust), ("host_clients"
 
 # --- the promises -----------------------------------------------------------------------------------
 
-def test_images_are_built_and_the_cpu_server_is_small(stack):
-    sizes = {target: float(stack.figures[f"size_{target}_mb"]) for target in IMAGES}
+def test_images_are_built_and_the_cpu_server_is_small(images):
+    sizes = {target: float(images.figures[f"size_{target}_mb"]) for target in IMAGES}
     assert sizes["server"] < SERVER_IMAGE_LIMIT_MB, f"server image {sizes['server']:.0f} MB (limit {SERVER_IMAGE_LIMIT_MB})"
     assert sizes["server"] < sizes["server-gpu"], sizes
 
@@ -558,3 +591,145 @@ def test_down_v_leaves_nothing(stack):
     stack.check("down")
     assert stack.seen["left_after_down"] == {"containers": [], "volumes": [], "networks": []}, \
         stack.seen["left_after_down"]
+
+
+# --- the TLS override: docker-compose.yml + docker-compose.tls.yml, mutual TLS and a token everywhere ----------
+# One more compose project on the same images: 2 replicas, Envoy and a short Locust run, all over mTLS
+# with the token, certificates from docker/make-dev-certs.py in the checkout's ./certs (as the README).
+
+TLS_FILES = ("docker-compose.yml", "docker-compose.tls.yml")
+TLS_SERVERS = 2
+TLS_LOCUST_RUN_TIME_S = 10
+
+
+def _wait_healthy(cids: list[str], timeout: float = 120) -> dict[str, str]:
+    """Each container's health once it is no longer `starting` (or after the timeout), by name."""
+    deadline, health = time.monotonic() + timeout, {}
+    for cid in cids:
+        while (status := _inspect(cid)["State"]["Health"]["Status"]) == "starting" and time.monotonic() < deadline:
+            time.sleep(2)
+        health[_inspect(cid)["Name"]] = status
+    return health
+
+
+def _inference_answered(cid: str) -> float:
+    """A replica's inference calls answered OK (Classify, ModelInfer): health checks through Envoy left out."""
+    read = ("import urllib.request as u; "
+            "print(u.urlopen('http://localhost:9100/metrics', timeout=10).read().decode())")
+    text = _docker("exec", cid, "python", "-c", read).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mnist_requests_total{") and 'code="OK"' in line
+               and ("Classify" in line or "ModelInfer" in line))
+
+
+def _tls_up(stack: Stack) -> None:
+    stack.seen["tls_trainer"] = _inspect(stack.container("trainer"))["State"]
+    stack.seen["tls_health"] = _wait_healthy([*stack.containers("server"), stack.container("envoy")])
+    stack.seen["tls_server_log"] = stack.logs("server")
+    stack.seen["tls_envoy_log"] = stack.logs("envoy")
+
+
+def _tls_locust(stack: Stack) -> None:
+    master = stack.container("locust")
+    stack.seen["tls_locust_exit"] = _docker("wait", master, timeout=TLS_LOCUST_RUN_TIME_S + 240).stdout.strip()
+    stack.seen["tls_locust_log"] = stack.logs("locust") + stack.logs("locust-worker")
+    with open(stack.checkout / "reports" / "locust_stats.csv", newline="") as file:
+        stack.seen["tls_locust_total"] = next(row for row in csv.DictReader(file) if row["Name"] == "Aggregated")
+
+
+def _tls_predict(stack: Stack, *args: str) -> tuple[int, str]:
+    result = subprocess.run([str(BIN_DIR / "mnist-predict"), "--target", f"127.0.0.1:{stack.grpc_port}",
+                             "--mnist-test", "500", "--data-dir", stack.env["MNIST_DATA_DIR"], "--quiet", *args],
+                            capture_output=True, text=True, timeout=120)
+    return result.returncode, result.stdout + result.stderr
+
+
+def _tls_clients(stack: Stack) -> None:
+    certs = stack.checkout / "certs"
+    mtls = ["--tls-ca", str(certs / "ca.crt"), "--tls-cert", str(certs / "client.crt"),
+            "--tls-key", str(certs / "client.key")]
+    token = ["--auth-token-file", str(certs / "token")]
+    replicas = _replicas(stack)
+    before = {cid: _inference_answered(cid) for cid in replicas}
+    for api in ("classifier", "kserve"):
+        stack.seen[f"tls_predict_{api}"] = _tls_predict(stack, "--api", api, *mtls, *token)
+    stack.seen["tls_spread"] = {cid: _inference_answered(cid) - before[cid] for cid in replicas}
+    stack.seen["tls_no_client_cert"] = _tls_predict(stack, "--tls-ca", str(certs / "ca.crt"), *token)
+    stack.seen["tls_no_token"] = _tls_predict(stack, *mtls)
+    stack.seen["tls_plaintext"] = _tls_predict(stack, *token, "--timeout", "5")
+
+
+def _tls_down(stack: Stack) -> None:
+    stack.run_compose("down", "-v", "--remove-orphans")
+    label = f"label=com.docker.compose.project={stack.project}"
+    stack.seen["tls_left_after_down"] = {
+        "containers": _docker("ps", "-a", "-q", "--filter", label).stdout.split(),
+        "volumes": _docker("volume", "ls", "-q", "--filter", label).stdout.split(),
+        "networks": _docker("network", "ls", "-q", "--filter", label).stdout.split(),
+    }
+
+
+TLS_SCENARIO = [("tls_up", _tls_up), ("tls_locust", _tls_locust), ("tls_clients", _tls_clients),
+                ("tls_down", _tls_down)]
+
+
+@pytest.fixture(scope="module")
+def tls_stack(images, mnist_path):
+    env = _project_env(images, mnist_path)
+    env.update({"LOCUST_HEADLESS": "true", "LOCUST_RUN_TIME": f"{TLS_LOCUST_RUN_TIME_S}s", "LOCUST_USERS": "4",
+                "LOCUST_SPAWN_RATE": "4", "LOCUST_EXPECT_WORKERS": "1"})
+    stack = Stack(f"{images.tag}tls", images.tag, images.checkout, images.compose, env, int(env["GRPC_PORT"]),
+                  figures=images.figures, files=TLS_FILES)
+    try:
+        made = subprocess.run([sys.executable, "docker/make-dev-certs.py"], cwd=images.checkout, capture_output=True,
+                              text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        started = time.monotonic()
+        stack.run_compose("up", "-d", "--no-build", "--scale", f"server={TLS_SERVERS}", "--scale", "locust-worker=1",
+                          timeout=900)
+        stack.figures["tls_up_s"] = f"{time.monotonic() - started:.0f}"
+        for name, action in TLS_SCENARIO:
+            stack.step(name, action)
+        yield stack
+    finally:
+        _remove_project(stack)
+
+
+def test_tls_replicas_and_envoy_turn_healthy_by_their_mtls_healthchecks(tls_stack):
+    tls_stack.check("tls_up")
+    assert tls_stack.seen["tls_trainer"]["ExitCode"] == 0, tls_stack.seen["tls_trainer"]
+    health = tls_stack.seen["tls_health"]
+    seen = tls_stack.seen
+    assert len(health) == TLS_SERVERS + 1 and set(health.values()) == {"healthy"}, \
+        f"{health}\nserver:\n{seen['tls_server_log'][-3000:]}\nenvoy:\n{seen['tls_envoy_log'][-2000:]}"
+
+
+def test_tls_locust_in_compose_loads_with_the_client_certificate_and_token(tls_stack):
+    tls_stack.check("tls_locust")
+    assert tls_stack.seen["tls_locust_exit"] == "0", tls_stack.seen["tls_locust_log"][-3000:]
+    total = tls_stack.seen["tls_locust_total"]
+    assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0, total
+
+
+def test_tls_mnist_predict_through_envoy_with_mtls_and_the_token_is_correct_on_every_replica(tls_stack):
+    tls_stack.check("tls_clients")
+    for api in ("classifier", "kserve"):
+        returncode, output = tls_stack.seen[f"tls_predict_{api}"]
+        found = re.search(r"accuracy: \d+/500 = ([\d.]+)", output)
+        assert returncode == 0 and found and float(found[1]) >= 0.9, f"mnist-predict --api {api}: {output}"
+    spread = tls_stack.seen["tls_spread"]  # Envoy balanced the calls over TLS to both replicas
+    assert len(spread) == TLS_SERVERS and all(count > 0 for count in spread.values()), spread
+
+
+def test_tls_envoy_refuses_calls_without_a_client_certificate_a_token_or_tls(tls_stack):
+    tls_stack.check("tls_clients")
+    for case, status in (("tls_no_client_cert", "UNAVAILABLE"), ("tls_no_token", "UNAUTHENTICATED"),
+                         ("tls_plaintext", "UNAVAILABLE")):
+        returncode, output = tls_stack.seen[case]
+        assert returncode == 1 and f"answered {status}" in output, f"{case}: {output}"
+
+
+def test_tls_down_v_leaves_nothing(tls_stack):
+    tls_stack.check("tls_down")
+    assert tls_stack.seen["tls_left_after_down"] == {"containers": [], "volumes": [], "networks": []}, \
+        tls_stack.seen["tls_left_after_down"]
