@@ -360,7 +360,7 @@ def merged_tls_config(exe: str, variables: dict[str, str]) -> dict:
            if not key.startswith(("COMPOSE_", "LOCUST_")) and key not in ("MNIST_DATA_DIR", "CERTS_DIR")}
     result = subprocess.run([exe, "--profile", "gpu", "-f", str(COMPOSE_FILE), "-f", str(TLS_OVERRIDE), "config"],
                             cwd=ROOT, env={**env, **variables}, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, f"docker-compose -f docker-compose.yml -f docker-compose.tls.yml config: {result.stderr}"
+    assert result.returncode == 0, f"docker-compose ... -f docker-compose.tls.yml config: {result.stderr}"
     return yaml.safe_load(result.stdout)
 
 
@@ -395,7 +395,8 @@ def test_the_tls_override_gives_every_service_its_flags_and_files():
     envoy = services["envoy"]
     assert envoy["command"] == ["envoy", "-c", "/etc/envoy/envoy-tls.yaml", "--log-level", "warn"]
     mounts = read_only_mounts("envoy")
-    assert mounts.get("/certs") == certs and mounts.get("/etc/envoy/envoy-tls.yaml") == str(ENVOY_DIR / "envoy-tls.yaml")
+    assert mounts.get("/certs") == certs, envoy["volumes"]
+    assert mounts.get("/etc/envoy/envoy-tls.yaml") == str(ENVOY_DIR / "envoy-tls.yaml"), envoy["volumes"]
     assert {port["target"] for port in envoy["ports"]} == {8500, 8000, 9901}  # the same entry point
 
     # Locust: the base file's commands plus the client certificate and token, on the master and each worker.
