@@ -1,6 +1,6 @@
 """A server that answers Classify and KServe v2 ModelInfer with a canned response through the same gRPC stack as mnist-serve.
 
-Same grpc.aio server, options and metrics interceptor; no decoding, batching or
+Same grpc.aio server, options and per-call metrics; no decoding, batching or
 inference. Its throughput is the ceiling the RPC layer puts on the real server.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import grpc
 from core.contract import NUM_CLASSES, OUTPUT_DATATYPE, OUTPUT_NAME
 from serving import metrics
 from serving.config import ServeConfig
+from serving.grpc_api.handlers import WrappingRegistrar
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.generated import grpc_predict_v2_pb2 as kserve_pb
@@ -42,11 +43,13 @@ class CannedInference(kserve_grpc.GRPCInferenceServiceServicer):
 
 
 async def main(port: int) -> None:
-    server = grpc.aio.server(interceptors=[metrics.MetricsInterceptor()], options=channel_options(ServeConfig()))
-    pb_grpc.add_ClassifierServicer_to_server(CannedClassifier(), server)
-    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(CannedInference(), server)
+    server = grpc.aio.server(options=channel_options(ServeConfig()))
+    # The server's per-call metrics, attached as the server attaches them (serving.grpc_api.handlers).
+    services = WrappingRegistrar(server, lambda method, handler: metrics.timed(handler, method))
+    pb_grpc.add_ClassifierServicer_to_server(CannedClassifier(), services)
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(CannedInference(), services)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, services)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

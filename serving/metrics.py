@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server, and the gRPC interceptor that counts every call."""
+"""Prometheus metrics of the server, and the wrapper that counts and times every gRPC call."""
 from __future__ import annotations
 
 import time
@@ -60,32 +60,16 @@ class PrometheusBatchObserver:
         QUEUE_DEPTH.set(requests)
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every unary call by method and final status code."""
-
-    def __init__(self) -> None:
-        # gRPC asks for the handler on every call; the timed wrapper is built once per method.
-        self._timed_handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(self, continuation, handler_call_details):
-        full_method = handler_call_details.method
-        if full_method in self._timed_handlers:
-            return self._timed_handlers[full_method]
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        self._timed_handlers[full_method] = _timed(handler, full_method.rsplit("/", 1)[-1])
-        return self._timed_handlers[full_method]
-
-
-def _timed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def timed(handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+    """`handler` counted by final status code and timed (serving.grpc_api.handlers applies it once per method)."""
     behaviour = handler.unary_unary
+    method = full_method.rsplit("/", 1)[-1]
     # The labelled children are looked up once per method, not on every call (labels() takes a lock
     # and builds a key each time; the profile showed it on the hot path).
     latency = LATENCY.labels(method)
     answered_ok = REQUESTS.labels(method, "OK")
 
-    async def timed(request, context):
+    async def counted(request, context):
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
         try:
@@ -100,7 +84,7 @@ def _timed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler
             latency.observe(time.perf_counter() - started)
 
     return grpc.unary_unary_rpc_method_handler(
-        timed, request_deserializer=handler.request_deserializer,
+        counted, request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 

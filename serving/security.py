@@ -244,39 +244,23 @@ def http_token_middleware(token: TokenFile):
     return check_token
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses protected calls without the right bearer token: Unauthenticated, mapped to UNAUTHENTICATED.
+def token_checked(handler: grpc.RpcMethodHandler, token: TokenFile) -> grpc.RpcMethodHandler:
+    """`handler` refusing calls without the right bearer token: Unauthenticated, mapped to UNAUTHENTICATED.
 
-    It sits inside the error mapping (serving.grpc_api.interceptors), so the refusal gets its
-    status code there and is counted by the metrics interceptor like any call.
+    It sits inside the error mapping (serving.grpc_api.handlers), so the refusal gets its status
+    code there and is counted in the metrics like any call.
     """
+    behaviour = handler.unary_unary
 
-    def __init__(self, token: TokenFile) -> None:
-        self.token = token
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+    async def guarded(request, context: grpc.aio.ServicerContext):
+        presented = bearer_token(context.invocation_metadata())
+        if presented is None:
+            raise Unauthenticated("this call needs a bearer token: send the metadata "
+                                  "'authorization: Bearer <token>' (the server runs with --auth-token-file)")
+        if not token.accepts(presented):
+            raise Unauthenticated("the bearer token is not valid for this server")
+        return await behaviour(request, context)
 
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method in self._handlers:
-            return self._handlers[method]
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not needs_token(method):
-            return handler
-        self._handlers[method] = self._guarded(handler)
-        return self._handlers[method]
-
-    def _guarded(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        behaviour, token = handler.unary_unary, self.token
-
-        async def guarded(request, context: grpc.aio.ServicerContext):
-            presented = bearer_token(context.invocation_metadata())
-            if presented is None:
-                raise Unauthenticated("this call needs a bearer token: send the metadata "
-                                      "'authorization: Bearer <token>' (the server runs with --auth-token-file)")
-            if not token.accepts(presented):
-                raise Unauthenticated("the bearer token is not valid for this server")
-            return await behaviour(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(
+        guarded, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)

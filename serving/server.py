@@ -24,7 +24,7 @@ from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from serving.generated import mnist_classifier_pb2, mnist_classifier_pb2_grpc
 from serving.grpc_api.classifier import ClassifierServicer
 from serving.grpc_api.kserve import KServeServicer
-from serving.grpc_api.interceptors import server_interceptors
+from serving.grpc_api.handlers import WrappingRegistrar, server_wrap
 from serving.http_api.app import HttpServer, build_app
 from serving.inference.poller import RepositoryPoller
 from serving.inference.registry import ModelRegistry, RegistryOptions
@@ -138,14 +138,15 @@ class Server:
         self.model = self.registry
 
         self._decoder = DecodePool(config.decode_threads, config.max_decoded_pixels)
-        self._grpc = grpc.aio.server(interceptors=server_interceptors(token), options=channel_options(config))
+        self._grpc = grpc.aio.server(options=channel_options(config))
+        services = WrappingRegistrar(self._grpc, server_wrap(token))  # metrics, errors, token: once per method
         mnist_classifier_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(self.model, self._decoder), self._grpc)
+            ClassifierServicer(self.model, self._decoder), services)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.model, self.is_ready), self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+            KServeServicer(self.model, self.is_ready), services)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, services)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc)
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), services)
         await self._set_readiness(Readiness.STARTING)
         try:
             if credentials is not None:

@@ -1,7 +1,7 @@
 """The gRPC transport in-process: a grpc.aio server on a free loopback port inside the test.
 
 The servicers run with the real model core (onnxruntime on the session's trained model, the
-real batcher) and the server's own interceptor chain, so a call takes milliseconds and an error
+real batcher) and the server's own wrapping of each method (metrics, error mapping), so a call takes milliseconds and an error
 mapping can be checked without starting a process. The KServe stubs clash with tritonclient's
 (which other tests import into this process), so what needs them runs in a child interpreter.
 """
@@ -22,7 +22,7 @@ from core.repository import load_version
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.grpc_api.classifier import ClassifierServicer
-from serving.grpc_api.interceptors import server_interceptors
+from serving.grpc_api.handlers import WrappingRegistrar, server_wrap
 from serving.grpc_api.status import GRPC_STATUS, status_for
 from serving.inference import errors
 from serving.inference.batcher import DynamicBatcher
@@ -44,8 +44,8 @@ def serve_classifier(trained_repository, runtime, scenario, *, start_batcher: bo
     async def main():
         batcher = DynamicBatcher(runtime.run, max_batch_size=64, max_queue_size=max_queue_size)
         model = ServedModel(load_version(trained_repository, "mnist"), runtime.provider, 64, batcher)
-        server = grpc.aio.server(interceptors=server_interceptors())
-        pb_grpc.add_ClassifierServicer_to_server(ClassifierServicer(model), server)
+        server = grpc.aio.server()
+        pb_grpc.add_ClassifierServicer_to_server(ClassifierServicer(model), WrappingRegistrar(server, server_wrap()))
         port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
         await server.start()
         if start_batcher:
@@ -123,7 +123,7 @@ def test_domain_errors_reach_the_caller_as_status_codes(trained_repository, runt
     assert found["input"] == (grpc.StatusCode.INVALID_ARGUMENT,
                               "image 0: raw_pixels holds 4 bytes; expected 784 (28x28 uint8, row-major)")
     assert found["closed"][0] == grpc.StatusCode.UNAVAILABLE and "shutting down" in found["closed"][1]
-    # The metrics interceptor sits outside the error mapping, so it counts the mapped code.
+    # The metrics wrap the error mapping, so they count the mapped code.
     after = REGISTRY.get_sample_value("mnist_requests_total", {"method": "Classify", "code": "NOT_FOUND"})
     assert after == before + 1
 

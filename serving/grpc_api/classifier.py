@@ -1,7 +1,7 @@
 """The project's own API, mnist.v1.Classifier: a thin servicer over the converters and the model.
 
-Errors are the model core's (UnknownModel, InvalidInput, QueueFull...); the interceptor in
-serving.grpc_api.status turns them into status codes. Encoded images are decoded off the event
+Errors are the model core's (UnknownModel, InvalidInput, QueueFull...); serving.grpc_api.status
+turns them into status codes (attached to every method by serving.grpc_api.handlers). Encoded images are decoded off the event
 loop by the DecodePool (serving.inputs.pool), within its per-call pixel budget.
 """
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Domain errors to gRPC status codes: the one place where that mapping lives.
 
 The servicers raise the model core's errors (serving.inference.errors) and never choose a
-status code; the interceptor below catches them and aborts the call with the code from
+status code; `mapping_errors` below catches them and ends the call with the code from
 GRPC_STATUS and the error's own message (bounded: see serving.inference.errors). Another
 transport (HTTP) keeps a table of its own for the same errors.
 
 A request that is not valid protobuf never reaches a servicer: the request deserializer turns it
-into a MalformedRequest, answered INVALID_ARGUMENT in a few words and counted by the metrics
-interceptor like any call (gRPC's own handling would answer UNKNOWN and log a traceback per call).
+into a MalformedRequest, answered INVALID_ARGUMENT in a few words and counted in the metrics
+like any call (gRPC's own handling would answer UNKNOWN and log a traceback per call).
 """
 from __future__ import annotations
 
@@ -90,24 +90,6 @@ def status_for(error: ServingError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class DomainErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns a ServingError raised by any unary method into its status code and message."""
-
-    def __init__(self) -> None:
-        # gRPC asks for the handler on every call; the wrapper is built once per method.
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method in self._handlers:
-            return self._handlers[method]
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        self._handlers[method] = _mapping_errors(handler, method)
-        return self._handlers[method]
-
-
 def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
     """End the call with `code` and `message` by setting them, not by context.abort().
 
@@ -136,7 +118,8 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     return deserialize
 
 
-def _mapping_errors(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def mapping_errors(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with its ServingErrors answered by status code, and malformed requests refused."""
     behaviour = handler.unary_unary
 
     async def mapped(request, context: grpc.aio.ServicerContext):
