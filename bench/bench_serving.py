@@ -11,7 +11,9 @@ The model's own ceiling is onnxruntime called in-process on the same batches, at
 settings (the best one is the goal's reference).
 The load generator is this process (grpc.aio, one connection per caller so that the kernel spreads
 them over --workers, requests serialized once up front), so on a small machine it competes with the
-servers for the cores: read ratios, not absolutes.
+servers for the cores: read ratios, not absolutes. To show where the cores go, each server's CPU
+time (its process and its workers, all threads) is measured over its slices and printed per call,
+beside the load generator's own.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -60,6 +63,8 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    server_cpu_ms_per_call: float  # CPU time of the server's processes (all threads) per answered call
+    client_cpu_ms_per_call: float  # the load generator's (this process's) CPU time per answered call
 
 
 def infer_payload(images: np.ndarray, model_name: str) -> bytes:
@@ -103,24 +108,59 @@ async def drive(target: str, callers: int, payload: bytes, seconds: float,
     return latencies, errors
 
 
-def summarize(name: str, callers: int, count: int, latencies: list[float], errors: int, seconds: float) -> Result:
+def summarize(name: str, callers: int, count: int, latencies: list[float], errors: int, seconds: float,
+              server_cpu: float = float("nan"), client_cpu: float = float("nan")) -> Result:
+    calls = len(latencies) or 1
     latencies = sorted(latencies) or [float("nan")]
     rps = len(latencies) / seconds
     return Result(name, callers, count, rps, rps * count, 1000 * statistics.median(latencies),
-                  1000 * latencies[int(0.99 * (len(latencies) - 1))], errors)
+                  1000 * latencies[int(0.99 * (len(latencies) - 1))], errors,
+                  1000 * server_cpu / calls, 1000 * client_cpu / calls)
 
 
-def compare(targets: dict[str, tuple[str, bytes]], callers: int, count: int, rounds: int,
-            seconds: float) -> list[Result]:
-    """Alternate short slices between the servers, so the machine's drifts hit all of them alike."""
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process `pid` and its children (the --workers), all threads."""
+    if pid is None:
+        return float("nan")
+    import psutil  # with Locust (the loadtest extra), as `make bench` has it
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return float("nan")
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def compare(targets: dict[str, tuple[str, bytes, int | None]], callers: int, count: int, rounds: int,
+            seconds: float, between_rounds: Callable[[], None] = lambda: None) -> list[Result]:
+    """Alternate short slices between the servers, so the machine's drifts hit all of them alike.
+
+    `targets`: name -> (address, serialized request, server pid or None); `between_rounds` runs after
+    each round (the in-process ceilings, so that they are interleaved with the servers too).
+    """
     latencies: dict[str, list[float]] = {name: [] for name in targets}
     errors = dict.fromkeys(targets, 0)
+    server_cpu = dict.fromkeys(targets, 0.0)
+    client_cpu = dict.fromkeys(targets, 0.0)
     for _ in range(rounds):
-        for name, (target, payload) in targets.items():
+        for name, (target, payload, pid) in targets.items():
+            server_before, client_before = cpu_seconds(pid), time.process_time()
             values, failed = asyncio.run(drive(target, callers, payload, seconds))
+            server_cpu[name] += cpu_seconds(pid) - server_before
+            client_cpu[name] += time.process_time() - client_before
             latencies[name] += values
             errors[name] += failed
-    return [summarize(name, callers, count, values, errors[name], rounds * seconds)
+        between_rounds()
+    return [summarize(name, callers, count, values, errors[name], rounds * seconds, server_cpu[name],
+                      client_cpu[name])
             for name, values in latencies.items()]
 
 
@@ -152,6 +192,20 @@ def in_process_table(models: dict[str, Path], images: np.ndarray, seconds: float
             for name, path in models.items()}
 
 
+def interleaved_in_process_table(models: dict[str, Path], images: np.ndarray, seconds: float, rounds: int):
+    """in_process_table measured in `rounds` slices; returns (one slice's measurement, the averaged table)."""
+    slices: list[dict[str, dict[str, float]]] = []
+
+    def measure_slice() -> None:
+        slices.append(in_process_table(models, images, seconds / rounds))
+
+    def averaged() -> dict[str, dict[str, float]]:
+        return {model: {label: statistics.fmean(s[model][label] for s in slices) for label in slices[0][model]}
+                for model in slices[0]}
+
+    return measure_slice, averaged
+
+
 def best(table: dict[str, float], batch: int) -> tuple[str, float]:
     return max(((label, value) for label, value in table.items() if label.startswith(f"batch {batch},")),
                key=lambda item: item[1])
@@ -162,7 +216,8 @@ def report(results: list[Result], ceilings: dict[str, dict[str, float]], header:
     lines = [header]
     for model, table in ceilings.items():
         lines.append(f"in-process onnxruntime, {model}: " + "; ".join(f"{k} {v:,.0f}/s" for k, v in table.items()))
-    columns = f"{'scenario':<9}{'server':<13}{'req/s':>9}{'images/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}  vs naive"
+    columns = (f"{'scenario':<9}{'server':<13}{'req/s':>9}{'images/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
+               f"{'CPU ms/call':>12}{'(client)':>9}  vs naive")
     lines += [columns, "-" * (len(columns) + 20)]
     for callers, count in SCENARIOS:
         naive = by[(NAIVE, callers, count)]
@@ -173,7 +228,8 @@ def report(results: list[Result], ceilings: dict[str, dict[str, float]], header:
             ratio = (naive.p50_ms / r.p50_ms) if callers == 1 else (r.images_per_s / naive.images_per_s)
             what = "p50 speed-up" if callers == 1 else "throughput"
             lines.append(f"{f'{callers} x {count}':<9}{r.target:<13}{r.requests_per_s:>9,.0f}{r.images_per_s:>10,.0f}"
-                         f"{r.p50_ms:>8.3f}{r.p99_ms:>8.3f}{r.errors:>7}  {ratio:.2f}x ({what})")
+                         f"{r.p50_ms:>8.3f}{r.p99_ms:>8.3f}{r.errors:>7}{r.server_cpu_ms_per_call:>12.3f}"
+                         f"{r.client_cpu_ms_per_call:>9.3f}  {ratio:.2f}x ({what})")
     serve32, naive32, canned32 = (by[(t, 32, 1)] for t in (SERVE, NAIVE, CANNED))
     serve64 = by[(SERVE, 8, 64)]
     best_label, best64 = best(ceilings["fp32"], 64)
@@ -203,7 +259,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6,
                         help="slices the seconds are cut into, alternating between the servers")
     parser.add_argument("--in-process-seconds", type=float, default=1.5,
-                        help="seconds per in-process measurement (model x batch x thread setting)")
+                        help="seconds per in-process measurement (model x batch x thread setting), in --rounds "
+                             "slices interleaved with the 8 x 64 scenario")
     parser.add_argument("--server-args", default="", help="extra mnist-serve flags, e.g. '--workers 1'")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="leave the INT8 model out")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -225,27 +282,32 @@ def main() -> int:
 
     results: list[Result] = []
     with ExitStack() as stack:
-        targets: dict[str, str] = {}
+        targets: dict[str, tuple[str, int]] = {}  # name -> (address, pid)
         for name, module, extra in ((CANNED, "bench.canned_server", []),
                                     (NAIVE, "bench.naive_server", ["--model", str(fp32.model_path)])):
             port = free_port()
             proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *extra], cwd=ROOT)
             stack.callback(lambda p=proc: (p.terminate(), p.wait()))
             wait_until_serving(f"127.0.0.1:{port}", 30, proc)
-            targets[name] = f"127.0.0.1:{port}"
+            targets[name] = (f"127.0.0.1:{port}", proc.pid)
         serve = stack.enter_context(start_server(repository, *QUIET_PORTS, "--model-name", fp32.name,
                                                  "--model-version", str(fp32.version), *server_args))
-        targets[SERVE] = serve.target
+        targets[SERVE] = (serve.target, serve.proc.pid)
         if int8 is not None:
-            targets[SERVE_INT8] = stack.enter_context(start_server(
-                repository, *QUIET_PORTS, "--model-name", int8.name, *server_args)).target
+            serve_int8 = stack.enter_context(start_server(
+                repository, *QUIET_PORTS, "--model-name", int8.name, *server_args))
+            targets[SERVE_INT8] = (serve_int8.target, serve_int8.proc.pid)
         model_of = {SERVE_INT8: int8.name if int8 else ""}
+        # The model's ceiling is measured between the rounds of the largest scenario, interleaved with it.
+        measure_slice, ceilings_measured = interleaved_in_process_table(
+            {"fp32": fp32.model_path, **({"int8": int8.model_path} if int8 else {})}, images,
+            args.in_process_seconds, args.rounds)
         for callers, count in SCENARIOS:
-            payloads = {name: (target, infer_payload(images[:count], model_of.get(name, fp32.name)))
-                        for name, target in targets.items()}
-            results += compare(payloads, callers, count, args.rounds, args.seconds / args.rounds)
-    ceilings = in_process_table({"fp32": fp32.model_path, **({"int8": int8.model_path} if int8 else {})},
-                                images, args.in_process_seconds)
+            payloads = {name: (target, infer_payload(images[:count], model_of.get(name, fp32.name)), pid)
+                        for name, (target, pid) in targets.items()}
+            results += compare(payloads, callers, count, args.rounds, args.seconds / args.rounds,
+                               measure_slice if count == max(c for _, c in SCENARIOS) else lambda: None)
+    ceilings = ceilings_measured()
 
     header = (f"model {fp32.name} v{fp32.version}{' and ' + int8.name + ' v' + str(int8.version) if int8 else ''}; "
               f"{len(os.sched_getaffinity(0))} cores; {args.seconds:g} s per scenario and server in {args.rounds} "
