@@ -15,6 +15,7 @@ import json
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class RestError(Exception):
 @dataclass
 class RestReply:
     status: int
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # case-insensitive, as HTTP's names are (a proxy such as Envoy lowercases them)
     body: bytes
 
 
@@ -96,7 +97,7 @@ class RestClient:
             try:
                 self._connection.request(method, path, body=body, headers={**self._auth, **(headers or {})})
                 response = self._connection.getresponse()
-                return RestReply(response.status, dict(response.getheaders()), response.read())
+                return RestReply(response.status, response.headers, response.read())
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self._connection.close()
                 if attempt == 2:
