@@ -12,7 +12,7 @@ import signal
 import grpc
 
 from core.contract import NUM_CLASSES, OUTPUT_DATATYPE, OUTPUT_NAME
-from serving import metrics
+from serving import event_loop, metrics
 from serving.config import ServeConfig
 from serving.grpc_api.handlers import WrappingRegistrar
 from serving.generated import mnist_classifier_pb2 as pb
@@ -63,4 +63,4 @@ async def main(port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(main(parser.parse_args().port))
+    event_loop.run(main(parser.parse_args().port))  # the server's loop: the same stack

@@ -1,10 +1,10 @@
 """`mnist-serve`: the gRPC prediction server."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
+from serving import event_loop
 from serving.config import load_config
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if config.workers > 1:
             return run_workers(config)
-        return asyncio.run(serve(config))
+        return event_loop.run(serve(config))
     except (RepositoryError, DeviceUnavailable, OSError) as err:
         print(f"mnist-serve: error: {err}", file=sys.stderr)
         return 1

@@ -169,8 +169,9 @@ class Server:
             self._poller = RepositoryPoller(self.registry, config.repository_poll_secs)
             self._poller.start()
         served = ", ".join(f"{m.name} {m.version_label}" for m in self.registry.served()) or "none yet"
-        log.info("serving %s (model control %s) on %s; HTTP on :%s; metrics on :%s", served,
-                 config.model_control_mode, self.address, config.http_port or "off", config.metrics_port or "off")
+        log.info("serving %s (model control %s) on %s; HTTP on :%s; metrics on :%s; event loop %s", served,
+                 config.model_control_mode, self.address, config.http_port or "off", config.metrics_port or "off",
+                 type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new predictions, finish accepted ones (within --grace-period).

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 
+from serving import event_loop
 from serving.config import ServeConfig
 
 log = logging.getLogger("mnist-serve")
@@ -80,8 +81,6 @@ def worker_config(config: ServeConfig, index: int) -> ServeConfig:
 
 def _worker_main(config: ServeConfig, index: int) -> None:
     """A worker process: one complete server on the shared port, until SIGTERM/SIGINT."""
-    import asyncio
-
     # A SIGTERM can come while this worker still loads (the others already serve): remember it and
     # drain once started, rather than dying with a signal status.
     early_stop = threading.Event()
@@ -93,7 +92,7 @@ def _worker_main(config: ServeConfig, index: int) -> None:
     from serving.inference.runtime import DeviceUnavailable
 
     try:
-        code = asyncio.run(_serve_worker(config, early_stop))
+        code = event_loop.run(_serve_worker(config, early_stop))
     except (RepositoryError, DeviceUnavailable, OSError) as err:
         print(f"mnist-serve: error: worker {index}: {err}", file=sys.stderr)
         code = 1
