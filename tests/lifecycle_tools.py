@@ -231,6 +231,7 @@ def log_instant(log: str, pattern: str) -> float:
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll a state the server exposes (metrics, health, log) until it holds; fail after `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

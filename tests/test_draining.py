@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import grpc
@@ -25,6 +24,7 @@ from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.process import start_server
 from tests.conftest import ROOT
+from tests.lifecycle_tools import wait_for
 
 SERVICES = ("", "mnist.v1.Classifier", "inference.GRPCInferenceService")
 REFUSAL = "the server is shutting down and takes no new requests"
@@ -85,19 +85,11 @@ def health(target: str, service: str = "") -> str:
             return err.code().name
 
 
-def wait_for(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def hold_calls(server, images: np.ndarray) -> list:
     """Send one call per image and return once all of them wait in the server's queue."""
     together = threading.Barrier(len(images))
     results = [in_background(classify, server.target, image, 60, together) for image in images]
-    wait_for(lambda: queue_depth(server) == len(images), f"{len(images)} calls held in the queue")
+    wait_for(lambda: queue_depth(server) == len(images), 30, f"{len(images)} calls held in the queue")
     return results
 
 
@@ -111,7 +103,7 @@ def test_a_signal_drains_answers_every_accepted_call_and_refuses_new_ones(
     try:
         held = hold_calls(server, images[:8])
         server.proc.send_signal(getattr(signal, signal_name))
-        wait_for(lambda: health(server.target) == "NOT_SERVING", "NOT_SERVING")
+        wait_for(lambda: health(server.target) == "NOT_SERVING", 30, "NOT_SERVING")
         assert [health(server.target, service) for service in SERVICES] == ["NOT_SERVING"] * 3
         # A new call is refused before it is accepted, in the server's own words (not a dropped call).
         assert classify(server.target, images[8]) == ("UNAVAILABLE", REFUSAL)
@@ -157,7 +149,7 @@ def test_not_serving_until_the_model_is_warm(trained_repository, tmp_path):
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
-        wait_for(lambda: "configuration:" in log_path.read_text(), "the server to start")
+        wait_for(lambda: "configuration:" in log_path.read_text(), 30, "the server to start")
         target = f"127.0.0.1:{port}"
         probes = 0
         # "passed its checks" is logged once warm-up is done, before the ports open: a probe that began

@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from serving.generated import mnist_classifier_pb2 as pb
 from serving.process import free_port, start_server
 from core.repository import load_version
 from tests.conftest import ROOT
+from tests.lifecycle_tools import wait_for
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -62,15 +62,6 @@ def metric(server, name: str, default: float | None = None, **labels) -> float:
     if not values and default is None:
         raise AssertionError(f"no sample of {name} {labels or ''} in /metrics")
     return sum(values) if values else default
-
-
-def wait_for(condition, what: str, timeout: float = 30.0) -> None:
-    """Poll a state the server exposes (metrics, health) until it holds; fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def served_provider(server) -> str:
@@ -418,7 +409,7 @@ def test_a_full_queue_answers_resource_exhausted_and_the_queued_are_served(holdi
     shed_before = metric(server, "mnist_dropped_requests_total", 0.0, reason="queue_full")
     together = threading.Barrier(2)
     held = [call_in_background(server.target, images[i: i + 1], together=together) for i in (0, 1)]
-    wait_for(lambda: metric(server, "mnist_queue_depth") == 2, "two calls held in the queue")
+    wait_for(lambda: metric(server, "mnist_queue_depth") == 2, 30, "two calls held in the queue")
     with ClassifierClient(server.target, timeout=30) as c:
         error = rpc_error(lambda: c.classify(images[2:3]))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -438,10 +429,10 @@ def test_calls_that_expire_while_queued_are_dropped_not_computed(holding_server,
     # gRPC: the caller's deadline (1.5 s) ends the call while it waits in the queue (4 s). The client's
     # own DEADLINE_EXCEEDED, and gRPC cancels the call on the server, which drops it unrun.
     outcome = call_in_background(server.target, images[:1], timeout=1.5)
-    wait_for(lambda: metric(server, "mnist_queue_depth") == 1, "the call held in the queue")
+    wait_for(lambda: metric(server, "mnist_queue_depth") == 1, 30, "the call held in the queue")
     assert outcome()["error"] == (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
     wait_for(lambda: metric(server, "mnist_dropped_requests_total", 0.0, reason="cancelled") == cancelled_before + 1,
-             "the cancelled call dropped from the queue")
+             30, "the cancelled call dropped from the queue")
 
     # REST: the request's own `timeout` (µs) is the server's deadline: its own 504, with its own words.
     body = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 784],
