@@ -31,7 +31,7 @@ from loadtest.options import DEFAULTS, SCENARIOS
 PROG = "loadtest"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     target = parser.add_argument_group("what to load")
@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--connect-timeout", type=float, default=5.0,
                      help="seconds to wait for the server's health check before giving up")
     out.add_argument("--verbose", action="store_true", help="show Locust's own output instead of logging it")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.users < 1:
         parser.error("--users must be at least 1")

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist-health-probe", description=__doc__)
     parser.add_argument("--target", default="localhost:8500", help="host:port of the gRPC server")
     parser.add_argument("--service", default="", help="service to ask about ('' = the whole server)")
@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-cert", help="PEM client certificate, for a server that requires mTLS")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--tls-server-name", help="the name in the server's certificate, when not the target's host")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         channel = _channel(args)
     except (OSError, ValueError) as err:
