@@ -20,9 +20,9 @@ import time
 import aiohttp
 import numpy as np
 
-from bench.bench_serving import drive, infer_payload, summarize
+from bench.bench_serving import Scenario, infer_payload, summarize
+from bench.common import Sample, closed_loop, merge, test_images
 from core.contract import IMAGE_SHAPE, INPUT_NAME, to_model_input
-from core.idx import find_data_dir, load_idx_dir
 from serving.process import start_server
 
 SCENARIOS = ((1, 1), (32, 1), (8, 64))
@@ -44,7 +44,7 @@ def rest_json_payload(images: np.ndarray, model: str) -> tuple[bytes, dict[str, 
 
 
 async def drive_rest(url: str, callers: int, payload: tuple[bytes, dict[str, str]], seconds: float,
-                     warmup: float = 0.3) -> tuple[list[float], int]:
+                     warmup: float = 0.3) -> Sample:
     """`callers` coroutines, each on its own keep-alive connection, back-to-back calls."""
     body, headers = payload
     latencies: list[float] = []
@@ -73,7 +73,7 @@ async def drive_rest(url: str, callers: int, payload: tuple[bytes, dict[str, str
         await asyncio.gather(*(caller(session) for session in sessions))
     finally:
         await asyncio.gather(*(session.close() for session in sessions))
-    return latencies, errors
+    return Sample(tuple(latencies), errors, seconds)
 
 
 def main() -> int:
@@ -83,26 +83,24 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one slice")
     parser.add_argument("--rounds", type=int, default=4, help="slices per scenario and transport")
     args = parser.parse_args()
-    images = load_idx_dir(find_data_dir("mnist")).test_images
+    images = test_images()
     with start_server(args.model_repository, "--model-name", args.model_name, "--metrics-port", "0") as server:
         url = f"http://127.0.0.1:{server.http_port}/v2/models/{args.model_name}/infer"
         print(f"{'scenario':<8} {'transport':<22} {'calls/s':>8} {'images/s':>9} {'p50 ms':>7} {'p99 ms':>7} errors")
         for callers, count in SCENARIOS:
             batch = images[:count]
             drivers = {
-                "gRPC (raw FP32)": lambda s, p=infer_payload(batch, args.model_name): drive(server.target, callers, p, s),
+                "gRPC (raw FP32)": lambda s, p=infer_payload(batch, args.model_name): closed_loop(
+                    server.target, p, callers=callers, connections=callers, seconds=s),
                 "REST (binary FP32)": lambda s, p=rest_binary_payload(batch, args.model_name): drive_rest(url, callers, p, s),
                 "REST (JSON UINT8)": lambda s, p=rest_json_payload(batch, args.model_name): drive_rest(url, callers, p, s),
             }
-            latencies = {name: [] for name in drivers}
-            errors = dict.fromkeys(drivers, 0)
+            samples: dict[str, list[Sample]] = {name: [] for name in drivers}
             for _ in range(args.rounds):
                 for name, run in drivers.items():
-                    values, failed = asyncio.run(run(args.seconds))
-                    latencies[name] += values
-                    errors[name] += failed
-            for name, values in latencies.items():
-                r = summarize(name, callers, count, values, errors[name], args.rounds * args.seconds)
+                    samples[name].append(asyncio.run(run(args.seconds)))
+            for name, parts in samples.items():
+                r = summarize(name, Scenario(callers, count, callers), merge(parts))
                 print(f"{callers:>2} x {count:<3}  {name:<22} {r.requests_per_s:>8,.0f} {r.images_per_s:>9,.0f} "
                       f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.errors}", flush=True)
     return 0

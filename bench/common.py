@@ -1,0 +1,188 @@
+"""What every bench script shares: one closed-loop load generator, percentiles, RSS, CPU time, a table.
+
+The load generator is grpc.aio in this process: `callers` coroutines send back-to-back calls of one
+serialized request (bytes in, bytes out: no protobuf work in the measured loop) over `connections`
+channels. One connection is how gRPC recommends a client to call (one channel); with SO_REUSEPORT the
+kernel gives that connection to one server worker. Many connections: each channel gets its own TCP
+connection (a local subchannel pool; gRPC shares one otherwise) and the callers are spread over them
+round-robin, as a gateway or a fleet of clients would. Both are measured, because a server's speed
+must not depend on how its callers connect.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+CLASSIFY = "/mnist.v1.Classifier/Classify"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One closed-loop measurement: the successful calls' latencies (s) in the window, and errors."""
+
+    latencies: tuple[float, ...]
+    errors: int
+    seconds: float  # the measured window
+
+    @property
+    def calls_per_s(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+
+def percentile_ms(latencies: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) of latencies in seconds, in milliseconds; nan when there are none."""
+    return float(np.percentile(latencies, q) * 1000) if len(latencies) else float("nan")
+
+
+def merge(samples: Sequence[Sample]) -> Sample:
+    """Several slices of one measurement (interleaved rounds) as one sample."""
+    return Sample(tuple(x for s in samples for x in s.latencies), sum(s.errors for s in samples),
+                  sum(s.seconds for s in samples))
+
+
+def spread(callers: int, connections: int) -> list[int]:
+    """The connection each caller uses: round-robin over min(callers, connections) connections."""
+    count = max(1, min(callers, connections))
+    return [k % count for k in range(callers)]
+
+
+async def closed_loop(target: str, payload: bytes, *, callers: int, connections: int = 1,
+                      seconds: float, warmup: float = 0.3, method: str = MODEL_INFER, timeout: float = 30.0,
+                      on_window: Callable[[], None] | None = None) -> Sample:
+    """`callers` coroutines sending `payload` to `method` back to back over `connections` connections.
+
+    Calls that complete in the `seconds` after `warmup` are measured; `on_window` is called when that
+    window opens and when it closes (e.g. to read CPU counters). Errors (any RPC status but OK) are
+    counted, never raised.
+    """
+    import grpc
+
+    # A local subchannel pool gives each channel its own TCP connection (gRPC shares them otherwise).
+    options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+    uses = spread(callers, connections)
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(uses) + 1)]
+    latencies: list[float] = []
+    errors = 0
+    try:
+        stubs = [channel.unary_unary(method) for channel in channels]
+        await asyncio.gather(*(stub(payload, timeout=timeout) for stub in stubs))  # connect every channel
+        measuring_from = time.perf_counter() + warmup
+        until = measuring_from + seconds
+        if on_window is not None:
+            loop = asyncio.get_running_loop()
+            loop.call_at(loop.time() + warmup, on_window)
+
+        async def caller(call) -> None:
+            nonlocal errors
+            while (now := time.perf_counter()) < until:
+                try:
+                    await call(payload, timeout=timeout)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                if now >= measuring_from:
+                    latencies.append(time.perf_counter() - now)
+
+        await asyncio.gather(*(caller(stubs[use]) for use in uses))
+        if on_window is not None:
+            on_window()
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
+    return Sample(tuple(latencies), errors, seconds)
+
+
+def measure(target: str, payload: bytes, **load) -> Sample:
+    """closed_loop from synchronous code (a fresh event loop per measurement)."""
+    return asyncio.run(closed_loop(target, payload, **load))
+
+
+def rss_mib(pid: int | None, children: bool = False) -> float:
+    """Resident memory of `pid` (and, with `children`, of its descendants: the --workers) in MiB."""
+    if pid is None:
+        return float("nan")
+    pids = [pid, *(_descendants(pid) if children else [])]
+    total = 0
+    for one in pids:
+        try:
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            if one == pid:
+                return float("nan")
+    return total / 1024
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        import psutil
+    except ImportError:
+        return []
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process `pid` and its descendants (the --workers), all threads."""
+    if pid is None:
+        return float("nan")
+    import psutil  # with Locust (the loadtest extra), as `make bench` has it
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return float("nan")
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]]) -> str:
+    """A side-by-side, fixed-width table: `columns` = (key, format spec), e.g. ("p50_ms", ".2f").
+
+    The first column is left-aligned, the others right-aligned; nan prints as "-".
+    """
+    def cell(value: object, spec: str) -> str:
+        if isinstance(value, float) and math.isnan(value):
+            return "-"
+        return format(value, spec) if spec else str(value)
+
+    cells = [[cell(row.get(key, ""), spec) for key, spec in columns] for row in rows]
+    widths = [max(len(key), *(len(line[i]) for line in cells)) for i, (key, _) in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    header = line([key for key, _ in columns])
+    return "\n".join([header, "-" * len(header), *(line(values) for values in cells)])
+
+
+def test_images():
+    """The MNIST test images (uint8 [10000, 28, 28]): MNIST_DATA_DIR, Debian's folder or ../shared."""
+    from core.idx import find_data_dir, load_idx_dir
+
+    return load_idx_dir(find_data_dir("mnist") or ROOT.parent / "shared/datasets/mnist").test_images
