@@ -1,15 +1,12 @@
 """Shared fixtures: the real MNIST files, a small model trained for the tests, a running server."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.common import QUICK_TRAIN_ARGS, ROOT, mnist_dir, run_train  # noqa: F401 (ROOT: older imports)
 
 # tritonclient and serving/generated/grpc_predict_v2_pb2 define the same `inference.*` protobuf
 # symbols, and whichever file registers first makes the other fail to import. ClassifierClient's
@@ -19,14 +16,6 @@ try:
     import tritonclient.grpc  # noqa: F401
 except ImportError:  # tests that need it say so themselves
     pass
-
-
-def mnist_dir() -> Path:
-    configured = os.environ.get("MNIST_DATA_DIR")
-    path = Path(configured) if configured else ROOT.parent / "shared" / "datasets" / "mnist"
-    if not (path / "t10k-images-idx3-ubyte.gz").exists() and not (path / "t10k-images-idx3-ubyte").exists():
-        pytest.fail(f"MNIST files not found in {path}: set MNIST_DATA_DIR to the folder of the IDX files")
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -41,15 +30,6 @@ def mnist_test_set(mnist_path) -> tuple[np.ndarray, np.ndarray]:
 
     data = load_idx_dir(mnist_path)
     return data.test_images, data.test_labels
-
-
-def run_train(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=timeout, env={**os.environ, "MNIST_DATA_DIR": str(mnist_dir())})
-
-
-# A few seconds of training that still reads digits well (~95 %): what the serving tests need.
-QUICK_TRAIN_ARGS = ("--limit", "6000", "--epochs", "2", "--optimizer", "adam", "--learning-rate", "0.002")
 
 
 @pytest.fixture(scope="session")

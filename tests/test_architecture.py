@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.common import ROOT
 
 
 def imported_packages(folder: Path) -> dict[str, set[str]]:

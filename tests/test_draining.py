@@ -23,8 +23,8 @@ from core.repository import load_version
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.process import start_server
-from tests.conftest import ROOT
-from tests.lifecycle_tools import wait_for
+from tests.support.common import ROOT
+from tests.support.lifecycle import wait_for
 
 SERVICES = ("", "mnist.v1.Classifier", "inference.GRPCInferenceService")
 REFUSAL = "the server is shutting down and takes no new requests"

@@ -29,7 +29,7 @@ from serving.inference.batcher import DynamicBatcher
 from serving.inference.runtime import OnnxRuntimeSession, RuntimeOptions
 from serving.inference.served_model import ServedModel
 from serving.process import free_port
-from tests.conftest import ROOT
+from tests.support.common import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from PIL import Image
 from core.repository import load_version
 from serving.process import free_port, start_server
 from serving.rest_client import RestClient, RestError
-from tests.conftest import ROOT
+from tests.support.common import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from google.protobuf import json_format, text_format
 from serving.client import ClientTls
 from serving.process import start_server
 from serving.rest_client import RestClient, RestError
-from tests.lifecycle_tools import Reference, metric_value
-from tests.test_tls import TOKEN, issue, make_ca, tls_args
+from tests.support.lifecycle import Reference, metric_value
+from tests.support.pki import TOKEN, issue, make_ca, tls_args
 
 import tritonclient.grpc as tritonclient_grpc  # noqa: E402  (a dev dependency: its absence fails)
 import tritonclient.http as tritonclient_http  # noqa: E402

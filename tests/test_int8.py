@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from core.repository import load_version
-from tests.conftest import run_train
+from tests.support.common import run_train
 from training.quantize import (MIN_AGREEMENT, Int8ParityError, ParityReport, check_parity, compare_int8,
                                quantize_int8)
 

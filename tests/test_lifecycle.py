@@ -19,7 +19,7 @@ import pytest
 
 from core.metadata import ModelMetadata
 from serving.process import start_server
-from tests.lifecycle_tools import (
+from tests.support.lifecycle import (
     Load,
     Reference,
     log_instant,

@@ -22,7 +22,7 @@ from loadtest.locust_runner import (
     request_names,
 )
 from loadtest.options import DEFAULTS
-from tests.conftest import ROOT
+from tests.support.common import ROOT
 
 
 def run_module(module: str, *args: str, mnist_path: Path, timeout: float) -> subprocess.CompletedProcess:

@@ -24,7 +24,7 @@ from bench.scaleout import Load, Replica, ipv4_target, start_replica, start_repl
 from loadtest.locust_runner import normalize_target, read_stats_csv
 from serving.client import ClassifierClient
 from serving.process import free_port
-from tests.conftest import ROOT
+from tests.support.common import ROOT
 
 ENVOY_CONFIG = ROOT / "deploy" / "compose" / "envoy.yaml"
 

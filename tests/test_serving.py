@@ -21,8 +21,8 @@ from serving.client import ClassifierClient
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.process import free_port, start_server
 from core.repository import load_version
-from tests.conftest import ROOT
-from tests.lifecycle_tools import wait_for
+from tests.support.common import ROOT
+from tests.support.lifecycle import wait_for
 
 # --- helpers ----------------------------------------------------------------------------------
 

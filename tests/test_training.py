@@ -14,7 +14,7 @@ import onnx
 import pytest
 from google.protobuf import text_format
 
-from tests.conftest import QUICK_TRAIN_ARGS, ROOT, run_train
+from tests.support.common import QUICK_TRAIN_ARGS, ROOT, run_train
 from core.idx import DatasetError, find_data_dir, load_idx_dir, parse_idx
 from training.data import load_dataset
 

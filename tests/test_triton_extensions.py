@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from serving.process import start_server
-from tests.lifecycle_tools import Reference
+from tests.support.lifecycle import Reference
 
 import tritonclient.grpc as tritonclient_grpc  # noqa: E402  (a dev dependency: its absence fails)
 from tritonclient.utils import InferenceServerException  # noqa: E402
