@@ -10,7 +10,7 @@ export MNIST_DATA_DIR
 FASHION_MNIST_DATA_DIR ?= $(wildcard ../shared/datasets/fashion-mnist)
 export FASHION_MNIST_DATA_DIR
 
-.PHONY: install demo train serve test proto proto-check loadtest batching-study bench lock clean soak overload
+.PHONY: install demo train serve test test-fast docs docs-serve proto proto-check loadtest batching-study bench lock clean soak overload
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,17 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)
+
+## The unit tier and the fastest integration tests (markers from tests/conftest.py's TIERS).
+test-fast: install
+	$(BIN)/python -m pytest -m fast $(ARGS)
+
+## The documentation site into site/ (reference pages generated from the code; broken links fail).
+docs: install
+	$(BIN)/mkdocs build --strict $(ARGS)
+
+docs-serve: install
+	$(BIN)/mkdocs serve -a 127.0.0.1:8001 $(ARGS)
 
 ## Regenerate the gRPC stubs from proto/*.proto (committed; `make proto-check` proves they match).
 proto: install

@@ -17,6 +17,31 @@ try:
 except ImportError:  # tests that need it say so themselves
     pass
 
+# Test tiers, assigned here by module from this one table (a test module never marks itself):
+#   unit         no server, no network: seconds        `pytest -m unit`
+#   integration  real servers on loopback (the default for a module not named below)
+#   system       real engines outside Python: containers, compose, a browser, kubectl, swarm
+# `make test-fast` runs `-m fast`: the unit tier plus FAST_INTEGRATION, which share the session's
+# one trained model and one server; `make test` (CI) runs every tier.
+TIERS = {
+    "unit": {"test_architecture", "test_batcher", "test_core", "test_decoding", "test_docs",
+             "test_proto_stubs"},
+    "system": {"test_containers", "test_compose", "test_page", "test_manifests", "test_swarm"},
+}
+FAST_INTEGRATION = {"test_serving", "test_predict_cli"}
+
+
+def tier_of(module: str) -> str:
+    return next((tier for tier, modules in TIERS.items() if module in modules), "integration")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        tier = tier_of(item.path.stem)
+        item.add_marker(getattr(pytest.mark, tier))
+        if tier == "unit" or item.path.stem in FAST_INTEGRATION:
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session")
 def mnist_path() -> Path:
