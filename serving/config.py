@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = ServeConfig()
     model = parser.add_argument_group("model")
-    model.add_argument("--model-repository", type=Path, default=d.model_repository)
+    model.add_argument("--model-repository", type=Path, default=d.model_repository,
+                       help="the Triton-style model repository to serve from; each version's sha256 is checked "
+                            "against its metadata.json")
     model.add_argument("--model-name", dest="model_names", action=_AppendNames, default=d.model_names,
                        help="a model to serve (repeatable); default: every model in the repository "
                             "(with --model-control-mode explicit: the models loaded at start)")
@@ -137,12 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--repository-poll-secs", type=float, default=d.repository_poll_secs,
                        help="seconds between two looks at the repository in poll mode")
     net = parser.add_argument_group("network")
-    net.add_argument("--host", default=d.host)
-    net.add_argument("--port", type=int, default=d.port)
+    net.add_argument("--host", default=d.host, help="address the server's ports bind to")
+    net.add_argument("--port", type=int, default=d.port, help="the gRPC port (both gRPC APIs, health, reflection)")
     net.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics; 0: off")
     net.add_argument("--http-port", type=int, default=d.http_port,
                      help="KServe v2 REST and the drawing page at /; 0: off")
-    net.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    net.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                     help="larger requests get RESOURCE_EXHAUSTED (gRPC) / 413 (REST)")
     net.add_argument("--grace-period", type=float, default=d.grace_period,
                      help="seconds to finish accepted calls after SIGTERM/SIGINT")
     net.add_argument("--max-connection-age", type=float, default=d.max_connection_age,
@@ -158,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     batching.add_argument("--max-queue-size", type=int, default=d.max_queue_size,
                           help="queued requests beyond which new calls get RESOURCE_EXHAUSTED")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device)
+    runtime.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device,
+                         help="auto: CUDA when its provider initialises, else CPU, with one log line saying which "
+                              "and why; cuda without a usable GPU stops with a clear error")
     runtime.add_argument("--workers", type=int, default=d.workers,
                          help="server processes sharing the gRPC port (SO_REUSEPORT), each with its own event "
                               "loop, batcher and onnxruntime session; 0: one per core (one with a GPU)")
@@ -167,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--multi-thread-min-batch", type=int, default=d.multi_thread_min_batch,
                          help="batches of at least this many images use the --intra-op-threads session; smaller "
                               "ones a one-thread session (waking threads costs more than they save on them)")
-    runtime.add_argument("--inter-op-threads", type=int, default=d.inter_op_threads)
+    runtime.add_argument("--inter-op-threads", type=int, default=d.inter_op_threads,
+                         help="onnxruntime inter-op threads, per worker")
     runtime.add_argument("--graph-optimization", choices=["disable", "basic", "extended", "all"],
-                         default=d.graph_optimization)
-    runtime.add_argument("--warmup-runs", type=int, default=d.warmup_runs)
+                         default=d.graph_optimization, help="onnxruntime's graph optimisation level")
+    runtime.add_argument("--warmup-runs", type=int, default=d.warmup_runs,
+                         help="warm-up runs of each version before it takes traffic (and the server reports SERVING)")
     runtime.add_argument("--allow-spinning", type=_boolean, default=d.allow_spinning,
                          help="let idle onnxruntime threads busy-wait (true/false)")
     runtime.add_argument("--switch-interval-us", type=int, default=d.switch_interval_us,
@@ -192,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--auth-token-file", type=Path, default=d.auth_token_file,
                           help="file holding a bearer token that inference and model calls must carry "
                                "(authorization: Bearer <token>); health and metrics stay open")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level)
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level,
+                        help="the effective configuration is logged once at start, at info")
     return parser
 
 
