@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--summary", action="store_true", help="print the network's Keras summary and exit")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
-    data.add_argument("--data-dir", help="folder of the four IDX files (default: $MNIST_DATA_DIR, else download)")
+    data.add_argument("--data-dir", help="folder of the four IDX files (default: $MNIST_DATA_DIR or "
+                                         "$FASHION_MNIST_DATA_DIR; for Fashion-MNIST then Debian's "
+                                         "/usr/share/datasets/fashion-mnist; else Keras' download)")
     data.add_argument("--limit", type=int, help="train on the first N training images only (quick looks, tests)")
     hyper = parser.add_argument_group("hyper-parameters (default: the recipe's)")
     hyper.add_argument("--epochs", type=int)
@@ -32,12 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     hyper.add_argument("--learning-rate", type=float)
     hyper.add_argument("--validation-split", type=float, default=0.1,
                        help="fraction of the training set held out and reported each epoch")
-    hyper.add_argument("--seed", type=int, default=42, help="fixes initialisation, shuffling and augmentation")
+    hyper.add_argument("--seed", type=int, default=42,
+                       help="fixes initialisation, shuffling and augmentation (TensorFlow op determinism on)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("model_repository"), help="model repository folder")
     out.add_argument("--model-name", default="mnist")
     out.add_argument("--artifacts", type=Path, default=Path("artifacts"),
-                     help="folder for the .keras model and the PNG plots")
+                     help="folder for the .keras model and the PNG plots, in <artifacts>/<model>-v<version>/")
     out.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size written to config.pbtxt")
     out.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer)")
     out.add_argument("--no-int8", dest="int8", action="store_false",
