@@ -9,6 +9,7 @@ Rendering is pure (parser or module in, Markdown out); `on_files` adds the pages
 from __future__ import annotations
 
 import argparse
+import html
 import importlib
 import sys
 from dataclasses import dataclass
@@ -39,11 +40,14 @@ COMMANDS = (
 
 
 def _cell(text: object) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Plain text for a table cell or a paragraph: one line, HTML and pipes escaped."""
+    text = " ".join(str(text).split())
+    return html.escape(text, quote=False).replace("|", "\\|")
 
 
 def _code(text: object) -> str:
-    return f"`{_cell(text)}`" if str(text) != "" else "`''`"
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return f"`{text}`" if text else "`''`"
 
 
 def _help(action: argparse.Action, prog: str) -> str:
@@ -98,11 +102,12 @@ def parser_markdown(parser: argparse.ArgumentParser, command: Command) -> str:
     ]
     if env:
         lines += [
-            f"Every flag is also read from the environment variable in its row "
-            f"(`{command.env_prefix}<DEST>`); the command line wins.",
+            "Each flag's environment variable is in its row; the command line wins.",
             "",
         ]
-    for group in parser._action_groups:  # argparse keeps no public list of its groups
+    # argparse keeps no public list of its groups; its catch-all "options" group goes last here.
+    groups = sorted(parser._action_groups, key=lambda group: group.title in ("options", "optional arguments"))
+    for group in groups:
         actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
         if not actions:
             continue
