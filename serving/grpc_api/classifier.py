@@ -10,6 +10,7 @@ import grpc
 
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
+from serving import payload_log
 from serving.grpc_api import converters
 from serving.inference.served_model import ModelLookup
 from serving.inputs.pool import DecodePool
@@ -24,7 +25,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         # The version is chosen once, here; the answer names it (a retired version still finishes this call).
         model = self.model.resolve(request.model_name, request.model_version)
         images = await self.decoder.classify_images(request.images, self.model.max_batch_size)
-        probabilities = await model.predict(images, converters.deadline_of(context))
+        request_id = converters.request_id_of(context) if payload_log.active is not None else ""
+        probabilities = await model.predict(images, converters.deadline_of(context), request_id)
         return converters.classify_response(model, probabilities)
 
     async def DescribeModel(self, request: pb.DescribeModelRequest,

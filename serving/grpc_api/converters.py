@@ -22,6 +22,14 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def request_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's (or Envoy's) x-request-id metadata, bounded; "" without one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str):
+            return value[:128]
+    return ""
+
+
 def classify_images(request: pb.ClassifyRequest, max_batch_size: int) -> np.ndarray:
     """The request's images as the model's input batch; InvalidInput says what is wrong."""
     return decode_classify_images(request.images, max_batch_size)

@@ -44,7 +44,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Looked up and queued with no await between: the call finishes on the version it found.
         model = self.model.resolve(request.model_name, request.model_version)
         images = convert.infer_images(request, model.max_batch_size)
-        probabilities = await model.predict(images, deadline_of(context))
+        probabilities = await model.predict(images, deadline_of(context), request.id)
         return convert.infer_response(request, model, probabilities)
 
     # ---- Triton's extensions: checks and answers live in triton.TritonExtensions, shared with REST ----
