@@ -1,0 +1,78 @@
+"""Which of the --workers run inference now, shared between them: large batches take idle cores.
+
+With SO_REUSEPORT the kernel gives each connection to one worker, so one client (gRPC's one channel,
+a batch job, a gateway with few connections) keeps one worker busy while the others idle. Measured
+on 2 cores, 2 workers, 8 callers x 64 images (make bench, one run, shared machine, ratios to the
+naive server): from one connection, large batches on one onnxruntime thread 0.74x, on two 0.90x; from
+8 connections (both workers busy), one thread each 1.57x, two each 1.14x (4 threads on 2 cores). So
+a worker runs a large batch on all cores only while no other worker has run a batch in the last
+`IDLE_AFTER` seconds, and on one thread otherwise.
+
+The board is one shared double per worker (a lock-free RawArray made by the parent): +inf while its
+worker runs a batch, else when it last finished one (time.monotonic, one clock for all processes).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Protocol
+
+# A worker under load starts its next batch within a few ms of the last (receiving a 64-image call
+# costs about 1 ms of CPU); longer quiet means its core is free.
+IDLE_AFTER = 0.005
+
+
+class Activity(Protocol):
+    def others_idle(self) -> bool: ...
+    def started(self) -> None: ...
+    def finished(self) -> None: ...
+
+
+class Alone:
+    """A lone server process: nobody else to leave cores to."""
+
+    def others_idle(self) -> bool:
+        return True
+
+    def started(self) -> None: ...
+    def finished(self) -> None: ...
+
+
+class WorkerActivity:
+    """One worker's view of the shared board (`slots`: a sequence of floats shared by all)."""
+
+    def __init__(self, slots, index: int) -> None:
+        self._slots = slots
+        self._index = index
+        self._others = [i for i in range(len(slots)) if i != index]
+
+    def others_idle(self) -> bool:
+        now = time.monotonic()
+        return all(now - self._slots[i] > IDLE_AFTER for i in self._others)
+
+    def started(self) -> None:
+        self._slots[self._index] = math.inf
+
+    def finished(self) -> None:
+        self._slots[self._index] = time.monotonic()
+
+
+def new_board(context, workers: int):
+    """The shared slots, made by the parent before it starts `workers` processes of `context`."""
+    board = context.RawArray("d", workers)
+    for i in range(workers):
+        board[i] = -math.inf  # never ran a batch
+    return board
+
+
+_current: Activity = Alone()
+
+
+def current() -> Activity:
+    return _current
+
+
+def join(board, index: int) -> None:
+    """Called once in a worker process, before its model loads."""
+    global _current
+    _current = WorkerActivity(board, index)
