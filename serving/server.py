@@ -124,10 +124,10 @@ class Server:
         self.registry = ModelRegistry(registry_options(config), metrics.PrometheusLifecycleObserver())
         await self.registry.start()  # every model passes its checks and warms up, or one clear error
         # Ports are checked before gRPC binds, so a taken port is one clear line, not gRPC's own log.
-        if config.workers <= 1:  # with --workers, the parent checked it and the siblings hold it now
+        if config.workers <= 1:  # with --workers, the parent checked them and the siblings hold them now
             ensure_port_free(config.host, config.port, "--port")
-        if config.http_port:
-            ensure_port_free(config.host, config.http_port, "--http-port")
+            if config.http_port:
+                ensure_port_free(config.host, config.http_port, "--http-port")
         if config.metrics_port:
             try:
                 self._metrics_httpd = metrics.serve_metrics(config.metrics_port, config.host)
@@ -162,7 +162,8 @@ class Server:
             if token is not None:
                 app.middlewares.append(security.http_token_middleware(token))  # inside the error answers
             self._http = HttpServer(app, config.host, config.http_port, config.grace_period,
-                                    security.http_ssl_context(tls) if tls else None)
+                                    security.http_ssl_context(tls) if tls else None,
+                                    reuse_port=config.workers > 1)
             await self._http.start()
         await self._set_readiness(Readiness.SERVING)
         if config.model_control_mode == "poll":

@@ -15,7 +15,7 @@ health answers and its calls always come from the same process.
   (NOT_SERVING, refuse new calls, finish accepted ones) and exits 0; the parent exits 0 when all did.
 - A worker that dies while the others serve takes the server down (exit 1), so the orchestrator
   restarts a whole, known-good set rather than a silently smaller one.
-- HTTP (REST and the page) is served by the first worker only: aiohttp's port is not shared.
+- HTTP (REST and the page) is served by every worker on one shared port (SO_REUSEPORT), as gRPC is.
 """
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def resolve(config: ServeConfig, cores: int | None = None) -> ServeConfig:
     """Fill in the automatic settings (0): workers and each worker's onnxruntime threads.
 
     Workers: one per core on the CPU; one on a GPU, where several processes would each hold a CUDA
-    context and contend for one device. Threads for large batches: the cores left per worker
-    (at least 1), so that N workers together never ask for more threads than there are cores.
+    context and contend for one device. Threads for large batches: every core; a worker uses them
+    only while the other workers idle (serving.inference.activity), else one thread.
     """
     cores = cores or usable_cores()
     explicit = config.model_control_mode == "explicit"
@@ -60,7 +60,7 @@ def resolve(config: ServeConfig, cores: int | None = None) -> ServeConfig:
         raise ValueError("--model-control-mode explicit needs --workers 1 (a load/unload call reaches one worker "
                          "only); use --model-control-mode poll with several workers")
     workers = config.workers or (1 if explicit or _gpu_likely(config.device) else cores)
-    threads = config.intra_op_threads or max(1, cores // workers)
+    threads = config.intra_op_threads or cores
     return dataclasses.replace(config, workers=workers, intra_op_threads=threads)
 
 
@@ -75,12 +75,17 @@ def _gpu_likely(device: str) -> bool:
 
 
 def worker_config(config: ServeConfig, index: int) -> ServeConfig:
-    """A worker's own settings: no metrics port (the parent serves it), HTTP on the first worker only."""
-    return dataclasses.replace(config, metrics_port=0, http_port=config.http_port if index == 0 else 0)
+    """A worker's own settings: no metrics port (the parent serves it); HTTP, like gRPC, on every
+    worker (SO_REUSEPORT). `index` stays for settings that differ per worker."""
+    return dataclasses.replace(config, metrics_port=0)
 
 
-def _worker_main(config: ServeConfig, index: int) -> None:
+def _worker_main(config: ServeConfig, index: int, board=None) -> None:
     """A worker process: one complete server on the shared port, until SIGTERM/SIGINT."""
+    if board is not None:  # who else runs inference now: large batches take the cores others leave
+        from serving.inference import activity
+
+        activity.join(board, index)
     # A SIGTERM can come while this worker still loads (the others already serve): remember it and
     # drain once started, rather than dying with a signal status.
     early_stop = threading.Event()
@@ -166,14 +171,18 @@ def run_workers(config: ServeConfig) -> int:
                 raise PortInUse(f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
                                 f"choose another --metrics-port, or 0 to turn metrics off") from err
         context = multiprocessing.get_context("spawn")  # no gRPC or onnxruntime state crosses a fork
+        from serving.inference.activity import new_board
+
+        board = new_board(context, config.workers)
         for index in range(config.workers):
             if stopping:
                 break
-            worker = context.Process(target=_worker_main, args=(worker_config(config, index), index),
+            worker = context.Process(target=_worker_main, args=(worker_config(config, index), index, board),
                                      name=f"mnist-serve-worker-{index}")
             worker.start()
             workers.append(worker)
-        log.info("%d workers on %s:%d (SO_REUSEPORT), %d onnxruntime thread(s) each for large batches; "
+        log.info("%d workers on %s:%d (SO_REUSEPORT), %d onnxruntime thread(s) for a large batch while "
+                 "the other workers idle, else 1; "
                  "metrics on :%s", config.workers, config.host, config.port, config.intra_op_threads,
                  config.metrics_port or "off")
         return _supervise(workers, lambda: stopping, stop_workers)

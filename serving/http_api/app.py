@@ -199,16 +199,18 @@ class HttpServer:
     """The REST port, on the running event loop (the one grpc.aio uses): start() and stop()."""
 
     def __init__(self, app: web.Application, host: str, port: int, shutdown_timeout: float,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
         # No access log: one line per call would cost more than the call on a busy server.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self._host, self._port, self._shutdown_timeout = host, port, shutdown_timeout
         self._ssl_context = ssl_context  # --tls-cert: HTTPS (serving.security.http_ssl_context)
+        # --workers share the port as they share gRPC's (SO_REUSEPORT): REST gets every core too.
+        self._reuse_port = reuse_port
 
     async def start(self) -> None:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=self._shutdown_timeout,
-                           reuse_port=False, ssl_context=self._ssl_context)
+                           reuse_port=self._reuse_port, ssl_context=self._ssl_context)
         await site.start()
 
     async def stop(self) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from core.contract import IMAGE_SHAPE, INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
+from serving.inference import activity
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,19 @@ class OnnxRuntimeSession:
         return (f"batches under {self.options.multi_thread_min_batch} images on 1 thread, larger on "
                 f"{self.options.intra_op_threads or 'one per core'}")
 
+    def session_for(self, images: int, others_idle: bool) -> ort.InferenceSession:
+        """Large batches take every core only while the other --workers idle (inference.activity)."""
+        return self.session if others_idle and images >= self.options.multi_thread_min_batch else self._small
+
     def run(self, images: np.ndarray) -> np.ndarray:
-        session = self.session if len(images) >= self.options.multi_thread_min_batch else self._small
+        board = activity.current()
+        board.started()
+        try:
+            return self._run(images, self.session_for(len(images), board.others_idle()))
+        finally:
+            board.finished()
+
+    def _run(self, images: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
         return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
     def warm_up(self) -> None:
