@@ -40,8 +40,10 @@ from serving.inference.errors import (
     ServingError,
     UnknownModel,
     UnknownVersion,
+    quoted,
 )
 from serving.inference.loader import LoadFailure, OpenedVersion, fingerprint, open_version
+from serving.inference.names import NAME_RULE, VERSION_RULE, is_model_name, version_number
 from serving.inference.model_config import ConfigError, ModelConfig, read_model_config, version_policy
 from serving.inference.runtime import CPU, RuntimeOptions
 from serving.inference.served_model import ServedModel
@@ -203,10 +205,12 @@ class ModelRegistry:
             raise UnknownModel(f"unknown model '{name}'; this server serves {served}")
         if version == "":
             return versions[max(versions)]
-        model = versions.get(int(version)) if version.isdigit() else None
+        number = version_number(version)  # bounded and checked before int(): serving.inference.names
+        model = versions.get(number) if number is not None else None
         if model is None:
+            rule = "" if number is not None else f" ({VERSION_RULE})"
             raise UnknownVersion(
-                f"model '{name}' version '{version}' is not served; ready versions: "
+                f"model '{name}' version {quoted(version)} is not served{rule}; ready versions: "
                 f"{', '.join(map(str, sorted(versions)))} (leave the version empty for the newest)")
         return model
 
@@ -276,7 +280,9 @@ class ModelRegistry:
     async def load(self, name: str) -> None:
         """RepositoryModelLoad: load (or reload) `name` per its policy. Explicit mode only."""
         self._require_explicit("load")
-        if not name or not (self.repository / name).is_dir():
+        if not is_model_name(name):  # a client's string becomes a path here: no '..', no NUL, bounded
+            raise UnknownModel(f"no model {quoted(name)} in the repository: {NAME_RULE}")
+        if not (self.repository / name).is_dir():
             raise UnknownModel(f"no model '{name}' in the repository {self.repository}")
         self._explicit.add(name)
         await self.sync([name])
@@ -286,6 +292,8 @@ class ModelRegistry:
     async def unload(self, name: str) -> None:
         """RepositoryModelUnload: stop serving every version of `name`, after its accepted calls finish."""
         self._require_explicit("unload")
+        if not is_model_name(name):  # nor may a client's string become a registry entry
+            raise UnknownModel(f"no model {quoted(name)} in the repository: {NAME_RULE}")
         self._explicit.discard(name)
         async with self._lock:
             retired = self._served.get(name, {})
