@@ -11,7 +11,9 @@ Scenarios (`--scenario`, also settable in the web UI):
           a fourth weight mixes in rest calls, e.g. --mix-weights 6,3,1,2
 
 Every call is reported through Locust's request event, so its statistics, charts, CSV and
-HTML report count gRPC calls the way they count HTTP requests. `make loadtest`
+HTML report count gRPC calls the way they count HTTP requests. `--traceparent per-call`
+sends each call a fresh W3C traceparent (a trace of its own, in the request event's context
+as `trace_id`, and logged for a failed call); `--traceparent <value>` sends one on every call. `make loadtest`
 (python -m loadtest.run) starts a server and runs this file headless. The `loadtest` and
 `core` packages must be importable (installed, or Locust started from the project's root).
 """
@@ -53,6 +55,7 @@ from loadtest.locust_runner import (  # noqa: E402
     single_request_name,
 )
 from loadtest.options import DEFAULTS, SCENARIOS  # noqa: E402
+from serving import tracing  # noqa: E402
 from serving.client import ClassifierClient, client_security  # noqa: E402
 from serving.rest_client import RestClient, RestError  # noqa: E402  (http.client: cooperative once patched)
 
@@ -96,6 +99,10 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--client-tls-key", default="", include_in_web_ui=False, help="PEM key of --client-tls-cert")
     parser.add_argument("--auth-token-file", default="", include_in_web_ui=False,
                        help="file holding the server's bearer token")
+    parser.add_argument("--traceparent", default="", include_in_web_ui=False,
+                       help="W3C trace context for servers that trace: per-call (a new sampled trace "
+                            "for every call, its id logged when the call fails) or one traceparent "
+                            "for every call; empty: none")
 
 
 def _security(options) -> dict:
@@ -187,6 +194,8 @@ def prepare(environment) -> None:
     weights = parse_mix_weights(options.mix_weights) if options.scenario == "mix" else None
     if options.images_per_call < 1 or options.pool_size < 1:
         raise LoadTestError("--images-per-call and --pool-size must be at least 1")
+    if getattr(options, "traceparent", "") not in ("", "per-call"):
+        tracing.check_traceparent(options.traceparent)  # ValueError: reported, and nothing runs
     model_name, model_version = getattr(options, "model_name", ""), getattr(options, "model_version", "")
     key = (target, options.pool_size, options.mnist_dir, model_name, model_version)
     with LoadPool.lock:
@@ -301,12 +310,15 @@ class MnistGrpcUser(User):
             return  # the pool could not be built (test_start logged why): the first task stops this user
         options = self.environment.parsed_options
         self.target = normalize_target(self.environment.host or "")
-        self.client = ClassifierClient(self.target, timeout=options.rpc_timeout, **_security(options))
+        self.traceparent = ""  # the last one sent (--traceparent)
+        trace = self._trace_headers(getattr(options, "traceparent", ""))
+        self.client = ClassifierClient(self.target, timeout=options.rpc_timeout, **_security(options),
+                                       **trace)
         self.images_per_call = max(1, int(options.images_per_call))
         calls = {"single": self.call_single, "batch": self.call_batch, "kserve": self.call_kserve,
                  "rest": self.call_rest}
         self.rest = RestClient(_http_host(options.http_host, self.target), timeout=options.rpc_timeout,
-                               **_security(options))
+                               **_security(options), **trace)
         if options.scenario == "mix":
             weights = parse_mix_weights(options.mix_weights)
             self.plan = [(calls[key], w) for key, w in zip(("single", "batch", "kserve", "rest"), weights) if w > 0]
@@ -314,6 +326,20 @@ class MnistGrpcUser(User):
             self.plan = [(calls[options.scenario], 1)]
         self.plan_calls = [call for call, _ in self.plan]
         self.plan_weights = [weight for _, weight in self.plan]
+
+    def _trace_headers(self, option: str) -> dict:
+        """The clients' traceparent (--traceparent): none, a fresh one per call, or a fixed one."""
+        if not option:
+            return {}
+        if option != "per-call":
+            self.traceparent = tracing.check_traceparent(option)
+            return {"traceparent": self.traceparent}
+
+        def fresh() -> str:
+            self.traceparent = tracing.new_traceparent()
+            return self.traceparent
+
+        return {"traceparent": fresh}
 
     def on_stop(self) -> None:
         if self.client is not None:
@@ -387,13 +413,18 @@ class MnistGrpcUser(User):
 
     def _report(self, name: str, start: float, length: int, error: Exception | None,
                 request_type: str = "grpc") -> None:
+        context = {"target": self.target}
+        if self.traceparent:
+            context["trace_id"] = self.traceparent.split("-")[1]
+            if error is not None:
+                log.warning("%s failed (trace id %s): %s", name, context["trace_id"], error)
         self.environment.events.request.fire(
             request_type=request_type,
             name=name,
             response_time=(time.perf_counter() - start) * 1000.0,
             response_length=length,
             exception=error,
-            context={"target": self.target},
+            context=context,
         )
 
 

@@ -1,7 +1,6 @@
 """`mnist-serve`: the gRPC prediction server."""
 from __future__ import annotations
 
-import logging
 import sys
 
 from serving import event_loop
@@ -14,7 +13,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"mnist-serve: error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from serving import log_setup, tracing
+
+    try:
+        # The OTEL_* variables too: a bad one is one line, not a traceback.
+        tracing.check_settings(tracing.TraceSettings.of(config))
+    except ValueError as err:
+        print(f"mnist-serve: error: {err}", file=sys.stderr)
+        return 2
     # Imported after parsing so that --help answers without loading onnxruntime and grpc.
     from core.repository import RepositoryError
     from serving.inference.runtime import DeviceUnavailable
@@ -26,10 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"mnist-serve: error: {err}", file=sys.stderr)
         return 2
+    log_setup.configure(config.log_level, config.log_format, lone=config.workers == 1)
     try:
         if config.workers > 1:
-            return run_workers(config)
-        return event_loop.run(serve(config))
+            return run_workers(config)  # each worker sets its own tracing up, after it was spawned
+        tracing.setup(tracing.TraceSettings.of(config), worker=0)
+        try:
+            return event_loop.run(serve(config))
+        finally:
+            tracing.shutdown()  # the spans still queued leave before the process does
     except (RepositoryError, DeviceUnavailable, OSError) as err:
         print(f"mnist-serve: error: {err}", file=sys.stderr)
         return 1

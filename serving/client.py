@@ -7,7 +7,9 @@ call over every address (gRPC's round_robin policy), and inference calls that me
 Other RPC failures propagate as grpc.RpcError: callers decide whether to retry or report.
 With `tls` the channel is TLS (mTLS when it names a client certificate); with `token` every call
 carries "authorization: Bearer <token>" (servers run with --tls-cert, --tls-client-ca and
---auth-token-file: see serving.security).
+--auth-token-file: see serving.security). With `traceparent` (a W3C traceparent, or a function
+that makes one per call, e.g. serving.tracing.new_traceparent) every call carries it and
+`tracestate`, so a traced server's spans join the caller's trace.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.contract import IMAGE_SHAPE, IMAGE_SIDE, INPUT_NAME, KSERVE_DTYPES, OUTPUT_DATATYPE, PIXELS
+from serving import tracing
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 
@@ -123,6 +126,7 @@ class ClassifierClient:
     def __init__(
         self, target: str = "localhost:8500", timeout: float = 10.0, max_message_bytes: int = 64 * 1024 * 1024,
         min_resolution_interval: float | None = None, tls: ClientTls | None = None, token: str | None = None,
+        traceparent: tracing.TraceHeader = None, tracestate: str | None = None,
     ) -> None:
         """`min_resolution_interval`: the fewest seconds between two DNS lookups of a `dns:` target
         (gRPC's default, 30 s, when None); a lookup follows every lost or aged connection."""
@@ -142,6 +146,7 @@ class ClassifierClient:
                          else grpc.insecure_channel(target, options=options))
         # Sent with every call; servers without --auth-token-file ignore it.
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._trace_headers = tracing.outgoing(traceparent, tracestate)  # ValueError: malformed
         self._classifier = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._model_infer: grpc.UnaryUnaryMultiCallable | None = None  # built on first use: see _kserve_message_types
@@ -174,7 +179,8 @@ class ClassifierClient:
 
     def describe(self, model_name: str = "", model_version: str = "") -> pb.ModelDescription:
         request = pb.DescribeModelRequest(model_name=model_name, model_version=model_version)
-        return self._classifier.DescribeModel(request, timeout=self.timeout, metadata=self._metadata)
+        return self._classifier.DescribeModel(request, timeout=self.timeout,
+                                              metadata=self._call_metadata())
 
     def infer_kserve(self, images: np.ndarray, model_name: str = "mnist", model_version: str = "") -> np.ndarray:
         """Probabilities [N, classes] through KServe v2 ModelInfer (UINT8 when given uint8, else FP32).
@@ -198,7 +204,7 @@ class ClassifierClient:
                 request_serializer=request_type.SerializeToString,
                 response_deserializer=response_type.FromString,
             )
-        response = self._model_infer(request, timeout=self.timeout, metadata=self._metadata)
+        response = self._model_infer(request, timeout=self.timeout, metadata=self._call_metadata())
         return KServeAnswer(_first_output(response), response.model_name, response.model_version)
 
     def wait_until_ready(self, timeout: float) -> None:
@@ -221,9 +227,15 @@ class ClassifierClient:
             "check that it is running, listening on that address and that its model loaded"
         )
 
+    def _call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        if self._trace_headers is None:
+            return self._metadata
+        return (*(self._metadata or ()), *self._trace_headers())
+
     def _classify(self, images: list[pb.Image], model_name: str, model_version: str) -> ClassifyResult:
         request = pb.ClassifyRequest(images=images, model_name=model_name, model_version=model_version)
-        response = self._classifier.Classify(request, timeout=self.timeout, metadata=self._metadata)
+        response = self._classifier.Classify(request, timeout=self.timeout,
+                                             metadata=self._call_metadata())
         predictions = response.predictions
         return ClassifyResult(
             labels=np.array([p.label for p in predictions], dtype=np.int64),

@@ -48,7 +48,19 @@ class ServeConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mTLS, clients must present a certificate signed by it
     auth_token_file: Path | None = None  # set: inference and model calls need "authorization: Bearer <token>"
+    # OpenTelemetry tracing (serving.tracing); the OTEL_* variables set the rest. auto: on when
+    # OTEL_TRACES_EXPORTER names an exporter. No endpoint / ratio: the OTEL_* value or the SDK's.
+    trace_mode: str = "auto"  # auto | off | opentelemetry
+    trace_endpoint: str = ""
+    trace_sample_ratio: float | None = None
+    log_format: str = "text"  # text | json (serving.log_setup)
     log_level: str = "info"
+    # Sampled payload logging (serving.payload_log): a JSON-lines file or an http(s):// CloudEvents
+    # endpoint; "" turns it off.
+    payload_log: str = ""
+    payload_log_sample_rate: float = 1.0
+    payload_log_pixels: bool = False
+    payload_log_queue_size: int = 1024
 
     @property
     def model_name(self) -> str:
@@ -86,6 +98,13 @@ class ServeConfig:
             ((self.tls_cert is None) == (self.tls_key is None), "--tls-cert and --tls-key go together"),
             (self.tls_client_ca is None or self.tls_cert is not None,
              "--tls-client-ca (mTLS) needs --tls-cert and --tls-key"),
+            (self.trace_mode in ("auto", "off", "opentelemetry"),
+             "--trace-mode must be auto, off or opentelemetry"),
+            (self.trace_sample_ratio is None or 0 <= self.trace_sample_ratio <= 1,
+             "--trace-sample-ratio must be in [0, 1]"),
+            (self.log_format in ("text", "json"), "--log-format must be text or json"),
+            (0 < self.payload_log_sample_rate <= 1, "--payload-log-sample-rate must be in (0, 1]"),
+            (self.payload_log_queue_size >= 1, "--payload-log-queue-size must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -199,6 +218,37 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--auth-token-file", type=Path, default=d.auth_token_file,
                           help="file holding a bearer token that inference and model calls must carry "
                                "(authorization: Bearer <token>); health and metrics stay open")
+    payload = parser.add_argument_group("payload logging")
+    payload.add_argument("--payload-log", default=d.payload_log,
+                         help="record sampled calls (request id, model, version, input shape and sha256, "
+                              "predicted class and probabilities, latency, status) to this JSON-lines file, "
+                              "or POST them as CloudEvents to this http(s):// URL; empty: off")
+    payload.add_argument("--payload-log-sample-rate", type=float, default=d.payload_log_sample_rate,
+                         help="share of calls recorded, in (0, 1]")
+    payload.add_argument("--payload-log-pixels", type=_boolean, default=d.payload_log_pixels,
+                         help="also record each input's 8-bit pixels (base64; true/false)")
+    payload.add_argument("--payload-log-queue-size", type=int, default=d.payload_log_queue_size,
+                         help="records waiting for the sink, beyond which records (never calls) are dropped "
+                              "and counted in mnist_payload_log_records_total{outcome=\"dropped\"}")
+    tracing = parser.add_argument_group(
+        "tracing (OpenTelemetry; the OTEL_* variables set the rest: see docs/tracing.md)")
+    tracing.add_argument("--trace-mode", choices=["auto", "off", "opentelemetry"],
+                         default=d.trace_mode,
+                         help="opentelemetry: export spans by OTLP (Triton's mode name); auto: only "
+                              "when OTEL_TRACES_EXPORTER names an exporter (otlp, console); off: never")
+    tracing.add_argument("--trace-endpoint", default=d.trace_endpoint,
+                         help="the OTLP receiver, e.g. http://collector:4317 (gRPC) or "
+                              "http://collector:4318/v1/traces (with OTEL_EXPORTER_OTLP_PROTOCOL="
+                              "http/protobuf); default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, else "
+                              "localhost:4317")
+    tracing.add_argument("--trace-sample-ratio", type=float, default=d.trace_sample_ratio,
+                         help="share of traces started here that are recorded, in [0, 1]; a "
+                              "caller's sampled traceparent is followed (parentbased_traceidratio); "
+                              "default: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, else every call")
+    parser.add_argument("--log-format", choices=["text", "json"], default=d.log_format,
+                        help="text for people; json: one object a line (time, level, logger, "
+                             "message, worker, pid, trace_id and span_id when tracing is on) for "
+                             "log collectors")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=d.log_level,
                         help="the effective configuration is logged once at start, at info")
     return parser

@@ -6,31 +6,77 @@ import time
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-REQUESTS = Counter("mnist_requests_total", "gRPC calls answered, by method and status code", ["method", "code"])
-LATENCY = Histogram("mnist_request_latency_seconds", "Time from receiving a call to answering it", ["method"],
-                    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
-QUEUE_WAIT = Histogram("mnist_queue_wait_seconds", "Time a request waited in the batching queue",
-                       buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
-BATCH_SIZE = Histogram("mnist_batch_size", "Images per onnxruntime call",
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-BATCH_REQUESTS = Histogram("mnist_batch_requests", "Requests coalesced into one onnxruntime call",
-                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-INFERENCE = Histogram("mnist_inference_seconds", "onnxruntime time per batch",
-                      buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
-IMAGES = Counter("mnist_images_total", "Images classified")
+from serving.inference.served_model import ANSWERING, NOBODY
+
+# Every call's metrics name the model and version that answered it (`model`, `version`), as
+# Triton's do: several models and versions are served at once. A call no model answered (an
+# unknown model, a refused token, a health check) has both labels empty, so a client cannot
+# create series by naming models that do not exist.
+ANSWERED = ("model", "version")
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+WAIT_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RUN_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
+
+REQUESTS = Counter(
+    "mnist_requests_total",
+    "Calls answered, gRPC and REST: by method (gRPC's name, or 'POST /v2/models/{model}/infer'), "
+    "status code (gRPC's name or the HTTP number), and the model and version that answered "
+    "(empty when none did)",
+    ["method", "code", *ANSWERED])
+LATENCY = Histogram(
+    "mnist_request_latency_seconds",
+    "Time from receiving a call to answering it, by method and the model and version that answered",
+    ["method", *ANSWERED], buckets=LATENCY_BUCKETS)
+QUEUE_WAIT = Histogram(
+    "mnist_queue_wait_seconds", "Time a request waited in its version's batching queue",
+    ANSWERED, buckets=WAIT_BUCKETS)
+BATCH_SIZE = Histogram(
+    "mnist_batch_size", "Images per onnxruntime call", ANSWERED, buckets=SIZE_BUCKETS)
+BATCH_REQUESTS = Histogram(
+    "mnist_batch_requests", "Requests coalesced into one onnxruntime call", ANSWERED,
+    buckets=SIZE_BUCKETS)
+INFERENCE = Histogram(
+    "mnist_inference_seconds", "onnxruntime time per batch", ANSWERED, buckets=RUN_BUCKETS)
+IMAGES = Counter("mnist_images_total", "Images classified", ANSWERED)
 # With --workers, gauges are combined over the worker processes (Prometheus multiprocess mode):
-# queue depths add up; the model info is the same in each; images per worker keep a pid label.
-QUEUE_DEPTH = Gauge("mnist_queue_depth", "Requests waiting in the batching queue(s)", multiprocess_mode="livesum")
-WORKER_IMAGES = Gauge("mnist_worker_images", "Images classified by this worker process (pid label with --workers)",
-                      multiprocess_mode="liveall")
-DROPPED = Counter("mnist_dropped_requests_total", "Requests dropped before inference", ["reason"])
-MODEL = Gauge("mnist_model_info", "The served model (value 1)", ["model", "version", "provider"],
-              multiprocess_mode="livemax")
+# queue depths and capacities add up (each worker has a queue per version); the model info is the
+# same in each; images per worker keep a pid label.
+QUEUE_DEPTH = Gauge(
+    "mnist_queue_depth", "Requests waiting in the version's batching queue(s)", ANSWERED,
+    multiprocess_mode="livesum")
+QUEUE_CAPACITY = Gauge(
+    "mnist_queue_capacity",
+    "Requests the version's batching queue(s) hold before new calls are shed (--max-queue-size "
+    "per worker)",
+    ANSWERED, multiprocess_mode="livesum")
+WORKER_IMAGES = Gauge(
+    "mnist_worker_images", "Images classified by this worker process (pid label with --workers)",
+    multiprocess_mode="liveall")
+DROPPED = Counter(
+    "mnist_dropped_requests_total",
+    "Requests dropped before inference, by version and reason: queue_full (shed), deadline "
+    "(expired while queued), cancelled (the caller went away)",
+    [*ANSWERED, "reason"])
+MODEL = Gauge(
+    "mnist_model_info", "The served model versions and their execution provider (value 1)",
+    ["model", "version", "provider"], multiprocess_mode="livemax")
 # Model lifecycle (serving.inference.registry): versions refused by their checks, and versions loaded.
-LOAD_FAILURES = Counter("mnist_model_load_failures_total", "Model versions refused when loading, by model and reason",
-                        ["model", "reason"])
-VERSION_LOADS = Counter("mnist_model_version_loads_total", "Model versions that passed their checks and took traffic",
-                        ["model"])
+LOAD_FAILURES = Counter(
+    "mnist_model_load_failures_total", "Model versions refused when loading, by model and reason",
+    ["model", "reason"])
+VERSION_LOADS = Counter(
+    "mnist_model_version_loads_total", "Model versions that passed their checks and took traffic",
+    ["model"])
+# Sampled payload logging (serving.payload_log): records written, dropped (its queue was full) or
+# failed (the file or endpoint refused them). A dropped record never costs its call anything.
+PAYLOAD_RECORDS = Counter("mnist_payload_log_records_total",
+                          "Payload-log records of sampled calls, by outcome: written, dropped, failed",
+                          ["outcome"])
+
+
+def count_payload_records(outcome: str, records: int) -> None:
+    PAYLOAD_RECORDS.labels(outcome).inc(records)
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from serving import tracing
 from serving.client import ClassifierClient, client_security
 from serving.rest_client import RestClient, RestError
 
@@ -40,7 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--tls-cert", help="PEM client certificate, for servers that require mTLS")
     security.add_argument("--tls-key", help="PEM private key of --tls-cert")
     security.add_argument("--auth-token-file", help="file holding the server's bearer token")
+    trace = parser.add_argument_group("tracing (servers run with --trace-mode opentelemetry)")
+    trace.add_argument("--traceparent", metavar="TRACEPARENT|new",
+                       help="send this W3C traceparent with every call, so the server's spans join "
+                            "your trace; new: start a trace for this run (its id is printed on stderr)")
+    trace.add_argument("--tracestate", help="the W3C tracestate sent beside --traceparent")
     return parser
+
+
+def _trace_headers(args: argparse.Namespace) -> dict:
+    """The clients' traceparent and tracestate from --traceparent / --tracestate."""
+    if not args.traceparent:
+        return {}
+    traceparent = tracing.new_traceparent() if args.traceparent == "new" else args.traceparent
+    print(f"trace id {tracing.trace_id_of(traceparent)} (traceparent {traceparent})",
+          file=sys.stderr)
+    return {"traceparent": traceparent, "tracestate": args.tracestate}
 
 
 def _load_mnist(count: int, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -59,10 +75,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     tls, token = client_security(args.tls, args.tls_ca, args.tls_cert, args.tls_key, args.auth_token_file)
+    trace = _trace_headers(args)
     if args.api == "rest":
         return _report(*_predict_rest(args, RestClient(args.target or "localhost:8000", timeout=args.timeout,
-                                                       tls=tls, token=token)))
-    with ClassifierClient(args.target or "localhost:8500", timeout=args.timeout, tls=tls, token=token) as client:
+                                                       tls=tls, token=token, **trace)))
+    with ClassifierClient(args.target or "localhost:8500", timeout=args.timeout, tls=tls,
+                          token=token, **trace) as client:
         if args.mnist_test:
             images, labels = _load_mnist(args.mnist_test, args.data_dir)
             names = [f"mnist-test[{i}]" for i in range(len(images))]

@@ -7,6 +7,7 @@ probabilities come back as binary data after the JSON header unless JSON is aske
 With `tls` it speaks HTTPS (presenting a client certificate where `tls` names one), with `token`
 every call carries "Authorization: Bearer <token>": the same ClientTls and token as the gRPC
 client (serving.client), for servers run with --tls-cert, --tls-client-ca and --auth-token-file.
+With `traceparent` (and `tracestate`) every call carries W3C trace context, as the gRPC client's do.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from core import contract
+from serving import tracing
 from serving.client import ClientTls
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -65,7 +67,8 @@ class _HttpsConnection(http.client.HTTPSConnection):
 
 class RestClient:
     def __init__(self, address: str, timeout: float = 10.0, tls: ClientTls | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, traceparent: tracing.TraceHeader = None,
+                 tracestate: str | None = None) -> None:
         """`address` is host:port of the server's HTTP port (mnist-serve --http-port, default 8000);
         an https:// prefix, or `tls`, makes it HTTPS."""
         if address.startswith("https://") and tls is None:
@@ -80,6 +83,7 @@ class RestClient:
             else _HttpsConnection(host, int(port), timeout, ssl_context(tls), tls.server_name or host))
         # Sent with every call; servers without --auth-token-file ignore it.
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._trace_headers = tracing.outgoing(traceparent, tracestate)
 
     def __enter__(self) -> RestClient:
         return self
@@ -93,9 +97,12 @@ class RestClient:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> RestReply:
         """One call; a dropped keep-alive connection is reopened once (the server may close idle ones)."""
+        sent = {**self._auth, **(headers or {})}
+        if self._trace_headers is not None:
+            sent.update(self._trace_headers())
         for attempt in (1, 2):
             try:
-                self._connection.request(method, path, body=body, headers={**self._auth, **(headers or {})})
+                self._connection.request(method, path, body=body, headers=sent)
                 response = self._connection.getresponse()
                 return RestReply(response.status, response.headers, response.read())
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):

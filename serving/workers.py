@@ -13,12 +13,17 @@ health answers and its calls always come from the same process.
   (per-worker series carry a `pid` label where that is the point, e.g. mnist_worker_images).
 - Draining: the parent forwards SIGTERM/SIGINT to every worker; each drains as a lone server does
   (NOT_SERVING, refuse new calls, finish accepted ones) and exits 0; the parent exits 0 when all did.
-- A worker that dies while the others serve takes the server down (exit 1), so the orchestrator
-  restarts a whole, known-good set rather than a silently smaller one.
+- Supervision: a worker that dies while the server serves (SIGKILL, a crash, the OOM killer) is
+  replaced by a fresh one in its slot; the others go on serving, so the only calls lost are
+  those in flight on the dead one (retrying clients reconnect to another worker). Its live
+  gauges are removed from the sums (mark_process_dead). A crash loop (CRASH_LOOP_DEATHS deaths in
+  CRASH_LOOP_SECONDS), or a worker whose start-up fails, stops the server with one line and exit 1.
 - HTTP (REST and the page) is served by every worker on one shared port (SO_REUSEPORT), as gRPC is.
 """
 from __future__ import annotations
 
+import collections
+import collections
 import dataclasses
 import logging
 import multiprocessing
@@ -29,6 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+from multiprocessing.connection import wait
+from typing import Callable
 
 from serving import event_loop
 from serving.config import ServeConfig
@@ -91,16 +98,20 @@ def _worker_main(config: ServeConfig, index: int, board=None) -> None:
     early_stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: early_stop.set())
-    logging.basicConfig(level=config.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
+    from serving import log_setup, tracing
+
+    log_setup.configure(config.log_level, config.log_format, worker=index)
     from core.repository import RepositoryError
     from serving.inference.runtime import DeviceUnavailable
 
     try:
+        tracing.setup(tracing.TraceSettings.of(config), worker=index)  # its own exporter thread
         code = event_loop.run(_serve_worker(config, early_stop))
     except (RepositoryError, DeviceUnavailable, OSError) as err:
         print(f"mnist-serve: error: worker {index}: {err}", file=sys.stderr)
-        code = 1
+        code = START_UP_FAILED
+    finally:
+        tracing.shutdown()
     sys.exit(code)
 
 
@@ -185,7 +196,15 @@ def run_workers(config: ServeConfig) -> int:
                  "the other workers idle, else 1; "
                  "metrics on :%s", config.workers, config.host, config.port, config.intra_op_threads,
                  config.metrics_port or "off")
-        return _supervise(workers, lambda: stopping, stop_workers)
+
+        def replace(index: int, dead: multiprocessing.Process) -> multiprocessing.Process:
+            """A fresh worker in the dead one's slot, with its settings (Process keeps them as _args)."""
+            fresh = context.Process(target=_worker_main, args=dead._args, name=dead.name)
+            fresh.start()
+            workers[index] = fresh  # stop_workers reaches it too
+            return fresh
+
+        return _supervise(workers, lambda: stopping, stop_workers, replace)
     finally:
         if httpd is not None:
             httpd.shutdown()
@@ -193,28 +212,89 @@ def run_workers(config: ServeConfig) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _supervise(workers: list[multiprocessing.Process], stopping, stop_all) -> int:
-    """Wait for the workers; 0 when all drained and exited 0, else 1."""
+def _supervise(workers: list[multiprocessing.Process], stopping: Callable[[], bool], stop_all: Callable[[], None],
+               replace: Callable[[int, multiprocessing.Process], multiprocessing.Process]) -> int:
+    """Wait for the workers, replacing any that dies while the server serves; the exit status.
+
+    0 when every worker drained and exited 0 after SIGTERM/SIGINT. 1 when a worker's start-up
+    failed (it exits 1 after one line saying why: a model onnxruntime refuses, a device), since a
+    fresh one would fail the same way, or on a crash loop (CrashLoop); the others are stopped first.
+    """
     from prometheus_client import multiprocess
 
     failed = False
-    running = list(workers)
+    loop = CrashLoop()
+    running = dict(enumerate(workers))  # slot -> its process (a replacement takes the dead one's slot)
     while running:
-        for worker in list(running):
-            worker.join(timeout=0.2)
+        wait([worker.sentinel for worker in running.values()], timeout=0.5)
+        for index, worker in list(running.items()):
             if worker.exitcode is None:
                 continue
-            running.remove(worker)
-            multiprocess.mark_process_dead(worker.pid)  # its live gauges leave the sums
-            # Killed by the forwarded SIGTERM before it could install its handler: it had served nothing.
-            stopped_early = stopping() and worker.exitcode == -signal.SIGTERM
-            if worker.exitcode != 0 and not stopped_early:
+            del running[index]
+            # Its live gauges (queue depth, model info, images per worker) leave the sums; its
+            # counters and histograms stay: what it answered was answered.
+            multiprocess.mark_process_dead(worker.pid)
+            if stopping():
+                # Killed by the forwarded SIGTERM before it could install its handler: it had served nothing.
+                failed |= worker.exitcode not in (0, -signal.SIGTERM)
+                continue
+            if worker.exitcode == START_UP_FAILED:
+                log.error("worker %s exited with status %s; stopping the others", worker.name, worker.exitcode)
                 failed = True
-                if not stopping():
-                    log.error("worker %s exited with status %s; stopping the others", worker.name, worker.exitcode)
-                    stop_all()
-        time.sleep(0.05)
+                stop_all()
+                continue
+            why = _exit_reason(worker.exitcode)
+            if loop.died(time.monotonic()):
+                print(f"mnist-serve: error: {loop.describe()} (the last, {worker.name}, {why}); stopping: "
+                      "a worker that keeps dying is not served around, see the lines above for why",
+                      file=sys.stderr, flush=True)
+                failed = True
+                stop_all()
+                continue
+            log.warning("worker %s (pid %s) died (%s); starting a fresh one, the others go on serving",
+                        worker.name, worker.pid, why)
+            running[index] = replace(index, worker)
     return 1 if failed else 0
+
+
+# _worker_main's status when its server could not start (after one line saying why); not 1, which is
+# also what an uncaught exception gives a worker that had served (that one is replaced).
+START_UP_FAILED = 3
+
+# A crash loop: this many deaths within CRASH_LOOP_SECONDS stop the server (exit 1), so that the
+# orchestrator sees a broken server rather than workers that die as fast as they are replaced.
+# 5 in 60 s: a worker takes 1-3 s to load and warm up, so one that dies at once dies 5 times in
+# about 15 s; OOM kills minutes apart (a memory limit set too tight for a burst) are replaced.
+CRASH_LOOP_DEATHS = 5
+CRASH_LOOP_SECONDS = 60.0
+
+
+@dataclasses.dataclass
+class CrashLoop:
+    """The recent worker deaths, and whether they make a crash loop."""
+
+    deaths: int = CRASH_LOOP_DEATHS
+    seconds: float = CRASH_LOOP_SECONDS
+    times: collections.deque = dataclasses.field(default_factory=collections.deque)
+
+    def died(self, now: float) -> bool:
+        """Count a death at `now`; True when it makes `deaths` within `seconds`."""
+        self.times.append(now)
+        while self.times and self.times[0] <= now - self.seconds:
+            self.times.popleft()
+        return len(self.times) >= self.deaths
+
+    def describe(self) -> str:
+        return f"workers died {len(self.times)} times in {self.seconds:.0f} s"
+
+
+def _exit_reason(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
 
 
 def _serve_summed_metrics(port: int, host: str):

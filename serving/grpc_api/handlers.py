@@ -1,7 +1,8 @@
 """What every unary method does around its servicer, attached once, when the services are registered.
 
-Outermost first: count and time the call (serving.metrics), turn a domain error or a malformed
-request into its status code (serving.grpc_api.status), check the bearer token with
+Outermost first: with tracing on, a server span (serving.tracing); count and time the call
+(serving.metrics), turn a domain error or a malformed request into its status code
+(serving.grpc_api.status), check the bearer token with
 --auth-token-file (serving.security). So the token's refusal is mapped like any error, and the
 metrics count the code the mapping chose.
 
@@ -17,7 +18,7 @@ from typing import Callable, Iterable
 
 import grpc
 
-from serving import metrics
+from serving import metrics, tracing
 from serving.grpc_api import status
 from serving.security import TokenFile, needs_token, token_checked
 
@@ -32,7 +33,11 @@ def server_wrap(token: TokenFile | None = None) -> Wrap:
             return handler
         if token is not None and needs_token(method):
             handler = token_checked(handler, token)
-        return metrics.timed(status.mapping_errors(handler, method), method)
+        handler = metrics.timed(status.mapping_errors(handler, method), method)
+        # Outermost, added only with tracing on: the span covers the token check and metrics too.
+        if tracing.on and not method.startswith(tracing.UNTRACED_SERVICES):
+            handler = tracing.traced_grpc(method, handler)
+        return handler
 
     return wrap
 

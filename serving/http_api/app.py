@@ -8,7 +8,7 @@ serving.grpc_api.triton.TritonExtensions, the implementation the gRPC servicer c
 ServingError they raise becomes `{"error": "<message>"}` with the code from
 serving.http_api.status; aiohttp's own refusals (unknown path, wrong method, body over
 --max-message-bytes) get the same body. Every call is counted in mnist_requests_total with
-method "<HTTP method> <route>" and the HTTP code.
+method "<HTTP method> <route>", the HTTP code and the model and version that answered it.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from serving import __version__, metrics
+from serving import __version__, draining, metrics, tracing
 from serving.grpc_api.triton import TritonExtensions
 from serving.http_api import codec, page
 from serving.http_api.status import status_for
-from serving.inference.errors import ServingError
+from serving.inference.errors import ServingError, ShuttingDown
 from serving.inference.served_model import ModelLookup
 
 log = logging.getLogger("mnist-serve")
@@ -45,6 +45,7 @@ def error_response(status: int, message: str) -> web.Response:
 async def count_calls(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: counts and times every call by route and the code it was answered with."""
     started = time.perf_counter()
+    metrics.start_call()
     status = 499  # the client went away before an answer (nginx's convention)
     try:
         response = await handler(request)
@@ -53,8 +54,7 @@ async def count_calls(request: web.Request, handler: Handler) -> web.StreamRespo
     finally:
         resource = request.match_info.route.resource
         method = f"{request.method} {resource.canonical if resource is not None else '(no route)'}"
-        metrics.REQUESTS.labels(method, str(status)).inc()
-        metrics.LATENCY.labels(method).observe(time.perf_counter() - started)
+        metrics.record_call(method, status, time.perf_counter() - started)
 
 
 @web.middleware
@@ -63,7 +63,11 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except ServingError as error:
-        return error_response(status_for(error), str(error))
+        response = error_response(status_for(error), str(error))
+        if isinstance(error, ShuttingDown):  # draining: when to retry, and no keep-alive (serving.draining)
+            response.headers.update(draining.http_headers())
+            response.force_close()
+        return response
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -128,7 +132,10 @@ class KServeRoutes:
         # Chosen again once the body is in, and queued with no await between: the answer names the version
         # that computed it, also when a new version took over while the body was arriving.
         model = self.model.resolve(*_model_and_version(request))
-        probabilities = await model.predict(parsed.images, deadline)
+        if tracing.on:
+            tracing.annotate_model(model.name, model.version_label)
+        request_id = parsed.request_id or request.headers.get("X-Request-Id", "")[:128]  # Envoy sets one
+        probabilities = await model.predict(parsed.images, deadline, request_id)
         answer, headers = codec.infer_response(parsed, model.name, model.version_label, probabilities)
         return web.Response(body=answer, headers=headers)
 
@@ -187,7 +194,10 @@ def _model_and_version(request: web.Request) -> tuple[str, str]:
 def build_app(model: ModelLookup, is_ready: Callable[[], bool], max_body_bytes: int) -> web.Application:
     """The aiohttp application: KServe v2 and Triton's extensions under /v2, the drawing page at /
     (serving.http_api.page)."""
-    app = web.Application(middlewares=[count_calls, answer_errors], client_max_size=max_body_bytes)
+    # With tracing on, a server span around everything else (serving.tracing); off, no middleware.
+    traced = [tracing.http_middleware()] if tracing.on else []
+    app = web.Application(middlewares=[*traced, count_calls, answer_errors],
+                          client_max_size=max_body_bytes)
     app["max_body_bytes"] = max_body_bytes
     KServeRoutes(model, is_ready).add_to(app.router)
     TritonRoutes(TritonExtensions(model)).add_to(app.router)

@@ -35,6 +35,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from serving import tracing
 from serving.inference.errors import DeadlinePassed, QueueFull, ShuttingDown
 
 
@@ -60,6 +61,7 @@ class _Pending:
     future: asyncio.Future
     enqueued: float
     deadline: float | None  # time.monotonic() after which the answer is useless
+    trace: tuple | None = None  # the call's span context and arrival (serving.tracing): sampled
 
 
 class DynamicBatcher:
@@ -102,7 +104,8 @@ class DynamicBatcher:
         if len(images) == 1 and self.run_lone_inline and self._idle():
             return self._run_alone(images, deadline)
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(images, future, time.monotonic(), deadline))
+        trace = tracing.queued() if tracing.on else None
+        self._queue.append(_Pending(images, future, time.monotonic(), deadline, trace))
         self._observer.queue_depth(len(self._queue))
         self._arrived.set()
         try:
@@ -122,8 +125,26 @@ class DynamicBatcher:
             raise DeadlinePassed("the deadline passed before the request could run")
         self._observer.batch_started(len(images), 1, [0.0])
         started = time.monotonic()
-        outputs = self._infer(images)
+        if tracing.on:
+            outputs = self._traced([tracing.queued()], images, self._infer)
+        else:
+            outputs = self._infer(images)
         self._observer.batch_finished(len(images), time.monotonic() - started)
+        return outputs
+
+    @staticmethod
+    def _traced(calls: list, images: np.ndarray,
+                infer: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """infer(images) inside the batch's spans (serving.tracing), on the calling thread."""
+        batch = tracing.start_batch(calls, len(images))
+        if batch is None:  # none of its calls is sampled
+            return infer(images)
+        try:
+            outputs = batch.run(infer, images)
+        except BaseException as error:
+            batch.end(error)
+            raise
+        batch.end()
         return outputs
 
     async def close(self) -> None:
@@ -158,12 +179,16 @@ class DynamicBatcher:
         started = time.monotonic()
         images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         self._observer.batch_started(len(images), len(batch), [started - p.enqueued for p in batch])
+        infer = self._infer
+        if tracing.on:
+            calls = [p.trace for p in batch]
+            infer = lambda images: self._traced(calls, images, self._infer)  # noqa: E731
         try:
             if len(images) == 1 and self.run_lone_inline and not self._queue:
                 # A lone image on an idle server: the thread hand-off would cost more than the model.
-                outputs = self._infer(images)
+                outputs = infer(images)
             else:
-                outputs = await loop.run_in_executor(self._executor, self._infer, images)
+                outputs = await loop.run_in_executor(self._executor, infer, images)
         except Exception as err:  # noqa: BLE001 - the failure belongs to the callers, not the worker
             for pending in batch:
                 if not pending.future.done():

@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from core.contract import IMAGE_SHAPE, INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
 from serving.inference import activity
+from serving import tracing
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,12 @@ class OnnxRuntimeSession:
             board.finished()
 
     def _run(self, images: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
+        if tracing.on:  # a child of the batch span (none during warm-up)
+            threads = 1 if session is not self.session else self.options.intra_op_threads
+            with tracing.child("onnxruntime.run", {"onnxruntime.provider": self.provider,
+                                                   "batch.size": len(images),
+                                                   "onnxruntime.intra_op_threads": threads}):
+                return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
         return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
     def warm_up(self) -> None:

@@ -7,6 +7,8 @@ its request.
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
+import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,6 +16,7 @@ import numpy as np
 
 from core.metadata import ModelMetadata
 from core.repository import ModelVersion
+from serving import payload_log
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.stats import InferenceStats
 from serving.inference.errors import UnknownModel, UnknownVersion, quoted
@@ -82,17 +85,32 @@ class ServedModel:
     def ready_versions(self, name: str) -> list[int]:
         return [self.version.version] if name in ("", self.name) else []
 
-    async def predict(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def predict(self, images: np.ndarray, deadline: float | None = None,
+                      request_id: str = "") -> np.ndarray:
         """Probabilities [N, classes] for `images` [N, 28, 28, 1] through the batcher.
 
         `deadline` is a time.monotonic() instant after which the answer is useless (None: no
-        deadline). Raises QueueFull, DeadlinePassed or ShuttingDown.
+        deadline). `request_id` names the call in the payload log (serving.payload_log), when one
+        is on. Raises QueueFull, DeadlinePassed or ShuttingDown.
         """
         started = time.perf_counter()
+        sink = payload_log.active
         try:
             probabilities = await self.batcher.submit(images, deadline)
-        except Exception:  # queue full, deadline, draining: a failed request in the statistics
-            self.stats.request_done(time.perf_counter() - started, ok=False)
+        except Exception as error:  # queue full, deadline, draining: a failed request in the statistics
+            latency = time.perf_counter() - started
+            self.stats.request_done(latency, ok=False)
+            if sink is not None and sink.sampled():
+                sink.offer(self._sample(request_id, images, None, latency, type(error).__name__))
             raise
-        self.stats.request_done(time.perf_counter() - started, ok=True)
+        latency = time.perf_counter() - started
+        self.stats.request_done(latency, ok=True)
+        if sink is not None and sink.sampled():
+            sink.offer(self._sample(request_id, images, probabilities, latency, "OK"))
         return probabilities
+
+    def _sample(self, request_id: str, images: np.ndarray, probabilities: np.ndarray | None,
+                latency: float, outcome: str) -> payload_log.CallSample:
+        return payload_log.CallSample(time.time(), request_id or uuid.uuid4().hex, self.name,
+                                      self.version_label, images, probabilities,
+                                      tuple(self.class_names), latency, outcome)

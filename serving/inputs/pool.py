@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from serving import tracing
 from serving.inference.errors import QueueFull
 from serving.inputs.framing import DEFAULT_MAX_DECODED_PIXELS
 from serving.inputs.wire import check_classify_request, decode_classify_images, has_encoded
@@ -40,6 +41,13 @@ class DecodePool:
 
     async def classify_images(self, images: Sequence[mnist_classifier_pb2.Image], max_batch_size: int) -> np.ndarray:
         """The request's images as a float32 batch [N, 28, 28, 1]; InvalidInput or QueueFull otherwise."""
+        if tracing.on:
+            with tracing.stage("decode", images=len(images)):
+                return await self._classify_images(images, max_batch_size)
+        return await self._classify_images(images, max_batch_size)
+
+    async def _classify_images(self, images: Sequence[mnist_classifier_pb2.Image],
+                               max_batch_size: int) -> np.ndarray:
         check_classify_request(images, max_batch_size, self.max_decoded_pixels)
         if not has_encoded(images):
             return decode_classify_images(images, max_batch_size)

@@ -17,6 +17,7 @@ import numpy as np
 
 from core.contract import IMAGE_SIDE as SIDE
 from core.contract import INPUT_NAME, KSERVE_DTYPES, OUTPUT_NAME, PIXELS, scale_pixels
+from serving import tracing
 from serving.inference.errors import InvalidInput, quoted, shown_dims
 from serving.inputs.framing import check_pixel_budget, decode_encoded_image
 
@@ -111,6 +112,17 @@ def decode_kserve_input(
     them. Plain values, not messages, keep the KServe stubs out. Everything is checked from
     lengths before anything is copied: a shape of millions of dims costs nothing.
     """
+    if tracing.on:
+        with tracing.stage("decode", datatype=datatype):
+            return _decode_kserve_input(name, datatype, shape, raw, fp32_contents, uint_contents,
+                                        max_batch_size, other_contents)
+    return _decode_kserve_input(name, datatype, shape, raw, fp32_contents, uint_contents,
+                                max_batch_size, other_contents)
+
+
+def _decode_kserve_input(name: str, datatype: str, shape: Sequence[int], raw: bytes | None,
+                         fp32_contents: Sequence[float], uint_contents: Sequence[int],
+                         max_batch_size: int, other_contents: Mapping[str, int] | None) -> np.ndarray:
     if name != INPUT_NAME:
         raise InvalidInput(f"the input tensor is named {quoted(name)}; this model's only input is named '{INPUT_NAME}'")
     if datatype not in KSERVE_DTYPES:
