@@ -1,4 +1,8 @@
-"""Prometheus metrics of the server, and the wrapper that counts and times every gRPC call."""
+"""Prometheus metrics of the server, and what counts and times every call (gRPC and REST).
+
+Each metric's documentation string is its reference (docs/monitoring.md lists them); the names
+are stable, and the per-call and per-batch metrics carry the `model` and `version` that answered.
+"""
 from __future__ import annotations
 
 import time
@@ -86,37 +90,79 @@ def serve_metrics(port: int, host: str = "0.0.0.0"):
 
 
 class PrometheusBatchObserver:
-    """The batcher's observer, feeding the histograms above."""
+    """One version's batcher observer, feeding the histograms above with that version's labels."""
+
+    def __init__(self, model: str = "", version: str = "", queue_capacity: int = 0) -> None:
+        labels = (model, version)
+        self._labels = labels
+        # The children are looked up once per version, not on every batch (labels() takes a lock).
+        self._batch_size, self._batch_requests = BATCH_SIZE.labels(*labels), BATCH_REQUESTS.labels(*labels)
+        self._queue_wait, self._inference = QUEUE_WAIT.labels(*labels), INFERENCE.labels(*labels)
+        self._images, self._queue_depth = IMAGES.labels(*labels), QUEUE_DEPTH.labels(*labels)
+        self._queue_depth.set(0)  # the series exists from the load on, not from the first queued call
+        if queue_capacity:
+            QUEUE_CAPACITY.labels(*labels).set(queue_capacity)
 
     def batch_started(self, images: int, requests: int, waits: list[float]) -> None:
-        BATCH_SIZE.observe(images)
-        BATCH_REQUESTS.observe(requests)
+        self._batch_size.observe(images)
+        self._batch_requests.observe(requests)
         for wait in waits:
-            QUEUE_WAIT.observe(wait)
+            self._queue_wait.observe(wait)
 
     def batch_finished(self, images: int, seconds: float) -> None:
-        INFERENCE.observe(seconds)
-        IMAGES.inc(images)
+        self._inference.observe(seconds)
+        self._images.inc(images)
         WORKER_IMAGES.inc(images)
 
     def request_dropped(self, reason: str) -> None:
-        DROPPED.labels(reason).inc()
+        DROPPED.labels(*self._labels, reason).inc()
 
     def queue_depth(self, requests: int) -> None:
-        QUEUE_DEPTH.set(requests)
+        self._queue_depth.set(requests)
+
+
+class _CallMetrics:
+    """The labelled children of every (method, code, model, version) seen, each looked up once.
+
+    labels() takes a lock and builds a key each time; the profile showed it on the hot path, so
+    a call costs one dict lookup here instead.
+    """
+
+    def __init__(self) -> None:
+        self._children: dict[tuple, tuple] = {}
+
+    def record(self, method: str, code, seconds: float) -> None:
+        answered = ANSWERING.get()
+        key = (method, code, answered)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (REQUESTS.labels(method, _code_name(code), *answered),
+                                               LATENCY.labels(method, *answered))
+        children[0].inc()
+        children[1].observe(seconds)
+
+
+_CALLS = _CallMetrics()
+
+
+def start_call() -> None:
+    """A call begins: no model has answered it yet (a keep-alive connection's task serves many calls)."""
+    ANSWERING.set(NOBODY)
+
+
+def record_call(method: str, code, seconds: float) -> None:
+    """Count and time a finished call under the model and version it resolved (serving.inference)."""
+    _CALLS.record(method, code, seconds)
 
 
 def timed(handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
     """`handler` counted by final status code and timed (serving.grpc_api.handlers applies it once per method)."""
     behaviour = handler.unary_unary
     method = full_method.rsplit("/", 1)[-1]
-    # The labelled children are looked up once per method, not on every call (labels() takes a lock
-    # and builds a key each time; the profile showed it on the hot path).
-    latency = LATENCY.labels(method)
-    answered_ok = REQUESTS.labels(method, "OK")
 
     async def counted(request, context):
         started = time.perf_counter()
+        ANSWERING.set(NOBODY)
         code = grpc.StatusCode.UNKNOWN
         try:
             response = await behaviour(request, context)
@@ -126,8 +172,7 @@ def timed(handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHan
             code = context.code() or grpc.StatusCode.CANCELLED
             raise
         finally:
-            (answered_ok if code is grpc.StatusCode.OK else REQUESTS.labels(method, _code_name(code))).inc()
-            latency.observe(time.perf_counter() - started)
+            _CALLS.record(method, code, time.perf_counter() - started)
 
     return grpc.unary_unary_rpc_method_handler(
         counted, request_deserializer=handler.request_deserializer,
@@ -142,20 +187,34 @@ def _code_name(code) -> str:
 class PrometheusLifecycleObserver:
     """The model registry's observer: which versions serve, loads, refusals, and each version's batches."""
 
-    def batch_observer(self) -> PrometheusBatchObserver:
-        return PrometheusBatchObserver()
+    def __init__(self) -> None:
+        # Loaded copies per (model, version, provider): a version whose files changed is loaded again
+        # and swapped in, and the old copy's unload must not take the new copy's series away.
+        self._copies: dict[tuple[str, str, str], int] = {}
+
+    def batch_observer(self, name: str = "", version: int | None = None,
+                       queue_capacity: int = 0) -> PrometheusBatchObserver:
+        return PrometheusBatchObserver(name, "" if version is None else str(version), queue_capacity)
 
     def version_loaded(self, name: str, version: int, provider: str) -> None:
-        MODEL.labels(name, str(version), provider).set(1)
+        key = (name, str(version), provider)
+        self._copies[key] = self._copies.get(key, 0) + 1
+        MODEL.labels(*key).set(1)
         VERSION_LOADS.labels(name).inc()
 
     def version_unloaded(self, name: str, version: int, provider: str) -> None:
+        key = (name, str(version), provider)
+        self._copies[key] = self._copies.get(key, 1) - 1
+        if self._copies[key] > 0:
+            return  # a newer copy of the same version serves on
+        del self._copies[key]
         # 0 first: with --workers the parent sums the workers' files, where a removed series would stay at 1.
-        MODEL.labels(name, str(version), provider).set(0)
-        try:
-            MODEL.remove(name, str(version), provider)
-        except KeyError:
-            pass
+        for gauge, labels in ((MODEL, key), (QUEUE_DEPTH, key[:2]), (QUEUE_CAPACITY, key[:2])):
+            gauge.labels(*labels).set(0)
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
 
     def load_failed(self, name: str, reason: str) -> None:
         LOAD_FAILURES.labels(name, reason).inc()

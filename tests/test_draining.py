@@ -73,7 +73,8 @@ def in_background(function, *args):
 
 def queue_depth(server) -> float:
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("mnist_queue_depth "))
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(("mnist_queue_depth ", "mnist_queue_depth{")))
 
 
 def health(target: str, service: str = "") -> str:

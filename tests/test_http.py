@@ -253,7 +253,7 @@ def test_the_shipped_sample_is_the_first_100_mnist_test_digits(mnist_test_set):
 def test_metrics_count_http_calls(server, rest, mnist_test_set):
     def count(code: str) -> float:
         text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-        prefix = f'mnist_requests_total{{code="{code}",method="POST /v2/models/{{model}}/infer"}} '
+        prefix = f'mnist_requests_total{{code="{code}",method="POST /v2/models/{{model}}/infer",'
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
     ok, bad = count("200"), count("404")
@@ -262,6 +262,10 @@ def test_metrics_count_http_calls(server, rest, mnist_test_set):
         rest.infer(mnist_test_set[0][:1], model_name="resnet")
     assert refused.value.status == 404
     assert count("200") == ok + 1 and count("404") == bad + 1
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    # The answered call names its model and version; the refused one no model answered has them empty.
+    assert 'code="200",method="POST /v2/models/{model}/infer",model="mnist",version="1"}' in text
+    assert 'code="404",method="POST /v2/models/{model}/infer",model="",version=""}' in text
 
 
 def test_sigterm_during_rest_load_loses_no_accepted_call(trained_repository, mnist_test_set, reference, tmp_path):

@@ -83,15 +83,16 @@ def test_both_workers_serve_and_the_metrics_sum_over_them(two_workers, mnist_tes
     assert correct >= 0.85 * calls * per_call
 
     samples = scrape(two_workers.metrics_url)
-    assert samples['mnist_requests_total{code="OK",method="ModelInfer"}'] == calls
-    assert samples["mnist_images_total"] == calls * per_call
+    # Every call's and batch's metrics name the model and version that answered.
+    assert samples['mnist_requests_total{code="OK",method="ModelInfer",model="mnist",version="1"}'] == calls
+    assert samples['mnist_images_total{model="mnist",version="1"}'] == calls * per_call
     per_worker = {key: value for key, value in samples.items() if key.startswith("mnist_worker_images{")}
     workers = child_pids(two_workers.proc.pid)
     assert {int(key.split('pid="')[1].split('"')[0]) for key in per_worker} <= workers
     assert len(per_worker) == 2 and all(value > 0 for value in per_worker.values()), per_worker
     assert sum(per_worker.values()) == calls * per_call
     assert samples['mnist_model_info{model="mnist",provider="CPUExecutionProvider",version="1"}'] == 1
-    assert samples["mnist_queue_depth"] == 0
+    assert samples['mnist_queue_depth{model="mnist",version="1"}'] == 0
     log = two_workers.log()
     assert "2 workers on 127.0.0.1" in log
 

@@ -46,7 +46,7 @@ from serving.inference.loader import LoadFailure, OpenedVersion, fingerprint, op
 from serving.inference.names import NAME_RULE, VERSION_RULE, is_model_name, version_number
 from serving.inference.model_config import ConfigError, ModelConfig, read_model_config, version_policy
 from serving.inference.runtime import CPU, RuntimeOptions
-from serving.inference.served_model import ServedModel
+from serving.inference.served_model import ANSWERING, ServedModel
 from serving.inference.stats import InferenceStats
 from serving.inference.version_policy import VersionPolicy
 
@@ -59,14 +59,14 @@ DEFAULT_MODEL = "mnist"  # what an empty model name means when the server serves
 class LifecycleObserver(Protocol):
     """Where the registry reports loads, unloads and refusals (the server plugs Prometheus in)."""
 
-    def batch_observer(self) -> BatchObserver: ...
+    def batch_observer(self, name: str, version: int, queue_capacity: int) -> BatchObserver: ...
     def version_loaded(self, name: str, version: int, provider: str) -> None: ...
     def version_unloaded(self, name: str, version: int, provider: str) -> None: ...
     def load_failed(self, name: str, reason: str) -> None: ...
 
 
 class _NoLifecycleObserver:
-    def batch_observer(self) -> BatchObserver | None:
+    def batch_observer(self, name: str, version: int, queue_capacity: int) -> BatchObserver | None:
         return None
 
     def version_loaded(self, name: str, version: int, provider: str) -> None: ...
@@ -204,14 +204,16 @@ class ModelRegistry:
             served = ", ".join(f"'{n}'" for n in self.model_names()) or "no model"
             raise UnknownModel(f"unknown model '{name}'; this server serves {served}")
         if version == "":
-            return versions[max(versions)]
-        number = version_number(version)  # bounded and checked before int(): serving.inference.names
-        model = versions.get(number) if number is not None else None
+            model = versions[max(versions)]
+        else:
+            number = version_number(version)  # bounded and checked before int(): serving.inference.names
+            model = versions.get(number) if number is not None else None
         if model is None:
             rule = "" if number is not None else f" ({VERSION_RULE})"
             raise UnknownVersion(
                 f"model '{name}' version {quoted(version)} is not served{rule}; ready versions: "
                 f"{', '.join(map(str, sorted(versions)))} (leave the version empty for the newest)")
+        ANSWERING.set(model.answering)  # the call's metrics name this version
         return model
 
     def is_ready(self, name: str, version: str) -> bool:
@@ -400,7 +402,8 @@ class ModelRegistry:
         opened: OpenedVersion = await asyncio.get_running_loop().run_in_executor(
             None, open_version, self.repository, name, number, options.runtime)
         stats = InferenceStats()
-        observer = _VersionObserver(stats, self._observer.batch_observer())
+        batches = self._observer.batch_observer(name, number, options.max_queue_size)
+        observer = _VersionObserver(stats, batches)
         batcher = DynamicBatcher(_timed_infer(opened.runtime.run, observer, stats), options.max_batch_size,
                                  options.max_queue_delay, options.max_queue_size, observer,
                                  run_lone_inline=opened.runtime.provider == CPU)

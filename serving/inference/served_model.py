@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
+from contextvars import ContextVar
 import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +21,13 @@ from serving import payload_log
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.stats import InferenceStats
 from serving.inference.errors import UnknownModel, UnknownVersion, quoted
+
+
+# The (model, version) the current call resolved to: the transports' metrics label the call with it.
+# Each gRPC call and each HTTP request runs in its own asyncio context; the metrics wrapper sets
+# NOBODY when a call starts and a lookup sets the version it found (one ContextVar.set, ~50 ns).
+NOBODY = ("", "")
+ANSWERING: ContextVar[tuple[str, str]] = ContextVar("answering", default=NOBODY)
 
 
 class ModelLookup(Protocol):
@@ -53,6 +61,11 @@ class ServedModel:
         return str(self.version.version)
 
     @property
+    def answering(self) -> tuple[str, str]:
+        """The (model, version) labels of the calls this version answers."""
+        return self.name, self.version_label
+
+    @property
     def metadata(self) -> ModelMetadata:
         return self.version.metadata
 
@@ -77,6 +90,7 @@ class ServedModel:
     # A lone ServedModel is also a ModelLookup, so the APIs can serve a model built by hand (in-process tests).
     def resolve(self, name: str, version: str) -> ServedModel:
         self.check(name, version)
+        ANSWERING.set(self.answering)
         return self
 
     def is_ready(self, name: str, version: str) -> bool:
