@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from contextvars import ContextVar
-from contextvars import ContextVar
 import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
