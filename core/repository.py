@@ -11,8 +11,10 @@ This module reads and writes that layout and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,20 +144,71 @@ def write_version(
     """Add the next version (never overwriting one) and (re)write the model's config.pbtxt.
 
     The model's name, the version number and the file's sha256 are set here, whatever
-    `metadata` says. The files are written into a hidden staging directory and renamed into
-    place, so a server never sees a half-written version.
+    `metadata` says. Every file is written and flushed to disk in hidden places first (a staging
+    folder, a temporary config), then renamed into place, which needs no free space: a server
+    never sees a half-written version, and a write that fails (a full disk) removes what it
+    wrote and raises RepositoryError: nothing is published.
     """
     repository = Path(repository)
     model_dir = repository / model_name
-    model_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RepositoryError(f"cannot publish model '{model_name}' under {repository}: {_why(err)}") from err
     existing = list_versions(repository, model_name)
     version = (existing[-1] + 1) if existing else 1
     staging = model_dir / f".staging-{version}-{os.getpid()}"
-    staging.mkdir()
-    (staging / MODEL_FILENAME).write_bytes(onnx_bytes)
+    config_staging = model_dir / f".{CONFIG_FILENAME}.{os.getpid()}.tmp"
     full_metadata = dataclasses.replace(metadata, model_name=model_name, version=version,
                                         model_sha256=hashlib.sha256(onnx_bytes).hexdigest())
-    (staging / METADATA_FILENAME).write_text(full_metadata.to_json())
-    staging.rename(model_dir / str(version))
-    (model_dir / CONFIG_FILENAME).write_text(triton_config(model_name, max_batch_size))
+    try:
+        staging.mkdir()
+        _write_flushed(staging / MODEL_FILENAME, onnx_bytes)
+        _write_flushed(staging / METADATA_FILENAME, full_metadata.to_json().encode())
+        _write_flushed(config_staging, triton_config(model_name, max_batch_size).encode())
+        staging.rename(model_dir / str(version))  # the version appears whole, or not at all
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        config_staging.unlink(missing_ok=True)
+        raise RepositoryError(
+            f"cannot publish model '{model_name}' version {version} under {repository}: {_why(err)}; "
+            "nothing was published (the partial files were removed)") from err
+    try:
+        os.replace(config_staging, model_dir / CONFIG_FILENAME)
+        _sync_directory(model_dir)
+    except OSError as err:
+        config_staging.unlink(missing_ok=True)
+        raise RepositoryError(
+            f"model '{model_name}' version {version} was published under {repository}, but its "
+            f"{CONFIG_FILENAME} could not be rewritten: {_why(err)}") from err
     return ModelVersion(model_name, version, model_dir / str(version), full_metadata)
+
+
+def _write_flushed(path: Path, data: bytes) -> None:
+    """Write a new file and flush it to disk: a full disk fails here, not after a rename."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the renames inside `directory` durable (where directories can be opened: not Windows)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems do not sync directories
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _why(err: OSError) -> str:
+    if err.errno == errno.ENOSPC:
+        return "no space left on device: free space (or publish elsewhere with --out) and run again"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{err.strerror.lower()}: publish where this user can write (--out)"
+    return f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")

@@ -15,7 +15,9 @@ from core.repository import METADATA_FILENAME, MODEL_FILENAME, ModelVersion, Rep
 from serving.inference.runtime import DeviceUnavailable, OnnxRuntimeSession, RuntimeOptions
 
 # The failure metric's reasons, one per check.
-REASONS = ("incomplete", "metadata", "checksum", "invalid_onnx", "signature", "warmup", "device", "config")
+# "config": config.pbtxt refused; "deleted": a served version's folder removed with nothing to replace it.
+REASONS = ("incomplete", "metadata", "checksum", "invalid_onnx", "signature", "warmup", "device", "config",
+           "deleted")
 
 
 class LoadFailure(Exception):
@@ -33,16 +35,30 @@ class OpenedVersion:
 
 
 def fingerprint(directory: Path) -> tuple:
-    """What changes when a version's files change: names, sizes and modification times."""
+    """What changes when a version's files change: names, sizes, modification times, inodes.
+
+    () when the folder is gone. The inode catches a file renamed over another of the same size
+    whose modification time was kept (cp -p, rsync -t).
+    """
     try:
-        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()))
+        stats = [(p.name, p.stat()) for p in directory.iterdir()]
     except OSError:
         return ()
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats))
 
 
 def open_version(repository: Path, name: str, number: int, options: RuntimeOptions) -> OpenedVersion:
     """Check and open <repository>/<name>/<number>, warmed up; LoadFailure says why not. Blocking."""
     directory = Path(repository) / name / str(number)
+    try:
+        return _open_version(Path(repository), name, number, directory, options)
+    except OSError as err:  # a file removed or replaced between two steps of the checks
+        raise LoadFailure("incomplete", f"{directory}: {err.strerror or err} while checking it "
+                                        "(removed or still being written?)") from err
+
+
+def _open_version(repository: Path, name: str, number: int, directory: Path,
+                  options: RuntimeOptions) -> OpenedVersion:
     if not (directory / MODEL_FILENAME).is_file():
         raise LoadFailure("incomplete", f"{directory}: no {MODEL_FILENAME} (a folder still being written?)")
     if not (directory / METADATA_FILENAME).exists() and _siblings_have_metadata(directory):
@@ -62,6 +78,8 @@ def open_version(repository: Path, name: str, number: int, options: RuntimeOptio
     except DeviceUnavailable as err:
         raise LoadFailure("device", str(err)) from err
     except Exception as err:  # noqa: BLE001 - onnxruntime's own exceptions (InvalidProtobuf, Fail...)
+        if not version.model_path.is_file():
+            raise LoadFailure("incomplete", f"{version.model_path} was removed while being checked") from err
         raise LoadFailure("invalid_onnx", f"{version.model_path}: onnxruntime cannot open it "
                                           f"({_first_line(err)}); republish the version") from err
     problem = signature_problem(runtime, len(version.class_names))

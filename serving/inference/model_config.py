@@ -31,12 +31,13 @@ def read_model_config(model_dir: Path, max_batch_size: int) -> model_config_pb2.
     """
     name = model_dir.name
     path = model_dir / CONFIG_FILENAME
-    text = path.read_text() if path.is_file() else triton_config(name, max_batch_size)
     config = model_config_pb2.ModelConfig()
     try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else triton_config(name, max_batch_size)
         text_format.Parse(text, config, allow_unknown_field=True)
-    except text_format.ParseError as err:
-        raise ConfigError(f"{path} is not a valid Triton model configuration ({err}); fix or rewrite it") from err
+    except (text_format.ParseError, UnicodeDecodeError) as err:  # binary garbage is not UTF-8 text
+        raise ConfigError(f"{path} is not a valid Triton model configuration ({_first_line(err)}); "
+                          "fix or rewrite it") from err
     if config.name and config.name != name:
         raise ConfigError(f"{path} names model '{config.name}' but sits in folder '{name}'; Triton requires them equal")
     config.name = name
@@ -62,3 +63,8 @@ def version_policy(config: model_config_pb2.ModelConfig) -> VersionPolicy:
     except ValueError as err:
         raise ConfigError(f"{CONFIG_FILENAME} of model '{config.name}': {err}") from err
     return VersionPolicy()
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__

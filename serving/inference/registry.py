@@ -14,7 +14,19 @@ call reaches them, and after `retire_delay` (for calls that looked them up and h
 yet, e.g. while reading an HTTP body) their batcher finishes what is queued and closes.
 
 A version that fails its checks is refused: one log line, the failure metric, and it is not
-tried again until its files change (then at the next sync). Model control (Triton's modes):
+tried again until its files change (then at the next sync). The repository changing under a
+served version never costs a call, because its onnxruntime session holds the model in memory:
+
+- a served version's files change (model.onnx rewritten or truncated, metadata.json edited): the
+  version is checked again; a change that fails is refused and the loaded copy keeps serving; a
+  change that passes with another sha256 is loaded and swapped in like a new version;
+- a served version's folder is deleted: it is retired as Triton does, and calls move to the
+  versions the policy picks from what remains; when nothing else can serve, the loaded copy keeps
+  serving (one line, reason "deleted") until a valid version appears: unloading would turn every
+  call into an error while the model is still in memory;
+- config.pbtxt cannot be read: the last good one stays in force.
+
+Model control (Triton's modes):
 `none` syncs once at start, `poll` syncs every --repository-poll-secs (serving.inference.poller),
 `explicit` syncs the models that load()/unload() name.
 """
@@ -154,9 +166,23 @@ def list_models(repository: Path) -> list[str]:
     repository = Path(repository)
     if not repository.is_dir():
         return []
-    return sorted(p.name for p in repository.iterdir()
-                  if p.is_dir() and not p.name.startswith(".")
-                  and ((p / "config.pbtxt").is_file() or any(c.name.isdigit() for c in p.iterdir() if c.is_dir())))
+    return sorted(p.name for p in repository.iterdir() if not p.name.startswith(".") and _is_model_dir(p))
+
+
+def _is_model_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and ((path / "config.pbtxt").is_file()
+                                  or any(c.name.isdigit() for c in path.iterdir() if c.is_dir()))
+    except OSError:  # removed while being looked at
+        return False
+
+
+def _file_stamp(path: Path) -> tuple:
+    try:
+        stat = path.stat()
+    except OSError:
+        return ()
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
 class ModelRegistry:
@@ -170,6 +196,9 @@ class ModelRegistry:
         self._configs: dict[str, ModelConfig] = {}
         self._explicit: set[str] = set(options.model_names)  # explicit mode: the models asked for
         self._refused: dict[tuple[str, int], _Refusal] = {}
+        # (name, version) -> (files' fingerprint, sha256) of each served version when it was checked.
+        self._loaded: dict[tuple[str, int], tuple[tuple, str]] = {}
+        self._orphans: set[tuple[str, int]] = set()  # served versions whose folder is gone
         self._config_refused: dict[str, tuple[tuple, str]] = {}  # name -> (files' fingerprint, message)
         self._retiring: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
@@ -373,34 +402,109 @@ class ModelRegistry:
         else:
             self._config_refused.pop(name, None)
         policy = self._policy(config)
-        on_disk = list_versions(self.repository, name)
-        candidates = [v for v in on_disk if not self._still_refused(name, v)]
+        try:
+            on_disk = list_versions(self.repository, name)
+        except OSError as err:  # the folder went away between two looks: the next poll sees what is left
+            log.warning("model '%s': cannot list its versions (%s); trying again at the next poll", name, err)
+            return
         loaded: dict[int, ServedModel] = {}
-        while True:
-            missing = sorted(policy.select(candidates) - current.keys() - loaded.keys(), reverse=True)
-            if not missing:
-                break
-            for number in missing:
-                try:
-                    loaded[number] = await self._load(name, number, config)
-                except LoadFailure as failure:
-                    self._refuse(name, number, failure)
-                    candidates.remove(number)
+        try:
+            current, replaced = await self._recheck_changed(name, current)
+            # A served version stays a candidate even when a change to its files was refused.
+            candidates = [v for v in on_disk if v in current or not self._still_refused(name, v)]
+            while True:
+                missing = sorted(policy.select(candidates) - current.keys() - loaded.keys(), reverse=True)
+                if not missing:
+                    break
+                for number in missing:
+                    try:
+                        loaded[number] = await self._load(name, number)
+                    except LoadFailure:
+                        candidates.remove(number)
+        except BaseException:
+            for model in loaded.values():  # never published: no call reached them
+                self._retire(model, now=True)
+            raise
         wanted = policy.select(candidates)
         served = {v: m for v, m in {**current, **loaded}.items() if v in wanted}
+        served = self._keep_orphans(name, current, served, on_disk)
         self._configs[name] = config
         self._publish(name, served)  # the switch: one assignment
+        for model in replaced:
+            self._retire(model)
         for number, model in {**current, **loaded}.items():
             if number not in served:
                 self._retire(model)
-        if loaded:
+        if loaded or replaced:
             log.info("model '%s' (%s) now serves versions %s", name, policy.describe(), sorted(served))
 
-    async def _load(self, name: str, number: int, config: ModelConfig) -> ServedModel:
-        options = self.options
+    async def _recheck_changed(self, name: str, current: dict[int, ServedModel]
+                               ) -> tuple[dict[int, ServedModel], list[ServedModel]]:
+        """Check again each served version whose files changed; swap in those whose model changed.
+
+        Returns the versions to go on with and the ServedModels they replace. A change that fails
+        is refused (the loaded copy keeps serving); one with the same sha256 is only noted.
+        """
+        result, replaced = dict(current), []
+        for number, model in sorted(current.items()):
+            stamp = fingerprint(self.repository / name / str(number))
+            known = self._loaded.get((name, number))
+            if not stamp or known is None or stamp == known[0] or self._still_refused(name, number):
+                continue  # deleted (see _keep_orphans), unchanged, or a change already refused
+            try:
+                opened = await self._open(name, number, stamp)
+            except LoadFailure:
+                continue
+            self._refused.pop((name, number), None)
+            if opened.sha256 == known[1]:
+                self._loaded[(name, number)] = (stamp, opened.sha256)
+                log.info("model '%s' version %d: its files changed but its model did not (sha256 %s…); "
+                         "it keeps serving", name, number, opened.sha256[:12])
+                del opened
+                continue
+            result[number] = self._serve(name, number, opened, stamp)
+            replaced.append(model)
+            log.info("model '%s' version %d changed on disk: the new model (sha256 %s…) replaces the "
+                     "loaded one (%s…) after its accepted calls finish", name, number,
+                     opened.sha256[:12], known[1][:12])
+        return result, replaced
+
+    def _keep_orphans(self, name: str, current: dict[int, ServedModel], served: dict[int, ServedModel],
+                      on_disk: list[int]) -> dict[int, ServedModel]:
+        """When every served version's folder is gone and nothing replaces them, keep them serving."""
+        gone = {v: m for v, m in current.items() if v not in on_disk}
+        if served or not gone:
+            if served:
+                self._orphans -= {(name, v) for v in current}
+            return served
+        for number in sorted(gone):
+            if (name, number) not in self._orphans:
+                self._orphans.add((name, number))
+                self._observer.load_failed(name, "deleted")
+                log.warning("model '%s' version %d: its folder was deleted but no other version can serve; "
+                            "it keeps serving from memory until a valid version is published", name, number)
+        return gone
+
+    async def _load(self, name: str, number: int) -> ServedModel:
+        """Check and open a version, batcher started; LoadFailure (refused, logged, counted) if not."""
+        stamp = fingerprint(self.repository / name / str(number))  # before reading: a later change is news
+        opened = await self._open(name, number, stamp)
+        return self._serve(name, number, opened, stamp)
+
+    async def _open(self, name: str, number: int, stamp: tuple) -> OpenedVersion:
         started = time.monotonic()
-        opened: OpenedVersion = await asyncio.get_running_loop().run_in_executor(
-            None, open_version, self.repository, name, number, options.runtime)
+        try:
+            opened: OpenedVersion = await asyncio.get_running_loop().run_in_executor(
+                None, open_version, self.repository, name, number, self.options.runtime)
+        except LoadFailure as failure:
+            self._refuse(name, number, failure, stamp)
+            raise
+        log.info("model '%s' version %d passed its checks (sha256 %s…, %s) in %.2f s", name, number,
+                 opened.sha256[:12], opened.runtime.provider, time.monotonic() - started)
+        return opened
+
+    def _serve(self, name: str, number: int, opened: OpenedVersion, stamp: tuple) -> ServedModel:
+        options = self.options
         stats = InferenceStats()
         batches = self._observer.batch_observer(name, number, options.max_queue_size)
         observer = _VersionObserver(stats, batches)
@@ -409,22 +513,25 @@ class ModelRegistry:
                                  run_lone_inline=opened.runtime.provider == CPU)
         batcher.start()
         self._refused.pop((name, number), None)
+        self._loaded[(name, number)] = (stamp, opened.sha256)
         self._observer.version_loaded(name, number, opened.runtime.provider)
-        log.info("model '%s' version %d passed its checks (sha256 %s…, %s) in %.2f s", name, number,
-                 opened.sha256[:12], opened.runtime.provider, time.monotonic() - started)
         return ServedModel(opened.version, opened.runtime.provider, options.max_batch_size, batcher, stats)
 
-    def _refuse(self, name: str, number: int, failure: LoadFailure) -> None:
-        self._refused[(name, number)] = _Refusal(fingerprint(self.repository / name / str(number)),
-                                                 failure.reason, failure.message)
+    def _refuse(self, name: str, number: int, failure: LoadFailure, stamp: tuple) -> None:
+        self._refused[(name, number)] = _Refusal(stamp, failure.reason, failure.message)
         self._observer.load_failed(name, failure.reason)
         serving = sorted(self._served.get(name, {}))
+        if number in serving:
+            known = self._loaded.get((name, number), ((), ""))[1]
+            after = f"version {number} keeps serving the copy it loaded before the change (sha256 {known[:12]}…)"
+        else:
+            after = f"still serving versions {serving}" if serving else "no version of it is serving"
         log.warning("model '%s' version %d refused (%s): %s; %s", name, number, failure.reason, failure.message,
-                    f"still serving versions {serving}" if serving else "no version of it is serving")
+                    after)
 
     def _refuse_config(self, name: str, model_dir: Path, message: str) -> None:
-        stamp = fingerprint(model_dir)
-        if self._config_refused.get(name, ((), ""))[0] != stamp:  # one line and one count per change of the file
+        stamp = _file_stamp(model_dir / "config.pbtxt")  # the file's own: a new version is no new refusal
+        if name not in self._config_refused or self._config_refused[name][0] != stamp:  # once per change
             self._config_refused[name] = (stamp, message)
             self._observer.load_failed(name, "config")
             log.warning("model '%s' config refused: %s; the last good one stays in force", name, message)
@@ -452,8 +559,10 @@ class ModelRegistry:
     async def _drain(self, model: ServedModel, delay: float) -> None:
         await asyncio.sleep(delay)  # calls that looked it up before the switch and have not queued yet
         await model.batcher.close()
-        self._observer.version_unloaded(model.name, model.version.version, model.provider)
         name, version = model.name, model.version_label
+        if model.version.version not in self._served.get(name, {}):  # not replaced by a new copy of it
+            self._observer.version_unloaded(name, model.version.version, model.provider)
+            self._loaded.pop((name, model.version.version), None)
         del model  # the last reference to its onnxruntime sessions
         await asyncio.get_running_loop().run_in_executor(None, release_memory)
         log.info("model '%s' version %s unloaded after its accepted calls finished", name, version)
