@@ -12,12 +12,13 @@ import logging
 import signal
 import socket
 import sys
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving import metrics, payload_log, security
+from serving import draining, metrics, payload_log, security
 from serving.memory import keep_large_blocks_unmappable, start_trimmer
 from serving.config import ServeConfig
 from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
@@ -39,8 +40,10 @@ SERVICE_NAMES = (
     grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
 )
 
-# After the queue is done, how long predictions are still refused by the app before gRPC stops.
-REFUSAL_WINDOW = 0.2
+# After the queue is done, how long predictions are still refused by the app before gRPC stops:
+# time for every caller that is still sending to meet a refusal and wait out its pushback
+# (serving.draining). 0.2 s lost calls on a loaded machine (event loops a few hundred ms late).
+REFUSAL_WINDOW = 0.5
 
 
 class PortInUse(OSError):
@@ -194,6 +197,7 @@ class Server:
         log.info("draining: NOT_SERVING, refusing new calls, finishing accepted ones (grace %.1f s)",
                  self.config.grace_period)
         await self._set_readiness(Readiness.DRAINING)
+        draining.plan_stop(time.monotonic() + REFUSAL_WINDOW)  # refusals from now on say when to retry
         if self._poller is not None:
             await self._poller.stop()  # no version comes or goes while draining
         if self.registry is not None:
@@ -201,16 +205,17 @@ class Server:
                 await asyncio.wait_for(self.registry.close(), timeout=self._grace_left())
             except asyncio.TimeoutError:
                 log.warning("grace period over with calls still queued: they are cancelled")
-        await asyncio.sleep(min(REFUSAL_WINDOW, self._grace_left()))
+        window = min(REFUSAL_WINDOW, self._grace_left())
+        draining.plan_stop(time.monotonic() + window)
+        await asyncio.sleep(window)
 
     async def stop(self) -> None:
         """Stop gRPC (calls still running get what is left of the grace period) and the metrics endpoint."""
         if self._grace_deadline is None:  # stopped without draining: the whole grace period
             self._grace_deadline = asyncio.get_running_loop().time() + self.config.grace_period
-        if self._grpc is not None:
-            await self._grpc.stop(self._grace_left())
-        if self._http is not None:
-            await self._http.stop()
+        # Both ports close at once: the refused callers were told to come back after this moment.
+        await asyncio.gather(*([self._grpc.stop(self._grace_left())] if self._grpc is not None else []),
+                             *([self._http.stop()] if self._http is not None else []))
         if self._decoder is not None:
             self._decoder.close()
         payload_log.uninstall()  # what is queued is written first (a few seconds at most)

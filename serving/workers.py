@@ -23,7 +23,6 @@ health answers and its calls always come from the same process.
 from __future__ import annotations
 
 import collections
-import collections
 import dataclasses
 import logging
 import multiprocessing
@@ -185,10 +184,12 @@ def run_workers(config: ServeConfig) -> int:
         from serving.inference.activity import new_board
 
         board = new_board(context, config.workers)
+        settings: dict[int, tuple] = {}  # each slot's _worker_main arguments, for its replacements
         for index in range(config.workers):
             if stopping:
                 break
-            worker = context.Process(target=_worker_main, args=(worker_config(config, index), index, board),
+            settings[index] = (worker_config(config, index), index, board)
+            worker = context.Process(target=_worker_main, args=settings[index],
                                      name=f"mnist-serve-worker-{index}")
             worker.start()
             workers.append(worker)
@@ -198,8 +199,8 @@ def run_workers(config: ServeConfig) -> int:
                  config.metrics_port or "off")
 
         def replace(index: int, dead: multiprocessing.Process) -> multiprocessing.Process:
-            """A fresh worker in the dead one's slot, with its settings (Process keeps them as _args)."""
-            fresh = context.Process(target=_worker_main, args=dead._args, name=dead.name)
+            """A fresh worker in the dead one's slot, with the same settings."""
+            fresh = context.Process(target=_worker_main, args=settings[index], name=dead.name)
             fresh.start()
             workers[index] = fresh  # stop_workers reaches it too
             return fresh

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import grpc
 
+from serving import draining
 from serving.inference.errors import (
     DeadlinePassed,
     InvalidInput,
@@ -137,8 +138,10 @@ def mapping_errors(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMetho
             # A draining replica's UNAVAILABLE asks the client to retry on another one, and gRPC retries
             # only a call whose answer carried no headers: abort() sends the status alone, set_code()
             # does not. The exception abort() leaves behind lives no longer than the draining process.
+            # The pushback trailer makes gRPC's retry wait until this process stopped listening
+            # (serving.draining): a retry that came during the shutdown would end CANCELLED.
             del request
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=draining.grpc_pushback())
         return _fail(context, code, message)
 
     return grpc.unary_unary_rpc_method_handler(

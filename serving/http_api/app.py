@@ -20,11 +20,11 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from serving import __version__, metrics, tracing
+from serving import __version__, draining, metrics, tracing
 from serving.grpc_api.triton import TritonExtensions
 from serving.http_api import codec, page
 from serving.http_api.status import status_for
-from serving.inference.errors import ServingError
+from serving.inference.errors import ServingError, ShuttingDown
 from serving.inference.served_model import ModelLookup
 
 log = logging.getLogger("mnist-serve")
@@ -63,7 +63,11 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except ServingError as error:
-        return error_response(status_for(error), str(error))
+        response = error_response(status_for(error), str(error))
+        if isinstance(error, ShuttingDown):  # draining: when to retry, and no keep-alive (serving.draining)
+            response.headers.update(draining.http_headers())
+            response.force_close()
+        return response
     except web.HTTPException as error:
         if error.status < 400:
             raise
