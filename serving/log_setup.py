@@ -73,3 +73,5 @@ def configure(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Python's warnings would go to stderr as bare text, breaking a JSON stream: log them instead.
+    logging.captureWarnings(log_format == "json")

@@ -23,7 +23,8 @@ from serving import tracing
 from serving.client import ClassifierClient, ClientTls
 from serving.process import start_server
 from serving.rest_client import RestClient
-from tests.conftest import ROOT
+from tests.support.common import ROOT
+from tests.support.pki import issue, make_ca, tls_args
 
 SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
 STAGES = ("decode", "queue", "batch", "onnxruntime.run")
@@ -295,8 +296,6 @@ def test_the_standard_sampler_variables_are_honoured(trained_repository, mnist_t
 def test_tracing_works_with_tls_and_the_token(
     trained_repository, receiver, mnist_test_set, tmp_path
 ):
-    from tests.test_tls import issue, make_ca, tls_args
-
     ca = make_ca(tmp_path, "ca")
     server_files = issue(tmp_path, "server", ca, server=True)
     token_file = tmp_path / "token"
