@@ -1,5 +1,6 @@
 """Structured logs: --log-format json writes one JSON object a line (time, level, logger, message,
 worker, pid; trace_id and span_id inside a traced call), text stays the default; real servers."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ KEYS = {"time", "level", "logger", "message", "worker", "pid"}
 
 
 def json_lines(text: str) -> list[dict]:
-    """Every line of a server's output, parsed; a line that is not one JSON object fails the test."""
+    """Every line of a server's output, parsed; a line that is no JSON object fails the test."""
     records = []
     for line in text.splitlines():
         if line.strip():
@@ -34,17 +35,27 @@ def json_lines(text: str) -> list[dict]:
 
 
 def test_text_stays_the_default(trained_repository, tmp_path):
-    with start_server(trained_repository, "--workers", "1", log_path=tmp_path / "server.log") as server:
+    with start_server(
+        trained_repository, "--workers", "1", log_path=tmp_path / "server.log"
+    ) as server:
         pass
     lines = [line for line in server.log().splitlines() if line.strip()]
     serving = next(line for line in lines if " serving " in line)
-    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO mnist-serve: serving ", serving), serving
+    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO mnist-serve: serving ", serving), (
+        serving
+    )
     assert not any(line.startswith("{") for line in lines)
 
 
 def test_json_lines_name_time_level_logger_and_worker(trained_repository, tmp_path):
-    with start_server(trained_repository, "--workers", "1", "--log-format", "json",
-                      log_path=tmp_path / "server.log") as server:
+    with start_server(
+        trained_repository,
+        "--workers",
+        "1",
+        "--log-format",
+        "json",
+        log_path=tmp_path / "server.log",
+    ) as server:
         pass  # started (SERVING), then drained and stopped: every phase has logged
     records = json_lines(server.log())
     messages = [r["message"] for r in records]
@@ -59,10 +70,19 @@ def test_json_lines_name_time_level_logger_and_worker(trained_repository, tmp_pa
 
 
 def test_json_lines_of_workers_name_their_worker(trained_repository, tmp_path):
-    with start_server(trained_repository, "--workers", "2", "--log-format", "json",
-                      log_path=tmp_path / "server.log") as server:
-        wait_for(lambda: sum('"message": "serving ' in line for line in server.log().splitlines()) == 2,
-                 timeout=60, what="both workers to log that they serve")
+    with start_server(
+        trained_repository,
+        "--workers",
+        "2",
+        "--log-format",
+        "json",
+        log_path=tmp_path / "server.log",
+    ) as server:
+        wait_for(
+            lambda: sum('"message": "serving ' in line for line in server.log().splitlines()) == 2,
+            timeout=60,
+            what="both workers to log that they serve",
+        )
     records = json_lines(server.log())
     serving = sorted(r["worker"] for r in records if r["message"].startswith("serving "))
     assert serving == [0, 1]
@@ -74,15 +94,29 @@ def test_json_lines_of_workers_name_their_worker(trained_repository, tmp_path):
 def test_json_lines_inside_a_traced_call_carry_its_trace_and_span(trained_repository, tmp_path):
     """A malformed request logs a warning from inside the call: the line names the call's span."""
     with OtlpReceiver() as receiver:
-        env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-               "OTEL_BSP_SCHEDULE_DELAY": "100"}
-        with start_server(trained_repository, "--workers", "1", "--log-format", "json", env=env,
-                          log_path=tmp_path / "server.log") as server:
+        env = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+        }
+        with start_server(
+            trained_repository,
+            "--workers",
+            "1",
+            "--log-format",
+            "json",
+            env=env,
+            log_path=tmp_path / "server.log",
+        ) as server:
             parent = tracing.new_traceparent()
             with grpc.insecure_channel(server.target) as channel:
-                classify = channel.unary_unary("/mnist.v1.Classifier/Classify")  # bytes in, bytes out
+                classify = channel.unary_unary(
+                    "/mnist.v1.Classifier/Classify"
+                )  # bytes in, bytes out
                 try:
-                    classify(b"\xff\xfe not a protobuf", timeout=30, metadata=[("traceparent", parent)])
+                    classify(
+                        b"\xff\xfe not a protobuf", timeout=30, metadata=[("traceparent", parent)]
+                    )
                 except grpc.RpcError as error:
                     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
             trace_id = tracing.trace_id_of(parent)
@@ -99,11 +133,16 @@ def test_json_lines_inside_a_traced_call_carry_its_trace_and_span(trained_reposi
 def test_a_bad_log_format_is_one_line(trained_repository):
     result = subprocess.run(
         [sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-        env={**os.environ, "MNIST_SERVE_LOG_FORMAT": "xml"})
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "MNIST_SERVE_LOG_FORMAT": "xml"},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "mnist-serve: error: MNIST_SERVE_LOG_FORMAT=xml: choose one of text, json"]
+        "mnist-serve: error: MNIST_SERVE_LOG_FORMAT=xml: choose one of text, json"
+    ]
 
 
 def test_an_exception_stays_on_one_json_line():
@@ -112,9 +151,12 @@ def test_an_exception_stays_on_one_json_line():
         raise RuntimeError("boom\nsecond line")
     except RuntimeError:
         record = logging.getLogger("mnist-serve").makeRecord(
-            "mnist-serve", logging.ERROR, __file__, 1, "failed: %s", ("x\ny",), sys.exc_info())
+            "mnist-serve", logging.ERROR, __file__, 1, "failed: %s", ("x\ny",), sys.exc_info()
+        )
     line = JsonFormatter(worker=3).format(record)
     assert "\n" not in line
     parsed = json.loads(line)
-    assert parsed["message"] == "failed: x\ny" and parsed["worker"] == 3 and parsed["level"] == "error"
+    assert (
+        parsed["message"] == "failed: x\ny" and parsed["worker"] == 3 and parsed["level"] == "error"
+    )
     assert "RuntimeError: boom" in parsed["exception"]
