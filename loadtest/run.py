@@ -5,15 +5,23 @@
     python -m loadtest.run --processes 2 --scenario single                 # Locust on two processes
 
 Writes reports/<name>_stats.csv (and Locust's other CSVs), reports/<name>.html and
-reports/<name>.log; prints requests/s, p50/p95/p99 and failures. Exits 1 when any call failed
-(an RPC error or a wrong prediction), 2 when the test could not run at all.
+reports/<name>.log; prints requests/s, p50/p95/p99 and failures as Locust saw them, beside the
+server's own view of the same window (its /metrics: calls/s and latency per method, queue wait,
+onnxruntime time, images per batch), and the load generator's ceiling: the same users and scenario
+against a server with no model, in the same run, with a verdict when Locust, not the server, set
+the figures. Exits 1 when any call failed (an RPC error or a wrong prediction), 2 when the test
+could not run at all.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
+
+from loadtest import server_view
+from loadtest.ceiling import ceiling_scenario, run_against_canned, verdict
 
 from loadtest.locust_runner import (
     ROOT,
@@ -62,7 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MNIST test images screened at start; the ones the idle server gets right are sent")
     load.add_argument("--processes", type=int, default=None,
                       help="run Locust on this many worker processes (-1: one per CPU) for more load "
-                           "than one process can make")
+                           "than one process can make; default: one per two cores, the other half "
+                           "left to the server (one process below four cores)")
+    load.add_argument("--metrics-url", default="",
+                      help="the server's Prometheus /metrics, for its own view of the load window "
+                           "(default: the server this script starts; with --host, port 9100 of its host)")
+    load.add_argument("--ceiling-run-time", default="20s",
+                      help="how long the same users and scenario run against a server with no model "
+                           "(the load generator's ceiling); 0: skip it")
     out = parser.add_argument_group("reports")
     out.add_argument("--reports-dir", type=Path, default=ROOT / "reports")
     out.add_argument("--name", default="loadtest", help="file name stem of the reports")
@@ -93,26 +108,96 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def summary(run, args, target: str) -> str:
+def default_processes(cores: int | None = None) -> int | None:
+    """One Locust worker process per two cores, the other half left to the server; None (one
+    process, no master) below four cores, where a master and workers would only take the
+    server's cores."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return cores // 2 if cores >= 4 else None
+
+
+def locust_options(args: argparse.Namespace, http_host: str | None) -> dict:
+    """What the run against mnist-serve and the one against the canned server share."""
+    return dict(scenario=args.scenario, users=args.users, spawn_rate=args.spawn_rate,
+                processes=args.processes, images_per_call=args.images_per_call,
+                mix_weights=args.mix_weights, stream=args.verbose,
+                extra=["--pool-size", str(args.pool_size),
+                       *(["--http-host", http_host] if http_host else []),
+                       *(["--model-name", args.model_name] if args.model_name else []),
+                       *(["--model-version", args.model_version] if args.model_version else [])])
+
+
+def metrics_url_for(args: argparse.Namespace, server) -> str:
+    """Where the server's /metrics are: --metrics-url, the own server's, or port 9100 of --host."""
+    if args.metrics_url or server is not None:
+        return args.metrics_url or server.metrics_url
+    if args.host.startswith(("dns:", "ipv4:", "ipv6:")):
+        return ""  # several replicas: no one endpoint sees all the calls
+    return f"http://{args.host.rsplit(':', 1)[0]}:9100/metrics"
+
+
+def measure_ceiling(args: argparse.Namespace, options: dict, reports: Path):
+    """The same users and scenario against the canned server; (LocustRun or None, a note)."""
+    if parse_seconds(args.ceiling_run_time) <= 0:
+        return None, "load generator's ceiling: not measured (--ceiling-run-time 0)"
+    scenario = ceiling_scenario(args.scenario, args.mix_weights)
+    if scenario is None:
+        return None, "load generator's ceiling: not measured (the canned server has no REST)"
+    print(f"{PROG}: the same load against a server with no model for {args.ceiling_run_time} "
+          "(the load generator's ceiling) ...", flush=True)
+    extra = list(options["extra"])
+    if "--http-host" in extra:  # the canned server has no REST port
+        del extra[extra.index("--http-host"):extra.index("--http-host") + 2]
+    options = {**options, "scenario": scenario[0], "mix_weights": scenario[1], "extra": extra}
+    try:
+        ceiling = run_against_canned(reports / f"{args.name}-ceiling", reports / f"{args.name}-ceiling.log",
+                                     run_time=args.ceiling_run_time, **options)
+    except LoadTestError as error:
+        return None, f"load generator's ceiling: not measured ({error})"
+    total = ceiling.total
+    left_out = " (REST calls left out)" if scenario[1] != args.mix_weights else ""
+    return ceiling, (f"load generator's ceiling, the same {args.users} users against a server with no "
+                     f"model{left_out}: {total.requests_per_s:.1f} requests/s, p50 {total.p50_ms:.0f} ms, "
+                     f"p99 {total.p99_ms:.0f} ms")
+
+
+def summary(run, args, target: str, view: server_view.ServerView | None = None,
+            ceiling=None, ceiling_note: str = "") -> str:
     total = run.total
     lines = [
         f"{args.scenario} load, {args.users} users, {args.run_time} against {target}:",
-        f"  {total.requests_per_s:.1f} requests/s, p50 {total.p50_ms:.0f} ms, p95 {total.p95_ms:.0f} ms, "
-        f"p99 {total.p99_ms:.0f} ms; {total.failures} failed of {total.requests} calls",
+        f"  Locust (client side): {total.requests_per_s:.1f} requests/s, p50 {total.p50_ms:.0f} ms, "
+        f"p95 {total.p95_ms:.0f} ms, p99 {total.p99_ms:.0f} ms; {total.failures} failed of "
+        f"{total.requests} calls",
         "",
         format_stats_table(run.stats),
     ]
     for name, error, count in run.failures[:5]:
         lines.append(f"  failure x{count} {name}: {error}")
     lines.append("")
-    lines.append(f"reports: {run.csv_prefix}_stats.csv, {run.html_path}" + (f", {run.log_path}" if run.log_path else ""))
+    if view is not None and view.calls:
+        lines += ["the server's own view of the same window (its /metrics; the prediction core's "
+                  "latency, without Locust's):", server_view.format_view(view),
+                  server_view.latency_share(view, total.p50_ms), ""]
+    else:
+        lines += ["the server's own view: not measured (no /metrics could be read; see --metrics-url)", ""]
+    if ceiling_note:
+        lines.append(ceiling_note)
+    if ceiling is not None:
+        lines.append(verdict(total.requests_per_s, ceiling.total.requests_per_s))
+    lines.append("")
+    lines.append(f"reports: {run.csv_prefix}_stats.csv, {run.html_path}"
+                 + (f", {run.log_path}" if run.log_path else ""))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.processes is None:
+        args.processes = default_processes()
     reports = args.reports_dir
     server = None
+    view, ceiling, ceiling_note = None, None, ""
     try:
         reports.mkdir(parents=True, exist_ok=True)
         http_host = args.http_host
@@ -128,15 +213,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"log {reports / (args.name + '-server.log')})", flush=True)
         print(f"{PROG}: {args.scenario} load, {args.users} users for {args.run_time}"
               + (f" on {args.processes} Locust processes" if args.processes else "") + " ...", flush=True)
-        run = run_locust(target, scenario=args.scenario, users=args.users, spawn_rate=args.spawn_rate,
-                         run_time=args.run_time, csv_prefix=reports / args.name,
-                         html_path=reports / f"{args.name}.html",
-                         log_path=reports / f"{args.name}.log", processes=args.processes,
-                         images_per_call=args.images_per_call, mix_weights=args.mix_weights,
-                         extra=["--pool-size", str(args.pool_size), *(["--http-host", http_host] if http_host else []),
-                                *(["--model-name", args.model_name] if args.model_name else []),
-                                *(["--model-version", args.model_version] if args.model_version else [])],
-                         stream=args.verbose)
+        options = locust_options(args, http_host)
+        url = metrics_url_for(args, server)
+        before: server_view.Scrape = {}
+        run = run_locust(target, run_time=args.run_time, csv_prefix=reports / args.name,
+                         html_path=reports / f"{args.name}.html", log_path=reports / f"{args.name}.log",
+                         reset_stats=True, on_spawned=lambda: url and before.update(server_view.scrape(url)),
+                         **options)
+        total = run.total
+        if url and before and total.requests_per_s > 0:  # the window Locust measured, after spawning
+            view = server_view.window(before, server_view.scrape(url), total.requests / total.requests_per_s)
+        if server is not None:
+            server.stop()  # its cores go to the ceiling run
+            server = None
+        if total.requests:
+            ceiling, ceiling_note = measure_ceiling(args, options, reports)
     except LoadTestError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
@@ -146,9 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
+    return report(run, args, target, view, ceiling, ceiling_note)
+
+
+def report(run, args, target, view, ceiling, ceiling_note) -> int:
+    """Print the summary; the exit status: 0, 1 when a call failed, 2 when nothing ran right."""
     total = run.total
     if total.requests:
-        print(summary(run, args, target))
+        print(summary(run, args, target, view, ceiling, ceiling_note))
     else:
         reason = locust_problem(run.log_path)
         print(f"{PROG}: error: no call completed (Locust exit status {run.returncode})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,11 +34,12 @@ def run_module(module: str, *args: str, mnist_path: Path, timeout: float) -> sub
 
 # --- a short real Locust run against the session's server --------------------------------------
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(400)  # the session's model is trained first; the machine is loaded
 def test_mix_run_exercises_every_scenario_without_failures(server, mnist_path, tmp_path):
     result = run_module("loadtest.run", "--host", server.target, "--scenario", "mix", "--users", "4",
                         "--spawn-rate", "4", "--run-time", "4s", "--pool-size", "500",
-                        "--reports-dir", str(tmp_path), "--name", "mix", mnist_path=mnist_path, timeout=100)
+                        "--metrics-url", server.metrics_url, "--ceiling-run-time", "3s",
+                        "--reports-dir", str(tmp_path), "--name", "mix", mnist_path=mnist_path, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "mix.log").read_text()
 
     stats = read_stats_csv(tmp_path / "mix_stats.csv")
@@ -50,6 +52,21 @@ def test_mix_run_exercises_every_scenario_without_failures(server, mnist_path, t
     assert "requests/s" in result.stdout and "p99" in result.stdout
     log = (tmp_path / "mix.log").read_text()
     assert "load pool:" in log  # screened against the idle server before the load
+
+    # The server's own view of the same window, from its /metrics, beside Locust's.
+    assert "the server's own view of the same window" in result.stdout, result.stdout
+    served = re.search(r"^all\s+(\d+)\s+([\d.]+)\s+([\d.]+)", result.stdout, re.M)
+    assert served, result.stdout
+    assert abs(int(served.group(1)) - total.requests) <= 0.05 * total.requests + 50, result.stdout
+    for method in ("Classify", "ModelInfer"):
+        assert re.search(rf"^{method}\s+\d+", result.stdout, re.M), result.stdout
+    assert "images and" in result.stdout and "requests per batch" in result.stdout
+    assert float(served.group(3)) < total.p99_ms  # the core's median is under Locust's p99
+    # The load generator's ceiling, measured in the same run against a server with no model.
+    ceiling = read_stats_csv(tmp_path / "mix-ceiling_stats.csv")["Aggregated"]
+    assert ceiling.requests > 0 and ceiling.failures == 0  # the canned server's 7s judged right
+    assert "load generator's ceiling" in result.stdout
+    assert ("BOUND BY THE LOAD GENERATOR" in result.stdout) != ("bound by the server" in result.stdout)
 
 
 @pytest.mark.timeout(60)
@@ -105,6 +122,27 @@ def test_wrong_prediction_is_a_failure(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_verdict_and_default_processes():
+    from loadtest.ceiling import ceiling_scenario, verdict
+    from loadtest.run import default_processes
+
+    assert "BOUND BY THE LOAD GENERATOR" in verdict(900, 1000) and "1,000.0" in verdict(900, 1000)
+    assert "bound by the server" in verdict(400, 1000) and "40 %" in verdict(400, 1000)
+    assert (default_processes(2), default_processes(3), default_processes(8)) == (None, None, 4)
+    assert ceiling_scenario("mix", "6,3,1,2") == ("mix", "6,3,1")  # no REST on the canned server
+    assert ceiling_scenario("rest", "6,3,1") is None and ceiling_scenario("mix", "0,0,0,1") is None
+
+
+def test_histogram_quantile_is_prometheus_own():
+    from loadtest.server_view import histogram_quantile
+
+    buckets = [(0.001, 10.0), (0.002, 30.0), (0.004, 40.0), (float("inf"), 40.0)]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.0015)  # rank 20: halfway in (1, 2] ms
+    assert histogram_quantile(0.625, buckets) == pytest.approx(0.00175)
+    assert histogram_quantile(1.0, buckets) == pytest.approx(0.004)
+    assert histogram_quantile(0.5, [(float("inf"), 0.0)]) != histogram_quantile(0.5, [(float("inf"), 0.0)])
 
 
 def test_stats_csv_aggregated_row(tmp_path):
@@ -189,6 +227,7 @@ def test_wrong_answers_under_load_are_locust_failures_and_exit_1(server, trained
         result = run_module("loadtest.run", "--host", f"ipv4:127.0.0.1:{server.port},127.0.0.1:{bad.port}",
                             "--scenario", "single", "--users", "2", "--spawn-rate", "2", "--run-time", "3s",
                             "--pool-size", "300", "--reports-dir", str(tmp_path), "--name", "wrong",
+                            "--ceiling-run-time", "0",
                             mnist_path=mnist_path, timeout=150)
     assert result.returncode == 1, result.stdout + result.stderr
     total = read_stats_csv(tmp_path / "wrong_stats.csv")["Aggregated"]
@@ -206,7 +245,7 @@ def test_a_server_killed_mid_run_gives_failures_and_exit_1(trained_repository, m
         env = {**os.environ, "MNIST_DATA_DIR": str(mnist_path)}
         run = subprocess.Popen([sys.executable, "-m", "loadtest.run", "--host", server.target, "--scenario", "single",
                                 "--users", "2", "--spawn-rate", "2", "--run-time", "8s", "--pool-size", "200",
-                                "--reports-dir", str(tmp_path), "--name", "killed"],
+                                "--reports-dir", str(tmp_path), "--name", "killed", "--ceiling-run-time", "0"],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         log = tmp_path / "killed.log"
         deadline = time.monotonic() + 120
@@ -231,7 +270,7 @@ def test_run_starts_its_own_server_and_spreads_locust_over_processes(trained_rep
     result = run_module("loadtest.run", "--model-repository", str(trained_repository), "--server-args", "--workers 1",
                         "--scenario", "single", "--users", "4", "--spawn-rate", "4", "--run-time", "3s",
                         "--pool-size", "200", "--processes", "2", "--reports-dir", str(tmp_path), "--name", "own",
-                        mnist_path=mnist_path, timeout=180)
+                        "--ceiling-run-time", "3s", mnist_path=mnist_path, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "mnist-serve on 127.0.0.1:" in result.stdout and "on 2 Locust processes" in result.stdout
     server_log = (tmp_path / "own-server.log").read_text()
@@ -240,3 +279,6 @@ def test_run_starts_its_own_server_and_spreads_locust_over_processes(trained_rep
     assert total.requests > 0 and total.failures == 0
     log = (tmp_path / "own.log").read_text()
     assert log.count("load pool:") >= 2, "each of the 2 worker processes screens its own pool"
+    # Its own server's /metrics give the server's view; the ceiling ran on the same 2 processes.
+    assert "the server's own view of the same window" in result.stdout, result.stdout
+    assert read_stats_csv(tmp_path / "own-ceiling_stats.csv")["Aggregated"].requests > 0
