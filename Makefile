@@ -10,7 +10,7 @@ export MNIST_DATA_DIR
 FASHION_MNIST_DATA_DIR ?= $(wildcard ../shared/datasets/fashion-mnist)
 export FASHION_MNIST_DATA_DIR
 
-.PHONY: install demo train serve test test-fast docs docs-serve proto proto-check loadtest batching-study bench lock clean soak overload
+.PHONY: install demo train serve test test-fast docs docs-serve proto proto-check loadtest batching-study bench lock clean soak overload swarm-up swarm-down
 
 install: $(VENV)/.installed
 
@@ -70,6 +70,15 @@ soak: install
 ## Overload: goodput, p99 and shed calls at 0.5x to 4x the capacity (docs/figures/overload.png).
 overload: install
 	$(BIN)/python -m bench.overload --model-repository $(REPOSITORY) $(ARGS)
+
+## A 3-node Docker Swarm on this machine (needs root): a registry, the images built and pushed, the
+## model as a model image, deploy/swarm/stack.yml deployed and healthy (docs/swarm.md); swarm-down
+## removes all of it, after any failure too.
+swarm-up: install
+	$(BIN)/python docker/local_swarm.py up --model-repository $(REPOSITORY) $(ARGS)
+
+swarm-down:
+	$(PYTHON) docker/local_swarm.py down $(ARGS)
 
 ## Refresh constraints.txt from a fresh resolve of pyproject.toml.
 lock:
