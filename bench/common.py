@@ -161,10 +161,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]]) -> str:
+def table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]],
+          min_width: int = 0) -> str:
     """A side-by-side, fixed-width table: `columns` = (key, format spec), e.g. ("p50_ms", ".2f").
 
-    The first column is left-aligned, the others right-aligned; nan prints as "-".
+    The first column is left-aligned, the others right-aligned; nan prints as "-". `min_width`
+    keeps columns aligned across tables printed one row at a time.
     """
     def cell(value: object, spec: str) -> str:
         if isinstance(value, float) and math.isnan(value):
@@ -172,7 +174,8 @@ def table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]])
         return format(value, spec) if spec else str(value)
 
     cells = [[cell(row.get(key, ""), spec) for key, spec in columns] for row in rows]
-    widths = [max(len(key), *(len(line[i]) for line in cells)) for i, (key, _) in enumerate(columns)]
+    widths = [max([min_width, len(key), *(len(line[i]) for line in cells)])
+              for i, (key, _) in enumerate(columns)]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))

@@ -47,7 +47,7 @@ def sweep(targets: dict[str, str], payloads: dict[int, dict[str, bytes]], concur
                              "calls/s": sample.calls_per_s, "images/s": sample.calls_per_s * size,
                              "p50 ms": percentile_ms(sample.latencies, 50),
                              "p99 ms": percentile_ms(sample.latencies, 99), "errors": sample.errors})
-                print(table([rows[-1]], COLUMNS).splitlines()[-1], flush=True)
+                print(table([rows[-1]], COLUMNS, 11).splitlines()[-1], flush=True)
     return rows
 
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = {SERVE: serve.target, NAIVE: f"127.0.0.1:{port}"}
         payloads = {size: dict.fromkeys(targets, infer_payload(images[:size], model.name))
                     for size in args.sizes}
-        print(table([], COLUMNS), flush=True)
+        print(table([], COLUMNS, 11), flush=True)
         rows = sweep(targets, payloads, args.concurrency, args.connections, args.seconds, args.rounds)
     connection_text = "one connection" if args.connections == 1 else f"{args.connections} connections"
     title = (f"{model.name} v{model.version}, KServe v2 ModelInfer FP32, {connection_text}, "

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bench.common import percentile_ms
 from core.idx import find_data_dir, load_idx_dir
 from serving.client import ClassifierClient
 from serving.generated import mnist_classifier_pb2 as pb
@@ -93,8 +94,8 @@ def measure(target: str, images: np.ndarray, callers: int, seconds: float, heavy
         process.join()
     manager.shutdown()
     values = np.array(latencies[len(latencies) // 20:])  # the first 5 %: connections warming up
-    return {"calls": len(values), "p50_ms": float(np.percentile(values, 50) * 1000),
-            "p99_ms": float(np.percentile(values, 99) * 1000), "heavy": heavy_outcomes}
+    return {"calls": len(values), "p50_ms": percentile_ms(values, 50),
+            "p99_ms": percentile_ms(values, 99), "heavy": heavy_outcomes}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench.common import percentile_ms
 from serving.client import ClassifierClient
 from serving.process import free_port, wait_until_serving
 
@@ -110,7 +111,7 @@ class LoadResult:
     def percentile(self, q: float, since: float = float("-inf"), until: float = float("inf")) -> float:
         """Latency percentile (s) of the successful calls that started in [since, until) (perf_counter)."""
         latencies = [latency for start, latency in self.samples if since <= start < until]
-        return float(np.percentile(latencies, q)) if latencies else float("nan")
+        return percentile_ms(latencies, q) / 1000
 
 
 class Load:

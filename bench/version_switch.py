@@ -30,6 +30,7 @@ import aiohttp
 import grpc
 import numpy as np
 
+from bench.common import percentile_ms
 from core.contract import IMAGE_SHAPE, INPUT_NAME
 from core.idx import find_data_dir, load_idx_dir
 from core.repository import METADATA_FILENAME, list_versions
@@ -98,13 +99,13 @@ async def rest_caller(http_url: str, images: np.ndarray, calls: list[Call], stop
 
 
 def percentiles(calls: list[Call]) -> str:
-    ok = np.array([c.seconds for c in calls if c.version]) * 1000
+    ok = [c.seconds for c in calls if c.version]
     failed = sum(1 for c in calls if not c.version)
     versions = sorted({c.version for c in calls if c.version})
     if not len(ok):
         return f"{len(calls):6d} calls, {failed} failed"
-    return (f"{len(calls):6d} calls, {failed} failed, p50 {np.percentile(ok, 50):6.2f} ms, "
-            f"p99 {np.percentile(ok, 99):6.2f} ms, versions {', '.join(versions)}")
+    return (f"{len(calls):6d} calls, {failed} failed, p50 {percentile_ms(ok, 50):6.2f} ms, "
+            f"p99 {percentile_ms(ok, 99):6.2f} ms, versions {', '.join(versions)}")
 
 
 async def run(args: argparse.Namespace, target: str, http_url: str, repository: Path, images: np.ndarray,
