@@ -39,6 +39,14 @@ class ServeConfig:
     # its target and so reaches replicas that started after it). 0: connections live for ever.
     max_connection_age: float = 0.0
     max_connection_age_grace: float = 10.0  # calls in flight on an aged connection get this long to finish
+    # Slow and stuck clients (docs/reliability.md): what bounds the connections they hold, in seconds.
+    http_idle_timeout: float = 75.0  # REST: closed when no complete request head came for this long
+    http_body_timeout: float = 30.0  # REST: 408 when the body is not in this long after its head
+    grpc_handshake_timeout: float = 20.0  # gRPC: closed when no HTTP/2 preface + SETTINGS by then
+    grpc_max_concurrent_streams: int = 256  # gRPC: calls in flight per connection (HTTP/2 SETTINGS)
+    grpc_keepalive_time: float = 60.0  # gRPC: ping a connection with calls in flight after this quiet
+    grpc_keepalive_timeout: float = 20.0  # gRPC: and close it when the ping goes unanswered this long
+    grpc_max_connection_idle: float = 300.0  # gRPC: GOAWAY to a connection with no call for this long
     # Hostile input (serving.inputs): decoded pixels per call, all encoded images together, read from
     # their headers before decoding (one 4096x4096 image, or 64 of 512x512); threads that decode them.
     max_decoded_pixels: int = 4096 * 4096
@@ -92,6 +100,10 @@ class ServeConfig:
             (self.grace_period >= 0, "--grace-period cannot be negative"),
             (self.max_connection_age >= 0 and self.max_connection_age_grace >= 0,
              "--max-connection-age and --max-connection-age-grace cannot be negative"),
+            (min(self.http_idle_timeout, self.http_body_timeout, self.grpc_handshake_timeout,
+                 self.grpc_keepalive_time, self.grpc_keepalive_timeout, self.grpc_max_connection_idle) > 0,
+             "--http-idle-timeout, --http-body-timeout and the --grpc-* timeouts must be above 0"),
+            (self.grpc_max_concurrent_streams >= 1, "--grpc-max-concurrent-streams must be at least 1"),
             (self.switch_interval_us >= 1, "--switch-interval-us must be at least 1"),
             (self.max_decoded_pixels >= 784, "--max-decoded-pixels must be at least 784 (one 28x28 image)"),
             (self.decode_threads >= 1, "--decode-threads must be at least 1"),
@@ -172,6 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "and reach replicas started after them; 0: never")
     net.add_argument("--max-connection-age-grace", type=float, default=d.max_connection_age_grace,
                      help="seconds that calls in flight on a connection past its age get to finish")
+    slow = parser.add_argument_group("slow and stuck clients (what bounds their connections)")
+    slow.add_argument("--http-idle-timeout", type=float, default=d.http_idle_timeout,
+                      help="REST: close a connection that sent no complete request head for this many "
+                           "seconds, since it connected or since its last answer (slow headers, idle)")
+    slow.add_argument("--http-body-timeout", type=float, default=d.http_body_timeout,
+                      help="REST: answer 408 and close when a request's body has not fully arrived this "
+                           "many seconds after its head")
+    slow.add_argument("--grpc-handshake-timeout", type=float, default=d.grpc_handshake_timeout,
+                      help="gRPC: close a connection that has not sent its HTTP/2 preface and SETTINGS "
+                           "(and TLS handshake) within this many seconds")
+    slow.add_argument("--grpc-max-concurrent-streams", type=int, default=d.grpc_max_concurrent_streams,
+                      help="gRPC: calls in flight per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)")
+    slow.add_argument("--grpc-keepalive-time", type=float, default=d.grpc_keepalive_time,
+                      help="gRPC: seconds of quiet after which a connection is pinged")
+    slow.add_argument("--grpc-keepalive-timeout", type=float, default=d.grpc_keepalive_timeout,
+                      help="gRPC: close a connection whose ping is not answered within this many seconds "
+                           "(a client that stopped reading)")
+    slow.add_argument("--grpc-max-connection-idle", type=float, default=d.grpc_max_connection_idle,
+                      help="gRPC: send GOAWAY to a connection with no call in flight for this many seconds")
     batching = parser.add_argument_group("batching")
     batching.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                           help="most images per onnxruntime call (and per request)")

@@ -66,3 +66,53 @@ def start_trimmer(interval: float = 1.0, growth: float = 0.05) -> bool:
 
     threading.Thread(target=run, name="malloc-trim", daemon=True).start()
     return True
+
+
+# ---- measuring a server from outside: every process of it (with --workers, the parent loads no
+# model; the workers hold the memory), by /proc (Linux) ----
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants that are alive now."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` and its descendants, summed (shared pages counted in each)."""
+    return sum(tree_rss_by_process(pid).values())
+
+
+def tree_rss_by_process(pid: int) -> dict[int, int]:
+    """Resident bytes of each process of the tree (pid -> bytes)."""
+    sizes = {}
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/statm") as statm:
+                sizes[member] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+    return sizes
+
+
+def tree_open_fds(pid: int) -> int:
+    """Open file descriptors (sockets included) of `pid` and its descendants."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            total += len(os.listdir(f"/proc/{member}/fd"))
+        except OSError:
+            continue
+    return total

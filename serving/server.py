@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from serving import draining, metrics, payload_log, security
 from serving.memory import keep_large_blocks_unmappable, start_trimmer
 from serving.config import ServeConfig
+from serving.connection_limits import slow_client_limits
 from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from serving.generated import mnist_classifier_pb2, mnist_classifier_pb2_grpc
 from serving.grpc_api.classifier import ClassifierServicer
@@ -75,6 +76,7 @@ def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
         # A second server on a taken port must fail, not share it; --workers share it on purpose
         # (serving.workers checks the port once, before starting them).
         ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
+        *slow_client_limits(config),  # serving.connection_limits: what bounds stalled connections
     ]
     if config.max_connection_age > 0:
         # gRPC adds +-10 % jitter to the age, so a client's connections to several replicas do not all
@@ -174,7 +176,8 @@ class Server:
                 app.middlewares.append(security.http_token_middleware(token))  # inside the error answers
             self._http = HttpServer(app, config.host, config.http_port, config.grace_period,
                                     security.http_ssl_context(tls) if tls else None,
-                                    reuse_port=config.workers > 1)
+                                    reuse_port=config.workers > 1, idle_timeout=config.http_idle_timeout,
+                                    body_timeout=config.http_body_timeout)
             await self._http.start()
         await self._set_readiness(Readiness.SERVING)
         if config.model_control_mode == "poll":

@@ -77,6 +77,29 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return error_response(500, f"internal error: {type(error).__name__}: {error}")
 
 
+def body_deadline(seconds: float):
+    """Middleware: the whole body must arrive within `seconds` of the head, else 408 and close.
+
+    aiohttp waits for a body as long as the client keeps the connection open; a client sending a
+    byte a minute would hold its connection (and a handler) for ever. The body is read here, once
+    (aiohttp keeps it for the handler's own read).
+    """
+    @web.middleware
+    async def read_body_in_time(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.body_exists and request.method in ("POST", "PUT", "PATCH"):
+            try:
+                async with asyncio.timeout(seconds):
+                    await request.read()
+            except TimeoutError:
+                response = error_response(408, f"the request body did not arrive within {seconds:g} s of "
+                                               "its headers (--http-body-timeout); send it at once")
+                response.force_close()  # the rest of the body is not waited for
+                return response
+        return await handler(request)
+
+    return read_body_in_time
+
+
 def _refusal_message(request: web.Request, error: web.HTTPException) -> str:
     if error.status == 404:
         return (f"{request.method} {request.path} is not an endpoint of this server; the KServe v2 API "
@@ -209,9 +232,15 @@ class HttpServer:
     """The REST port, on the running event loop (the one grpc.aio uses): start() and stop()."""
 
     def __init__(self, app: web.Application, host: str, port: int, shutdown_timeout: float,
-                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False,
+                 idle_timeout: float = 75.0, body_timeout: float = 30.0) -> None:
+        # Innermost (after the token check): a body is read only for a call that may be answered.
+        app.middlewares.append(body_deadline(body_timeout))
         # No access log: one line per call would cost more than the call on a busy server.
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # keepalive_timeout is aiohttp's idle timer, armed at connect and after each answer: it
+        # closes connections that never finish a request head (serving.connection_limits).
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=idle_timeout)
         self._host, self._port, self._shutdown_timeout = host, port, shutdown_timeout
         self._ssl_context = ssl_context  # --tls-cert: HTTPS (serving.security.http_ssl_context)
         # --workers share the port as they share gRPC's (SO_REUSEPORT): REST gets every core too.
