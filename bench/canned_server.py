@@ -7,6 +7,7 @@ ceiling of the load generator: every image is a 7 (Classify's label, ModelInfer'
 probabilities), and DescribeModel answers as mnist-serve does, so the Locust users screen their
 pool (the 7s) and judge every answer as they do against the real server.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ from serving.generated import grpc_predict_v2_pb2_grpc as kserve_grpc
 from serving.server import channel_options
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-CANNED_PREDICTION = pb.Prediction(label=7, class_name="7", confidence=0.99,
-                                  probabilities=[0.001] * 7 + [0.99] + [0.001] * 2)
+CANNED_PREDICTION = pb.Prediction(
+    label=7, class_name="7", confidence=0.99, probabilities=[0.001] * 7 + [0.99] + [0.001] * 2
+)
 
 
 MAX_BATCH_SIZE = ServeConfig().max_batch_size
@@ -36,15 +38,24 @@ SEVEN = bytes(4 * 7) + b"\x00\x00\x80\x3f" + bytes(4 * 2)  # FP32 one-hot at 7 (
 
 class CannedClassifier(pb_grpc.ClassifierServicer):
     async def Classify(self, request, context):
-        return pb.ClassifyResponse(predictions=[CANNED_PREDICTION] * len(request.images),
-                                   model_name="mnist", model_version="1")
+        return pb.ClassifyResponse(
+            predictions=[CANNED_PREDICTION] * len(request.images),
+            model_name="mnist",
+            model_version="1",
+        )
 
     async def DescribeModel(self, request, context):
-        return pb.ModelDescription(model_name="mnist", model_version="1", available_versions=["1"],
-                                   class_names=[str(k) for k in range(NUM_CLASSES)],
-                                   input_name="images", input_shape=[-1, 28, 28, 1],
-                                   input_datatype="FP32", max_batch_size=MAX_BATCH_SIZE,
-                                   execution_provider="canned")
+        return pb.ModelDescription(
+            model_name="mnist",
+            model_version="1",
+            available_versions=["1"],
+            class_names=[str(k) for k in range(NUM_CLASSES)],
+            input_name="images",
+            input_shape=[-1, 28, 28, 1],
+            input_datatype="FP32",
+            max_batch_size=MAX_BATCH_SIZE,
+            execution_provider="canned",
+        )
 
 
 class CannedInference(kserve_grpc.GRPCInferenceServiceServicer):
@@ -52,15 +63,19 @@ class CannedInference(kserve_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         images = request.inputs[0].shape[0]
-        response = kserve_pb.ModelInferResponse(model_name="mnist", model_version="1", id=request.id)
-        response.outputs.add(name=OUTPUT_NAME, datatype=OUTPUT_DATATYPE, shape=[images, NUM_CLASSES])
+        response = kserve_pb.ModelInferResponse(
+            model_name="mnist", model_version="1", id=request.id
+        )
+        response.outputs.add(
+            name=OUTPUT_NAME, datatype=OUTPUT_DATATYPE, shape=[images, NUM_CLASSES]
+        )
         response.raw_output_contents.append(SEVEN * images)
         return response
 
 
 async def main(port: int) -> None:
     server = grpc.aio.server(options=channel_options(ServeConfig()))
-    # The server's per-call metrics, attached as the server attaches them (serving.grpc_api.handlers).
+    # The server's per-call metrics, attached as the server does (serving.grpc_api.handlers).
     services = WrappingRegistrar(server, lambda method, handler: metrics.timed(handler, method))
     pb_grpc.add_ClassifierServicer_to_server(CannedClassifier(), services)
     kserve_grpc.add_GRPCInferenceServiceServicer_to_server(CannedInference(), services)

@@ -1,13 +1,14 @@
-"""What every bench script shares: one closed-loop load generator, percentiles, RSS, CPU time, a table.
+"""What every bench script shares: a closed-loop load generator, percentiles, RSS, CPU, a table.
 
 The load generator is grpc.aio in this process: `callers` coroutines send back-to-back calls of one
 serialized request (bytes in, bytes out: no protobuf work in the measured loop) over `connections`
-channels. One connection is how gRPC recommends a client to call (one channel); with SO_REUSEPORT the
-kernel gives that connection to one server worker. Many connections: each channel gets its own TCP
-connection (a local subchannel pool; gRPC shares one otherwise) and the callers are spread over them
-round-robin, as a gateway or a fleet of clients would. Both are measured, because a server's speed
-must not depend on how its callers connect.
+channels. One connection is how gRPC recommends a client to call (one channel); with SO_REUSEPORT
+the kernel gives that connection to one server worker. Many connections: each channel gets its
+own TCP connection (a local subchannel pool; gRPC shares one otherwise) and the callers are spread
+over them round-robin, as a gateway or a fleet of clients would. Both are measured, because a
+server's speed must not depend on how its callers connect.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Sample:
-    """One closed-loop measurement: the successful calls' latencies (s) in the window, and errors."""
+    """One closed-loop measurement: the successful calls' latencies (s) in the window, errors."""
 
     latencies: tuple[float, ...]
     errors: int
@@ -39,14 +40,17 @@ class Sample:
 
 
 def percentile_ms(latencies: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) of latencies in seconds, in milliseconds; nan when there are none."""
+    """The q-th percentile (0-100) of latencies in seconds, in ms; nan if there are none."""
     return float(np.percentile(latencies, q) * 1000) if len(latencies) else float("nan")
 
 
 def merge(samples: Sequence[Sample]) -> Sample:
     """Several slices of one measurement (interleaved rounds) as one sample."""
-    return Sample(tuple(x for s in samples for x in s.latencies), sum(s.errors for s in samples),
-                  sum(s.seconds for s in samples))
+    return Sample(
+        tuple(x for s in samples for x in s.latencies),
+        sum(s.errors for s in samples),
+        sum(s.seconds for s in samples),
+    )
 
 
 def spread(callers: int, connections: int) -> list[int]:
@@ -55,18 +59,27 @@ def spread(callers: int, connections: int) -> list[int]:
     return [k % count for k in range(callers)]
 
 
-async def closed_loop(target: str, payload: bytes, *, callers: int, connections: int = 1,
-                      seconds: float, warmup: float = 0.3, method: str = MODEL_INFER, timeout: float = 30.0,
-                      on_window: Callable[[], None] | None = None) -> Sample:
-    """`callers` coroutines sending `payload` to `method` back to back over `connections` connections.
+async def closed_loop(
+    target: str,
+    payload: bytes,
+    *,
+    callers: int,
+    connections: int = 1,
+    seconds: float,
+    warmup: float = 0.3,
+    method: str = MODEL_INFER,
+    timeout: float = 30.0,
+    on_window: Callable[[], None] | None = None,
+) -> Sample:
+    """`callers` coroutines sending `payload` to `method` back to back over `connections`.
 
-    Calls that complete in the `seconds` after `warmup` are measured; `on_window` is called when that
-    window opens and when it closes (e.g. to read CPU counters). Errors (any RPC status but OK) are
-    counted, never raised.
+    Calls that complete in the `seconds` after `warmup` are measured; `on_window` is called when
+    that window opens and when it closes (e.g. to read CPU counters). Errors (any RPC status but
+    OK) are counted, never raised.
     """
     import grpc
 
-    # A local subchannel pool gives each channel its own TCP connection (gRPC shares them otherwise).
+    # A local subchannel pool gives each channel its own TCP connection (else gRPC shares one).
     options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
     uses = spread(callers, connections)
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(uses) + 1)]
@@ -74,7 +87,9 @@ async def closed_loop(target: str, payload: bytes, *, callers: int, connections:
     errors = 0
     try:
         stubs = [channel.unary_unary(method) for channel in channels]
-        await asyncio.gather(*(stub(payload, timeout=timeout) for stub in stubs))  # connect every channel
+        await asyncio.gather(
+            *(stub(payload, timeout=timeout) for stub in stubs)
+        )  # connect every channel
         measuring_from = time.perf_counter() + warmup
         until = measuring_from + seconds
         if on_window is not None:
@@ -161,31 +176,37 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def table(rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]],
-          min_width: int = 0) -> str:
+def table(
+    rows: Sequence[dict[str, object]], columns: Sequence[tuple[str, str]], min_width: int = 0
+) -> str:
     """A side-by-side, fixed-width table: `columns` = (key, format spec), e.g. ("p50_ms", ".2f").
 
     The first column is left-aligned, the others right-aligned; nan prints as "-". `min_width`
     keeps columns aligned across tables printed one row at a time.
     """
+
     def cell(value: object, spec: str) -> str:
         if isinstance(value, float) and math.isnan(value):
             return "-"
         return format(value, spec) if spec else str(value)
 
     cells = [[cell(row.get(key, ""), spec) for key, spec in columns] for row in rows]
-    widths = [max([min_width, len(key), *(len(line[i]) for line in cells)])
-              for i, (key, _) in enumerate(columns)]
+    widths = [
+        max([min_width, len(key), *(len(line[i]) for line in cells)])
+        for i, (key, _) in enumerate(columns)
+    ]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+        return "  ".join(
+            v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))
+        )
 
     header = line([key for key, _ in columns])
     return "\n".join([header, "-" * len(header), *(line(values) for values in cells)])
 
 
 def test_images():
-    """The MNIST test images (uint8 [10000, 28, 28]): MNIST_DATA_DIR, Debian's folder or ../shared."""
+    """The MNIST test images (uint8 [10000, 28, 28]): MNIST_DATA_DIR, Debian's or ../shared."""
     from core.idx import find_data_dir, load_idx_dir
 
     return load_idx_dir(find_data_dir("mnist") or ROOT.parent / "shared/datasets/mnist").test_images

@@ -7,13 +7,15 @@ or spread over `--connections N`. The two servers alternate point by point, in t
 machine's drifts hit both alike. Prints calls/s, images/s, p50 and p99 per point, writes them as CSV
 and draws latency (p50 and p99) against throughput, one panel per call size:
 
-    python -m bench.curve --model-repository model_repository                # docs/figures/curve.png
+    python -m bench.curve --model-repository model_repository      # docs/figures/curve.png
     python -m bench.curve --connections 8 --out docs/figures/curve_8conn.png
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -26,12 +28,26 @@ from serving.process import free_port, start_server, wait_until_serving
 
 CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128)
 SIZES = (1, 64)
-COLUMNS = (("server", ""), ("images/call", "d"), ("concurrency", "d"), ("calls/s", ",.0f"),
-           ("images/s", ",.0f"), ("p50 ms", ".2f"), ("p99 ms", ".2f"), ("errors", "d"))
+COLUMNS = (
+    ("server", ""),
+    ("images/call", "d"),
+    ("concurrency", "d"),
+    ("calls/s", ",.0f"),
+    ("images/s", ",.0f"),
+    ("p50 ms", ".2f"),
+    ("p99 ms", ".2f"),
+    ("errors", "d"),
+)
 
 
-def sweep(targets: dict[str, str], payloads: dict[int, dict[str, bytes]], concurrency: list[int],
-          connections: int, seconds: float, rounds: int) -> list[dict[str, object]]:
+def sweep(
+    targets: dict[str, str],
+    payloads: dict[int, dict[str, bytes]],
+    concurrency: list[int],
+    connections: int,
+    seconds: float,
+    rounds: int,
+) -> list[dict[str, object]]:
     """One row per server, call size and concurrency; servers alternate within each point."""
     rows = []
     for size, by_server in payloads.items():
@@ -39,14 +55,29 @@ def sweep(targets: dict[str, str], payloads: dict[int, dict[str, bytes]], concur
             parts: dict[str, list] = {name: [] for name in targets}
             for _ in range(rounds):
                 for name, target in targets.items():
-                    parts[name].append(measure(target, by_server[name], callers=callers,
-                                               connections=connections, seconds=seconds / rounds))
+                    parts[name].append(
+                        measure(
+                            target,
+                            by_server[name],
+                            callers=callers,
+                            connections=connections,
+                            seconds=seconds / rounds,
+                        )
+                    )
             for name, pieces in parts.items():
                 sample = merge(pieces)
-                rows.append({"server": name, "images/call": size, "concurrency": callers,
-                             "calls/s": sample.calls_per_s, "images/s": sample.calls_per_s * size,
-                             "p50 ms": percentile_ms(sample.latencies, 50),
-                             "p99 ms": percentile_ms(sample.latencies, 99), "errors": sample.errors})
+                rows.append(
+                    {
+                        "server": name,
+                        "images/call": size,
+                        "concurrency": callers,
+                        "calls/s": sample.calls_per_s,
+                        "images/s": sample.calls_per_s * size,
+                        "p50 ms": percentile_ms(sample.latencies, 50),
+                        "p99 ms": percentile_ms(sample.latencies, 99),
+                        "errors": sample.errors,
+                    }
+                )
                 print(table([rows[-1]], COLUMNS, 11).splitlines()[-1], flush=True)
     return rows
 
@@ -66,11 +97,23 @@ def plot(rows: list[dict[str, object]], path: Path, title: str) -> None:
             x = [float(r["images/s"]) for r in points]
             colour = colours.get(server, None)
             axis.plot(x, [r["p50 ms"] for r in points], "o-", color=colour, label=f"{server} p50")
-            axis.plot(x, [r["p99 ms"] for r in points], "s--", color=colour, alpha=0.7,
-                      label=f"{server} p99")
+            axis.plot(
+                x,
+                [r["p99 ms"] for r in points],
+                "s--",
+                color=colour,
+                alpha=0.7,
+                label=f"{server} p99",
+            )
             for r, xi in zip(points, x):
-                axis.annotate(str(r["concurrency"]), (xi, float(r["p50 ms"])), fontsize=7,
-                              textcoords="offset points", xytext=(3, 3), color=colour)
+                axis.annotate(
+                    str(r["concurrency"]),
+                    (xi, float(r["p50 ms"])),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                    color=colour,
+                )
         axis.set_yscale("log")
         axis.set_xlabel("images/s" + (" (= calls/s)" if size == 1 else ""))
         axis.set_ylabel("latency, ms (log)")
@@ -85,16 +128,26 @@ def plot(rows: list[dict[str, object]], path: Path, title: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-repository", default="model_repository")
     parser.add_argument("--model-name", default="mnist")
-    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)),
-                        help="comma-separated caller counts")
+    parser.add_argument(
+        "--concurrency",
+        default=",".join(map(str, CONCURRENCY)),
+        help="comma-separated caller counts",
+    )
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="images per call")
-    parser.add_argument("--connections", type=int, default=1,
-                        help="connections the callers share (1: one channel; N: spread over N)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per point and server")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="connections the callers share (1: one channel; N: spread over N)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=2.0, help="measured seconds per point and server"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating slices per point")
     parser.add_argument("--server-args", default="", help="extra mnist-serve flags")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/figures/curve.png")
@@ -117,23 +170,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"curve: error: {err}", file=sys.stderr)
         return 1
     images = test_images()
+    load = os.getloadavg()[0]  # printed with the figures: on a shared machine they depend on it
     with ExitStack() as stack:
         port = free_port()
-        naive = subprocess.Popen([sys.executable, "-m", "bench.naive_server", "--port", str(port),
-                                  "--model", str(model.model_path)], cwd=ROOT)
+        naive = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.naive_server",
+                "--port",
+                str(port),
+                "--model",
+                str(model.model_path),
+            ],
+            cwd=ROOT,
+        )
         stack.callback(lambda: (naive.terminate(), naive.wait()))
         wait_until_serving(f"127.0.0.1:{port}", 30, naive)
-        serve = stack.enter_context(start_server(args.model_repository, *QUIET_PORTS, "--model-name",
-                                                 model.name, *args.server_args.split()))
+        serve = stack.enter_context(
+            start_server(
+                args.model_repository,
+                *QUIET_PORTS,
+                "--model-name",
+                model.name,
+                *args.server_args.split(),
+            )
+        )
         targets = {SERVE: serve.target, NAIVE: f"127.0.0.1:{port}"}
-        payloads = {size: dict.fromkeys(targets, infer_payload(images[:size], model.name))
-                    for size in args.sizes}
+        payloads = {
+            size: dict.fromkeys(targets, infer_payload(images[:size], model.name))
+            for size in args.sizes
+        }
         print(table([], COLUMNS, 11), flush=True)
-        rows = sweep(targets, payloads, args.concurrency, args.connections, args.seconds, args.rounds)
-    connection_text = "one connection" if args.connections == 1 else f"{args.connections} connections"
-    title = (f"{model.name} v{model.version}, KServe v2 ModelInfer FP32, {connection_text}, "
-             f"{usable_cores()} cores shared with the load generator; mnist-serve flags: "
-             f"{args.server_args or 'defaults'}")
+        rows = sweep(
+            targets, payloads, args.concurrency, args.connections, args.seconds, args.rounds
+        )
+    connection_text = (
+        "one connection" if args.connections == 1 else f"{args.connections} connections"
+    )
+    title = (
+        f"{model.name} v{model.version}, KServe v2 ModelInfer FP32, {connection_text}, "
+        f"{usable_cores()} cores shared with the load generator (load average {load:.1f} at the "
+        f"start); mnist-serve flags: {args.server_args or 'defaults'}"
+    )
     plot(rows, args.out, title)
     with open(args.out.with_suffix(".csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=[key for key, _ in COLUMNS])

@@ -4,6 +4,7 @@ without a model (bench/canned_server.py), in the same run, and what it says abou
 When a run against mnist-serve reaches most of what the same Locust can send to a server that does
 nothing, the figures describe Locust, not the server: `verdict` says so and prints the ceiling.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -12,9 +13,9 @@ from pathlib import Path
 
 from loadtest.locust_runner import ROOT, LoadTestError, LocustRun, run_locust
 
-# A run at 80 % or more of the ceiling is bound by the load generator: the server could answer faster
-# than Locust asks. (Measured here, one Locust process on 2 cores: 32 mix users reached 1,254 calls/s
-# against mnist-serve, which answered a grpc.aio generator at over 2,000.)
+# A run at 80 % or more of the ceiling is bound by the load generator: the server could answer
+# faster than Locust asks. (Measured here, one Locust process on 2 cores: 32 mix users reached 1,254
+# calls/s # against mnist-serve, which answered a grpc.aio generator at over 2,000.)
 BOUND_AT = 0.80
 NO_CANNED = ("rest",)  # the canned server has no REST port
 
@@ -35,15 +36,26 @@ def run_against_canned(csv_prefix: Path, log_path: Path, **locust) -> LocustRun:
     from serving.process import free_port, wait_until_serving
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.canned_server", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.canned_server", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     try:
         try:
             wait_until_serving(f"127.0.0.1:{port}", 30, proc)
         except (RuntimeError, TimeoutError) as error:
-            raise LoadTestError(f"the canned server for the ceiling did not start: {error}") from None
-        return run_locust(f"127.0.0.1:{port}", csv_prefix=csv_prefix, log_path=log_path,
-                          reset_stats=True, **locust)
+            raise LoadTestError(
+                f"the canned server for the ceiling did not start: {error}"
+            ) from None
+        return run_locust(
+            f"127.0.0.1:{port}",
+            csv_prefix=csv_prefix,
+            log_path=log_path,
+            reset_stats=True,
+            **locust,
+        )
     finally:
         proc.terminate()
         proc.wait(30)
@@ -55,9 +67,15 @@ def verdict(calls_per_s: float, ceiling_per_s: float) -> str:
         return "no ceiling measured: the canned run completed no call"
     share = calls_per_s / ceiling_per_s
     if share >= BOUND_AT:
-        return (f"BOUND BY THE LOAD GENERATOR: this run reached {100 * share:.0f} % of what these Locust "
-                f"users send to a server with no model ({ceiling_per_s:,.1f} requests/s); the server's "
-                "own figures above are its speed, Locust's are Locust's. More --processes or machines "
-                "for Locust (docs/load-testing.md) move the ceiling")
-    return (f"bound by the server: this run reached {100 * share:.0f} % of the load generator's ceiling "
-            f"({ceiling_per_s:,.1f} requests/s against a server with no model)")
+        return (
+            f"BOUND BY THE LOAD GENERATOR: this run reached {100 * share:.0f} % of what these "
+            f"Locust "
+            f"users send to a server with no model ({ceiling_per_s:,.1f} requests/s); the server's "
+            "own figures above are its speed, Locust's are Locust's. More --processes or machines "
+            "for Locust (docs/load-testing.md) move the ceiling"
+        )
+    return (
+        f"bound by the server: this run reached {100 * share:.0f} % of the load generator's "
+        f"ceiling "
+        f"({ceiling_per_s:,.1f} requests/s against a server with no model)"
+    )

@@ -1,7 +1,7 @@
 """`make loadtest`: a minute of Locust load against mnist-serve, with a summary and reports.
 
     python -m loadtest.run --model-repository model_repository            # starts a server itself
-    python -m loadtest.run --host 127.0.0.1:8500 --users 64 --run-time 2m  # a server that already runs
+    python -m loadtest.run --host 127.0.0.1:8500 --users 64 --run-time 2m  # a running server
     python -m loadtest.run --processes 2 --scenario single                 # Locust on two processes
 
 Writes reports/<name>_stats.csv (and Locust's other CSVs), reports/<name>.html and
@@ -12,6 +12,7 @@ against a server with no model, in the same run, with a verdict when Locust, not
 the figures. Exits 1 when any call failed (an RPC error or a wrong prediction), 2 when the test
 could not run at all.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,50 +41,109 @@ PROG = "loadtest"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     target = parser.add_argument_group("what to load")
-    target.add_argument("--model-repository", type=Path, default=ROOT / "model_repository",
-                        help="start mnist-serve on the latest model here (ignored with --host)")
-    target.add_argument("--host", help="host:port of an mnist-serve that already runs; no server is started")
-    target.add_argument("--http-host", help="host:port of that server's REST API, for the rest scenario "
-                                           "(default: --host's host, port 8000)")
-    target.add_argument("--server-args", default="",
-                        help="extra mnist-serve flags for the server this script starts, "
-                             "e.g. --server-args='--max-batch-size 32'")
+    target.add_argument(
+        "--model-repository",
+        type=Path,
+        default=ROOT / "model_repository",
+        help="start mnist-serve on the latest model here (ignored with --host)",
+    )
+    target.add_argument(
+        "--host", help="host:port of an mnist-serve that already runs; no server is started"
+    )
+    target.add_argument(
+        "--http-host",
+        help="host:port of that server's REST API, for the rest scenario "
+        "(default: --host's host, port 8000)",
+    )
+    target.add_argument(
+        "--server-args",
+        default="",
+        help="extra mnist-serve flags for the server this script starts, "
+        "e.g. --server-args='--max-batch-size 32'",
+    )
     load = parser.add_argument_group("the load")
     load.add_argument("--scenario", choices=SCENARIOS, default=DEFAULTS.scenario)
     load.add_argument("--users", "-u", type=int, default=DEFAULTS.users, help="simulated clients")
-    load.add_argument("--spawn-rate", "-r", type=float, default=DEFAULTS.spawn_rate, help="users started per second")
-    load.add_argument("--run-time", "-t", default=DEFAULTS.run_time,
-                      help="how long, in Locust's notation (60s, 2m, 1m30s)")
-    load.add_argument("--images-per-call", type=int, default=DEFAULTS.images_per_call,
-                      help="images per call in the batch scenario")
-    load.add_argument("--mix-weights", default=DEFAULTS.mix_weights_text,
-                      help="relative weights of single,batch,kserve calls in the mix scenario; "
-                           "a fourth weight mixes in rest calls (e.g. 6,3,1,2)")
-    load.add_argument("--model-name", default="", help="the model the calls ask for (default: the server's default)")
-    load.add_argument("--model-version", default="",
-                      help="the version the calls ask for (default: the newest ready one; answers are judged "
-                           "against the version that computed them)")
-    load.add_argument("--pool-size", type=int, default=DEFAULTS.pool_size,
-                      help="MNIST test images screened at start; the ones the idle server gets right are sent")
-    load.add_argument("--processes", type=int, default=None,
-                      help="run Locust on this many worker processes (-1: one per CPU) for more load "
-                           "than one process can make; default: one per two cores, the other half "
-                           "left to the server (one process below four cores)")
-    load.add_argument("--metrics-url", default="",
-                      help="the server's Prometheus /metrics, for its own view of the load window "
-                           "(default: the server this script starts; with --host, port 9100 of its host)")
-    load.add_argument("--ceiling-run-time", default="20s",
-                      help="how long the same users and scenario run against a server with no model "
-                           "(the load generator's ceiling); 0: skip it")
+    load.add_argument(
+        "--spawn-rate",
+        "-r",
+        type=float,
+        default=DEFAULTS.spawn_rate,
+        help="users started per second",
+    )
+    load.add_argument(
+        "--run-time",
+        "-t",
+        default=DEFAULTS.run_time,
+        help="how long, in Locust's notation (60s, 2m, 1m30s)",
+    )
+    load.add_argument(
+        "--images-per-call",
+        type=int,
+        default=DEFAULTS.images_per_call,
+        help="images per call in the batch scenario",
+    )
+    load.add_argument(
+        "--mix-weights",
+        default=DEFAULTS.mix_weights_text,
+        help="relative weights of single,batch,kserve calls in the mix scenario; "
+        "a fourth weight mixes in rest calls (e.g. 6,3,1,2)",
+    )
+    load.add_argument(
+        "--model-name",
+        default="",
+        help="the model the calls ask for (default: the server's default)",
+    )
+    load.add_argument(
+        "--model-version",
+        default="",
+        help="the version the calls ask for (default: the newest ready one; answers are judged "
+        "against the version that computed them)",
+    )
+    load.add_argument(
+        "--pool-size",
+        type=int,
+        default=DEFAULTS.pool_size,
+        help="MNIST test images screened at start; the ones the idle server gets right are sent",
+    )
+    load.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="run Locust on this many worker processes (-1: one per CPU) for more load "
+        "than one process can make; default: one per two cores, the other half "
+        "left to the server (one process below four cores)",
+    )
+    load.add_argument(
+        "--metrics-url",
+        default="",
+        help="the server's Prometheus /metrics, for its own view of the load window "
+        "(default: the server this script starts; with --host, port 9100 of its host)",
+    )
+    load.add_argument(
+        "--ceiling-run-time",
+        default="20s",
+        help="how long the same users and scenario run against a server with no model "
+        "(the load generator's ceiling); 0: skip it",
+    )
     out = parser.add_argument_group("reports")
     out.add_argument("--reports-dir", type=Path, default=ROOT / "reports")
     out.add_argument("--name", default="loadtest", help="file name stem of the reports")
-    out.add_argument("--connect-timeout", type=float, default=5.0,
-                     help="seconds to wait for the server's health check before giving up")
-    out.add_argument("--verbose", action="store_true", help="show Locust's own output instead of logging it")
+    out.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        help="seconds to wait for the server's health check before giving up",
+    )
+    out.add_argument(
+        "--verbose", action="store_true", help="show Locust's own output instead of logging it"
+    )
     return parser
 
 
@@ -118,13 +178,22 @@ def default_processes(cores: int | None = None) -> int | None:
 
 def locust_options(args: argparse.Namespace, http_host: str | None) -> dict:
     """What the run against mnist-serve and the one against the canned server share."""
-    return dict(scenario=args.scenario, users=args.users, spawn_rate=args.spawn_rate,
-                processes=args.processes, images_per_call=args.images_per_call,
-                mix_weights=args.mix_weights, stream=args.verbose,
-                extra=["--pool-size", str(args.pool_size),
-                       *(["--http-host", http_host] if http_host else []),
-                       *(["--model-name", args.model_name] if args.model_name else []),
-                       *(["--model-version", args.model_version] if args.model_version else [])])
+    return dict(
+        scenario=args.scenario,
+        users=args.users,
+        spawn_rate=args.spawn_rate,
+        processes=args.processes,
+        images_per_call=args.images_per_call,
+        mix_weights=args.mix_weights,
+        stream=args.verbose,
+        extra=[
+            "--pool-size",
+            str(args.pool_size),
+            *(["--http-host", http_host] if http_host else []),
+            *(["--model-name", args.model_name] if args.model_name else []),
+            *(["--model-version", args.model_version] if args.model_version else []),
+        ],
+    )
 
 
 def metrics_url_for(args: argparse.Namespace, server) -> str:
@@ -143,30 +212,46 @@ def measure_ceiling(args: argparse.Namespace, options: dict, reports: Path):
     scenario = ceiling_scenario(args.scenario, args.mix_weights)
     if scenario is None:
         return None, "load generator's ceiling: not measured (the canned server has no REST)"
-    print(f"{PROG}: the same load against a server with no model for {args.ceiling_run_time} "
-          "(the load generator's ceiling) ...", flush=True)
+    print(
+        f"{PROG}: the same load against a server with no model for {args.ceiling_run_time} "
+        "(the load generator's ceiling) ...",
+        flush=True,
+    )
     extra = list(options["extra"])
     if "--http-host" in extra:  # the canned server has no REST port
-        del extra[extra.index("--http-host"):extra.index("--http-host") + 2]
+        del extra[extra.index("--http-host") : extra.index("--http-host") + 2]
     options = {**options, "scenario": scenario[0], "mix_weights": scenario[1], "extra": extra}
     try:
-        ceiling = run_against_canned(reports / f"{args.name}-ceiling", reports / f"{args.name}-ceiling.log",
-                                     run_time=args.ceiling_run_time, **options)
+        ceiling = run_against_canned(
+            reports / f"{args.name}-ceiling",
+            reports / f"{args.name}-ceiling.log",
+            run_time=args.ceiling_run_time,
+            **options,
+        )
     except LoadTestError as error:
         return None, f"load generator's ceiling: not measured ({error})"
     total = ceiling.total
     left_out = " (REST calls left out)" if scenario[1] != args.mix_weights else ""
-    return ceiling, (f"load generator's ceiling, the same {args.users} users against a server with no "
-                     f"model{left_out}: {total.requests_per_s:.1f} requests/s, p50 {total.p50_ms:.0f} ms, "
-                     f"p99 {total.p99_ms:.0f} ms")
+    return ceiling, (
+        f"load generator's ceiling, the same {args.users} users against a server with no "
+        f"model{left_out}: {total.requests_per_s:.1f} requests/s, p50 {total.p50_ms:.0f} ms, "
+        f"p99 {total.p99_ms:.0f} ms"
+    )
 
 
-def summary(run, args, target: str, view: server_view.ServerView | None = None,
-            ceiling=None, ceiling_note: str = "") -> str:
+def summary(
+    run,
+    args,
+    target: str,
+    view: server_view.ServerView | None = None,
+    ceiling=None,
+    ceiling_note: str = "",
+) -> str:
     total = run.total
     lines = [
         f"{args.scenario} load, {args.users} users, {args.run_time} against {target}:",
-        f"  Locust (client side): {total.requests_per_s:.1f} requests/s, p50 {total.p50_ms:.0f} ms, "
+        f"  Locust (client side): {total.requests_per_s:.1f} requests/s, "
+        f"p50 {total.p50_ms:.0f} ms, "
         f"p95 {total.p95_ms:.0f} ms, p99 {total.p99_ms:.0f} ms; {total.failures} failed of "
         f"{total.requests} calls",
         "",
@@ -176,18 +261,27 @@ def summary(run, args, target: str, view: server_view.ServerView | None = None,
         lines.append(f"  failure x{count} {name}: {error}")
     lines.append("")
     if view is not None and view.calls:
-        lines += ["the server's own view of the same window (its /metrics; the prediction core's "
-                  "latency, without Locust's):", server_view.format_view(view),
-                  server_view.latency_share(view, total.p50_ms), ""]
+        lines += [
+            "the server's own view of the same window (its /metrics; the prediction core's "
+            "latency, without Locust's):",
+            server_view.format_view(view),
+            server_view.latency_share(view, total.p50_ms),
+            "",
+        ]
     else:
-        lines += ["the server's own view: not measured (no /metrics could be read; see --metrics-url)", ""]
+        lines += [
+            "the server's own view: not measured (no /metrics could be read; see --metrics-url)",
+            "",
+        ]
     if ceiling_note:
         lines.append(ceiling_note)
     if ceiling is not None:
         lines.append(verdict(total.requests_per_s, ceiling.total.requests_per_s))
     lines.append("")
-    lines.append(f"reports: {run.csv_prefix}_stats.csv, {run.html_path}"
-                 + (f", {run.log_path}" if run.log_path else ""))
+    lines.append(
+        f"reports: {run.csv_prefix}_stats.csv, {run.html_path}"
+        + (f", {run.log_path}" if run.log_path else "")
+    )
     return "\n".join(lines)
 
 
@@ -205,24 +299,44 @@ def main(argv: list[str] | None = None) -> int:
             target = args.host
             check_reachable(target, args.connect_timeout)
         else:
-            server = start_own_server(args.model_repository, shlex.split(args.server_args),
-                                      reports / f"{args.name}-server.log")
+            server = start_own_server(
+                args.model_repository,
+                shlex.split(args.server_args),
+                reports / f"{args.name}-server.log",
+            )
             target = server.target
             http_host = f"127.0.0.1:{server.http_port}"
-            print(f"{PROG}: mnist-serve on {target} (model repository {args.model_repository}; "
-                  f"log {reports / (args.name + '-server.log')})", flush=True)
-        print(f"{PROG}: {args.scenario} load, {args.users} users for {args.run_time}"
-              + (f" on {args.processes} Locust processes" if args.processes else "") + " ...", flush=True)
+            print(
+                f"{PROG}: mnist-serve on {target} (model repository {args.model_repository}; "
+                f"log {reports / (args.name + '-server.log')})",
+                flush=True,
+            )
+        print(
+            f"{PROG}: {args.scenario} load, {args.users} users for {args.run_time}"
+            + (f" on {args.processes} Locust processes" if args.processes else "")
+            + " ...",
+            flush=True,
+        )
         options = locust_options(args, http_host)
         url = metrics_url_for(args, server)
         before: server_view.Scrape = {}
-        run = run_locust(target, run_time=args.run_time, csv_prefix=reports / args.name,
-                         html_path=reports / f"{args.name}.html", log_path=reports / f"{args.name}.log",
-                         reset_stats=True, on_spawned=lambda: url and before.update(server_view.scrape(url)),
-                         **options)
+        run = run_locust(
+            target,
+            run_time=args.run_time,
+            csv_prefix=reports / args.name,
+            html_path=reports / f"{args.name}.html",
+            log_path=reports / f"{args.name}.log",
+            reset_stats=True,
+            on_spawned=lambda: url and before.update(server_view.scrape(url)),
+            **options,
+        )
         total = run.total
-        if url and before and total.requests_per_s > 0:  # the window Locust measured, after spawning
-            view = server_view.window(before, server_view.scrape(url), total.requests / total.requests_per_s)
+        if (
+            url and before and total.requests_per_s > 0
+        ):  # the window Locust measured, after spawning
+            view = server_view.window(
+                before, server_view.scrape(url), total.requests / total.requests_per_s
+            )
         if server is not None:
             server.stop()  # its cores go to the ceiling run
             server = None
@@ -247,17 +361,28 @@ def report(run, args, target, view, ceiling, ceiling_note) -> int:
         print(summary(run, args, target, view, ceiling, ceiling_note))
     else:
         reason = locust_problem(run.log_path)
-        print(f"{PROG}: error: no call completed (Locust exit status {run.returncode})"
-              + (f": {reason}" if reason else "") + f"; see {run.log_path or 'its output'}", file=sys.stderr)
+        print(
+            f"{PROG}: error: no call completed (Locust exit status {run.returncode})"
+            + (f": {reason}" if reason else "")
+            + f"; see {run.log_path or 'its output'}",
+            file=sys.stderr,
+        )
         return 2
     if total.failures:
-        print(f"{PROG}: FAILED: {total.failures} of {total.requests} calls failed "
-              f"({100 * total.failure_ratio:.2f} %)", file=sys.stderr)
+        print(
+            f"{PROG}: FAILED: {total.failures} of {total.requests} calls failed "
+            f"({100 * total.failure_ratio:.2f} %)",
+            file=sys.stderr,
+        )
         return 1
     if run.returncode != 0:  # no failed call, yet Locust saw an error (e.g. an exception in a user)
         reason = locust_problem(run.log_path)
-        print(f"{PROG}: error: Locust exited with status {run.returncode}" + (f": {reason}" if reason else "")
-              + f"; see {run.log_path or 'its output'}", file=sys.stderr)
+        print(
+            f"{PROG}: error: Locust exited with status {run.returncode}"
+            + (f": {reason}" if reason else "")
+            + f"; see {run.log_path or 'its output'}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
@@ -267,17 +392,24 @@ def start_own_server(repository: Path, extra: list[str], log_path: Path):
     from serving.process import start_server
 
     if not Path(repository).is_dir():
-        raise LoadTestError(f"model repository {repository} does not exist: train a model first (make train), "
-                            "pass --model-repository, or point --host at a running server")
+        raise LoadTestError(
+            f"model repository {repository} does not exist: train a model first (make train), "
+            "pass --model-repository, or point --host at a running server"
+        )
     try:
         return start_server(repository, *extra, log_path=log_path, ready_timeout=60.0)
     except (RuntimeError, TimeoutError, OSError) as error:
         last = ""
         if log_path.exists():
-            lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+            lines = [
+                line for line in log_path.read_text(errors="replace").splitlines() if line.strip()
+            ]
             last = lines[-1].strip() if lines else ""
-        raise LoadTestError(f"mnist-serve did not start: {error}" + (f"; its last words: {last}" if last else "")
-                            + f" (log: {log_path})") from None
+        raise LoadTestError(
+            f"mnist-serve did not start: {error}"
+            + (f"; its last words: {last}" if last else "")
+            + f" (log: {log_path})"
+        ) from None
 
 
 if __name__ == "__main__":

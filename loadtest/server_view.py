@@ -1,4 +1,4 @@
-"""The server's own view of a load window, from its Prometheus metrics: the prediction core's figures.
+"""The server's own view of a load window, from its Prometheus metrics: the prediction core's.
 
 Locust measures from its side: its latencies include its own time to build, send and read each call,
 and on a small machine that time can be most of them. The server's histograms time each call from
@@ -13,6 +13,7 @@ everything here is a difference between them:
 Percentiles come from histogram buckets as Prometheus' histogram_quantile computes them (linear
 inside the bucket), so they are as fine as the buckets.
 """
+
 from __future__ import annotations
 
 import math
@@ -129,33 +130,57 @@ def window(before: Scrape, after: Scrape, seconds: float) -> ServerView:
         if count <= 0 or "/metrics" in method:
             continue
         quantile = lambda q, m=method: 1000 * histogram_quantile(q, _buckets(latency, m))  # noqa: E731
-        methods.append(MethodView(method, int(count), count / seconds if seconds else 0.0,
-                                  quantile(0.50), quantile(0.95), quantile(0.99)))
+        methods.append(
+            MethodView(
+                method,
+                int(count),
+                count / seconds if seconds else 0.0,
+                quantile(0.50),
+                quantile(0.95),
+                quantile(0.99),
+            )
+        )
     wait = _buckets(_delta(before, after, "mnist_queue_wait_seconds_bucket"))
     run = _buckets(_delta(before, after, "mnist_inference_seconds_bucket"))
-    every = _buckets({k: v for k, v in latency.items() if "/metrics" not in dict(k).get("method", "")})
-    return ServerView(seconds, tuple(methods), 1000 * histogram_quantile(0.5, every),
-                      1000 * histogram_quantile(0.99, every), 1000 * histogram_quantile(0.5, wait),
-                      1000 * histogram_quantile(0.99, wait),
-                      1000 * _mean(before, after, "mnist_inference_seconds"),
-                      1000 * histogram_quantile(0.99, run), _mean(before, after, "mnist_batch_size"),
-                      _mean(before, after, "mnist_batch_requests"))
+    every = _buckets(
+        {k: v for k, v in latency.items() if "/metrics" not in dict(k).get("method", "")}
+    )
+    return ServerView(
+        seconds,
+        tuple(methods),
+        1000 * histogram_quantile(0.5, every),
+        1000 * histogram_quantile(0.99, every),
+        1000 * histogram_quantile(0.5, wait),
+        1000 * histogram_quantile(0.99, wait),
+        1000 * _mean(before, after, "mnist_inference_seconds"),
+        1000 * histogram_quantile(0.99, run),
+        _mean(before, after, "mnist_batch_size"),
+        _mean(before, after, "mnist_batch_requests"),
+    )
 
 
 def format_view(view: ServerView) -> str:
     """The server's side as a table, one row per method, then the batching figures."""
-    header = (f"{'method (server side)':<34} {'calls':>8} {'calls/s':>8} {'p50 ms':>7} {'p95 ms':>7} "
-              f"{'p99 ms':>7}")
+    header = (
+        f"{'method (server side)':<34} {'calls':>8} {'calls/s':>8} {'p50 ms':>7} {'p95 ms':>7} "
+        f"{'p99 ms':>7}"
+    )
     lines = [header, "-" * len(header)]
     for m in view.methods:
-        lines.append(f"{m.method[:34]:<34} {m.calls:>8} {m.calls_per_s:>8.1f} {m.p50_ms:>7.2f} "
-                     f"{m.p95_ms:>7.2f} {m.p99_ms:>7.2f}")
-    lines.append(f"{'all':<34} {view.calls:>8} {view.calls_per_s:>8.1f} {view.p50_ms:>7.2f} "
-                 f"{'':>7} {view.p99_ms:>7.2f}")
-    lines.append(f"queue wait p50 {view.queue_wait_p50_ms:.2f} ms, p99 {view.queue_wait_p99_ms:.2f} ms; "
-                 f"onnxruntime per batch mean {view.inference_mean_ms:.2f} ms, p99 "
-                 f"{view.inference_p99_ms:.2f} ms; {view.images_per_batch:.1f} images and "
-                 f"{view.requests_per_batch:.2f} requests per batch")
+        lines.append(
+            f"{m.method[:34]:<34} {m.calls:>8} {m.calls_per_s:>8.1f} {m.p50_ms:>7.2f} "
+            f"{m.p95_ms:>7.2f} {m.p99_ms:>7.2f}"
+        )
+    lines.append(
+        f"{'all':<34} {view.calls:>8} {view.calls_per_s:>8.1f} {view.p50_ms:>7.2f} "
+        f"{'':>7} {view.p99_ms:>7.2f}"
+    )
+    lines.append(
+        f"queue wait p50 {view.queue_wait_p50_ms:.2f} ms, p99 {view.queue_wait_p99_ms:.2f} ms; "
+        f"onnxruntime per batch mean {view.inference_mean_ms:.2f} ms, p99 "
+        f"{view.inference_p99_ms:.2f} ms; {view.images_per_batch:.1f} images and "
+        f"{view.requests_per_batch:.2f} requests per batch"
+    )
     return "\n".join(lines)
 
 
@@ -163,5 +188,7 @@ def latency_share(view: ServerView, client_p50_ms: float) -> str:
     """How much of the client's median latency the server accounts for."""
     if not client_p50_ms or math.isnan(view.p50_ms):
         return ""
-    return (f"of Locust's p50 of {client_p50_ms:.0f} ms, the server accounts for {view.p50_ms:.2f} ms "
-            f"({100 * view.p50_ms / client_p50_ms:.0f} %); the rest is Locust and the way to it")
+    return (
+        f"of Locust's p50 of {client_p50_ms:.0f} ms, the server accounts for {view.p50_ms:.2f} ms "
+        f"({100 * view.p50_ms / client_p50_ms:.0f} %); the rest is Locust and the way to it"
+    )

@@ -1,4 +1,6 @@
-"""Speed that does not depend on how callers connect: idle cores for large batches, REST on every worker."""
+"""Speed that does not depend on how callers connect: idle cores for large batches, REST on every
+worker."""
+
 from __future__ import annotations
 
 import http.client
@@ -51,11 +53,13 @@ def test_a_worker_sees_across_processes_whether_the_others_run_batches():
     assert me.others_idle()  # finished a while ago: its core is free again
 
 
-def test_large_batches_take_every_core_only_while_the_other_workers_idle(trained_repository,
-                                                                        mnist_test_set):
+def test_large_batches_take_every_core_only_while_the_other_workers_idle(
+    trained_repository, mnist_test_set
+):
     model = str(load_version(trained_repository, "mnist").model_path)
-    runtime = OnnxRuntimeSession(model, RuntimeOptions(device="cpu", intra_op_threads=2,
-                                                      multi_thread_min_batch=16))
+    runtime = OnnxRuntimeSession(
+        model, RuntimeOptions(device="cpu", intra_op_threads=2, multi_thread_min_batch=16)
+    )
     wide, narrow = runtime.session, runtime.session_for(1, others_idle=True)
     assert wide is not narrow
     assert runtime.session_for(64, others_idle=True) is wide
@@ -80,16 +84,20 @@ def test_large_batches_take_every_core_only_while_the_other_workers_idle(trained
 
 def _worker_images(metrics_url: str) -> dict[str, float]:
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return {sample.labels.get("pid", ""): sample.value
-            for family in text_string_to_metric_families(text) if family.name == "mnist_worker_images"
-            for sample in family.samples}
+    return {
+        sample.labels.get("pid", ""): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "mnist_worker_images"
+        for sample in family.samples
+    }
 
 
 @pytest.mark.timeout(240)
 def test_rest_is_served_by_every_worker(trained_repository, mnist_test_set, tmp_path):
     images, labels = mnist_test_set
-    with start_server(trained_repository, "--workers", "2", log_path=tmp_path / "server.log",
-                      ready_timeout=120) as server:
+    with start_server(
+        trained_repository, "--workers", "2", log_path=tmp_path / "server.log", ready_timeout=120
+    ) as server:
         deadline = time.monotonic() + 120
         while server.log().count("serving ") < 2:  # start_server returns when one worker serves
             assert time.monotonic() < deadline, server.log()
@@ -97,7 +105,7 @@ def test_rest_is_served_by_every_worker(trained_repository, mnist_test_set, tmp_
         correct = 0
         for k in range(40):  # a new connection each: the kernel spreads them over the workers
             with RestClient(f"127.0.0.1:{server.http_port}", timeout=30) as client:
-                correct += int(np.argmax(client.infer(images[k:k + 1])[0]) == labels[k])
+                correct += int(np.argmax(client.infer(images[k : k + 1])[0]) == labels[k])
         per_worker = _worker_images(server.metrics_url)
     assert correct >= 30
     assert len(per_worker) == 2 and all(count > 0 for count in per_worker.values()), per_worker
@@ -108,10 +116,27 @@ def test_the_rest_port_is_still_refused_when_another_server_holds_it(trained_rep
     """Sharing the port is for the workers only: a second server must not join a first one's."""
     with start_server(trained_repository, "--workers", "1", log_path=tmp_path / "a.log") as first:
         result = subprocess.run(
-            [sys.executable, "-m", "serving.cli", "--model-repository",
-             str(trained_repository), "--host", "127.0.0.1", "--port", str(free_port()),
-             "--metrics-port", "0", "--http-port", str(first.http_port), "--workers", "2"],
-            capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                "-m",
+                "serving.cli",
+                "--model-repository",
+                str(trained_repository),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--metrics-port",
+                "0",
+                "--http-port",
+                str(first.http_port),
+                "--workers",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode != 0
         assert str(first.http_port) in result.stderr and "Traceback" not in result.stderr
         conn = http.client.HTTPConnection("127.0.0.1", first.http_port, timeout=10)

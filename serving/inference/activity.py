@@ -3,14 +3,15 @@
 With SO_REUSEPORT the kernel gives each connection to one worker, so one client (gRPC's one channel,
 a batch job, a gateway with few connections) keeps one worker busy while the others idle. Measured
 on 2 cores, 2 workers, 8 callers x 64 images (make bench, one run, shared machine, ratios to the
-naive server): from one connection, large batches on one onnxruntime thread 0.74x, on two 0.90x; from
-8 connections (both workers busy), one thread each 1.57x, two each 1.14x (4 threads on 2 cores). So
-a worker runs a large batch on all cores only while no other worker has run a batch in the last
-`IDLE_AFTER` seconds, and on one thread otherwise.
+naive server): from one connection, large batches on one onnxruntime thread 0.74x, on two 0.90x;
+from 8 connections (both workers busy), one thread each 1.57x, two each 1.14x (4 threads on 2
+cores). So a worker runs a large batch on all cores only while no other worker has run a batch
+in the last `IDLE_AFTER` seconds, and on one thread otherwise.
 
 The board is one shared double per worker (a lock-free RawArray made by the parent): +inf while its
 worker runs a batch, else when it last finished one (time.monotonic, one clock for all processes).
 """
+
 from __future__ import annotations
 
 import math
