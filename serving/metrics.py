@@ -65,7 +65,7 @@ DROPPED = Counter(
 MODEL = Gauge(
     "mnist_model_info", "The served model versions and their execution provider (value 1)",
     ["model", "version", "provider"], multiprocess_mode="livemax")
-# Model lifecycle (serving.inference.registry): versions refused by their checks, and versions loaded.
+# Model lifecycle (serving.inference.registry): versions refused by their checks, versions loaded.
 LOAD_FAILURES = Counter(
     "mnist_model_load_failures_total", "Model versions refused when loading, by model and reason",
     ["model", "reason"])
@@ -84,7 +84,7 @@ def count_payload_records(outcome: str, records: int) -> None:
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0"):
-    """Expose /metrics over HTTP from a background thread; returns the HTTP server (shutdown() stops it)."""
+    """Serve /metrics over HTTP from a background thread; returns the server (shutdown() stops)."""
     httpd, _thread = start_http_server(port, addr=host)
     return httpd
 
@@ -96,10 +96,11 @@ class PrometheusBatchObserver:
         labels = (model, version)
         self._labels = labels
         # The children are looked up once per version, not on every batch (labels() takes a lock).
-        self._batch_size, self._batch_requests = BATCH_SIZE.labels(*labels), BATCH_REQUESTS.labels(*labels)
+        self._batch_size = BATCH_SIZE.labels(*labels)
+        self._batch_requests = BATCH_REQUESTS.labels(*labels)
         self._queue_wait, self._inference = QUEUE_WAIT.labels(*labels), INFERENCE.labels(*labels)
         self._images, self._queue_depth = IMAGES.labels(*labels), QUEUE_DEPTH.labels(*labels)
-        self._queue_depth.set(0)  # the series exists from the load on, not from the first queued call
+        self._queue_depth.set(0)  # the series exists from the load on, not from the first queueing
         if queue_capacity:
             QUEUE_CAPACITY.labels(*labels).set(queue_capacity)
 
@@ -146,17 +147,17 @@ _CALLS = _CallMetrics()
 
 
 def start_call() -> None:
-    """A call begins: no model has answered it yet (a keep-alive connection's task serves many calls)."""
+    """A call begins: no model answered it yet (one keep-alive connection's task serves many)."""
     ANSWERING.set(NOBODY)
 
 
 def record_call(method: str, code, seconds: float) -> None:
-    """Count and time a finished call under the model and version it resolved (serving.inference)."""
+    """Count and time a finished call under the model and version it resolved to."""
     _CALLS.record(method, code, seconds)
 
 
 def timed(handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
-    """`handler` counted by final status code and timed (serving.grpc_api.handlers applies it once per method)."""
+    """`handler` counted by final status code and timed (grpc_api.handlers wraps each method)."""
     behaviour = handler.unary_unary
     method = full_method.rsplit("/", 1)[-1]
 
@@ -185,16 +186,17 @@ def _code_name(code) -> str:
 
 
 class PrometheusLifecycleObserver:
-    """The model registry's observer: which versions serve, loads, refusals, and each version's batches."""
+    """The registry's observer: versions served, loads, refusals, and each version's batches."""
 
     def __init__(self) -> None:
-        # Loaded copies per (model, version, provider): a version whose files changed is loaded again
+        # Loaded copies per (model, version, provider): a version whose files changed is loaded anew
         # and swapped in, and the old copy's unload must not take the new copy's series away.
         self._copies: dict[tuple[str, str, str], int] = {}
 
     def batch_observer(self, name: str = "", version: int | None = None,
                        queue_capacity: int = 0) -> PrometheusBatchObserver:
-        return PrometheusBatchObserver(name, "" if version is None else str(version), queue_capacity)
+        label = "" if version is None else str(version)
+        return PrometheusBatchObserver(name, label, queue_capacity)
 
     def version_loaded(self, name: str, version: int, provider: str) -> None:
         key = (name, str(version), provider)
@@ -208,7 +210,7 @@ class PrometheusLifecycleObserver:
         if self._copies[key] > 0:
             return  # a newer copy of the same version serves on
         del self._copies[key]
-        # 0 first: with --workers the parent sums the workers' files, where a removed series would stay at 1.
+        # 0 first: with --workers the parent sums the workers' files, where a removed one stays 1.
         for gauge, labels in ((MODEL, key), (QUEUE_DEPTH, key[:2]), (QUEUE_CAPACITY, key[:2])):
             gauge.labels(*labels).set(0)
             try:

@@ -27,11 +27,16 @@ from serving.config import ENV_PREFIX, ServeConfig, load_config
 KUBERNETES = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
 SCHEMAS = KUBERNETES / "schemas"
 KUBERNETES_VERSION = "1.32"  # the kubectl these machines have
-RENDERS = ["base", "overlays/gpu", "overlays/kserve", "overlays/triton", "overlays/tls"]
+RENDERS = ["base", "overlays/gpu", "overlays/kserve", "overlays/triton", "overlays/tls", "overlays/monitoring"]
 KSERVE_GROUP = "serving.kserve.io"
 KSERVE_SCHEMAS = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "kserve-inferenceservice-v1beta1.json",
     ("serving.kserve.io/v1alpha1", "ServingRuntime"): "kserve-servingruntime-v1alpha1.json",
+}
+# Other CRDs' vendored schemas (vendor_prometheus_operator_schema.py): the monitoring overlay's.
+CRD_SCHEMAS = {
+    **KSERVE_SCHEMAS,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheus-operator-prometheusrule-v1.json",
 }
 # KServe's protocol names (pkg/constants: ProtocolV1, ProtocolV2, ProtocolGRPCV1, ProtocolGRPCV2).
 KSERVE_PROTOCOLS = {"v1", "v2", "grpc-v1", "grpc-v2"}
@@ -73,10 +78,10 @@ def the(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 def validation_errors(doc: dict[str, Any]) -> list[str]:
     """Strict schema errors of one object: KServe's from its CRD schema, the rest from Kubernetes'."""
     label = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-    if doc.get("apiVersion", "").startswith(KSERVE_GROUP + "/"):
-        schema_file = KSERVE_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+    if doc.get("apiVersion", "").split("/")[0] in {group.split("/")[0] for group, _ in CRD_SCHEMAS}:
+        schema_file = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
         if schema_file is None:
-            return [f"{label}: no vendored KServe schema for {doc['apiVersion']}"]
+            return [f"{label}: no vendored schema for {doc['apiVersion']} {doc['kind']}"]
         validator = jsonschema.Draft202012Validator(json.loads((SCHEMAS / schema_file).read_text()))
         return [f"{label}: {'.'.join(map(str, error.absolute_path))}: {error.message}"
                 for error in validator.iter_errors(doc)]
