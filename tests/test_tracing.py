@@ -449,8 +449,9 @@ def envoy_binary() -> str:
     return found
 
 
-def test_envoy_in_compose_passes_the_trace_context_on(traced_server, receiver, mnist_test_set,
-                                                      tmp_path):
+def test_envoy_in_compose_passes_the_trace_context_on(
+    traced_server, receiver, mnist_test_set, tmp_path
+):
     """deploy/compose/envoy.yaml as compose runs it (loopback ports, the replica by address): a
     call through it is still the caller's child, so a trace crosses the entry point."""
     import yaml
@@ -464,17 +465,34 @@ def test_envoy_in_compose_passes_the_trace_context_on(traced_server, receiver, m
     (cluster,) = config["static_resources"]["clusters"]
     cluster["type"] = "STATIC"  # the replica by its address: no DNS name on loopback
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    endpoint["endpoint"]["address"]["socket_address"] = {"address": "127.0.0.1",
-                                                         "port_value": traced_server.port}
+    endpoint["endpoint"]["address"]["socket_address"] = {
+        "address": "127.0.0.1",
+        "port_value": traced_server.port,
+    }
     (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
     with open(tmp_path / "envoy.log", "wb") as log:
-        proc = subprocess.Popen([binary, "-c", str(tmp_path / "envoy.yaml"), "--concurrency", "1",
-                                 "--log-level", "warn", "--disable-hot-restart"],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                binary,
+                "-c",
+                str(tmp_path / "envoy.yaml"),
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+                "--disable-hot-restart",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         parent = tracing.new_traceparent()
-        with ClassifierClient(f"127.0.0.1:{listen_port}", timeout=30, traceparent=parent,
-                              tracestate="congo=t61rcWkgMzE") as client:
+        with ClassifierClient(
+            f"127.0.0.1:{listen_port}",
+            timeout=30,
+            traceparent=parent,
+            tracestate="congo=t61rcWkgMzE",
+        ) as client:
             client.wait_until_ready(60)
             assert len(client.classify(mnist_test_set[0][:2]).labels) == 2
         spans = receiver.wait_for(in_trace(tracing.trace_id_of(parent), STAGES))
@@ -482,3 +500,56 @@ def test_envoy_in_compose_passes_the_trace_context_on(traced_server, receiver, m
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.timeout(400)
+def test_locust_users_send_a_fresh_trace_per_call(
+    traced_server, receiver, mnist_path, tmp_path, monkeypatch
+):
+    """--traceparent per-call: every Locust call (gRPC both APIs, and REST) is its own trace, the
+    child of the span id it sent."""
+    from loadtest.locust_runner import read_stats_csv, run_locust
+
+    monkeypatch.setenv("MNIST_DATA_DIR", str(mnist_path))
+    before = {s.trace_id for s in receiver.spans()}
+    run_locust(
+        traced_server.target,
+        scenario="mix",
+        mix_weights="2,1,1,1",
+        users=2,
+        spawn_rate=2,
+        run_time="4s",
+        processes=1,
+        csv_prefix=tmp_path / "traced",
+        log_path=tmp_path / "locust.log",
+        images_per_call=4,
+        extra=[
+            "--traceparent",
+            "per-call",
+            "--pool-size",
+            "200",
+            "--http-host",
+            f"127.0.0.1:{traced_server.http_port}",
+        ],
+    )
+    stats = read_stats_csv(tmp_path / "traced_stats.csv")["Aggregated"]
+    assert stats.requests > 0 and stats.failures == 0, (tmp_path / "locust.log").read_text()[-2000:]
+
+    def children(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [
+            s
+            for s in spans
+            if s.kind == SERVER_KIND
+            and s.trace_id not in before
+            and s.parent_span_id
+            and not s.name.endswith("DescribeModel")
+        ]
+
+    spans = receiver.wait_for(lambda s: len(children(s)) >= stats.requests, timeout=60)
+    calls = children(spans)
+    assert len({s.trace_id for s in calls}) == len(calls)  # a trace of its own per call
+    assert {s.name for s in calls} == {
+        "mnist.v1.Classifier/Classify",
+        "inference.GRPCInferenceService/ModelInfer",
+        "POST /v2/models/{model}/infer",
+    }
