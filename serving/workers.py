@@ -97,6 +97,7 @@ def _worker_main(config: ServeConfig, index: int, board=None) -> None:
     early_stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: early_stop.set())
+    _drain_when_the_parent_dies()
     from serving import log_setup, tracing
 
     log_setup.configure(config.log_level, config.log_format, worker=index)
@@ -112,6 +113,20 @@ def _worker_main(config: ServeConfig, index: int, board=None) -> None:
     finally:
         tracing.shutdown()
     sys.exit(code)
+
+
+def _drain_when_the_parent_dies() -> None:
+    """Linux: SIGTERM this worker when the parent dies (SIGKILL, the OOM killer), so that it drains
+    and exits rather than go on holding the port as an orphan nobody supervises or stops."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _serve_worker(config: ServeConfig, early_stop: threading.Event) -> int:
