@@ -16,6 +16,7 @@ not retry gets the same UNAVAILABLE / 503 and decides itself.
 One server per process (--workers are processes), hence module state: the Server sets the plan,
 both transports' refusals read it.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,14 +36,14 @@ def plan_stop(at: float) -> None:
 
 
 def retry_after() -> float:
-    """Seconds a refused caller should wait before its retry (MARGIN when no stop is planned yet)."""
+    """Seconds a refused caller should wait before its retry (MARGIN while no stop is planned)."""
     if _stop_at is None:
         return MARGIN
     return max(0.0, _stop_at - time.monotonic()) + MARGIN
 
 
 def grpc_pushback() -> tuple[tuple[str, str], ...]:
-    """The trailer of a refused gRPC call: gRPC's retry waits this many ms before the next attempt."""
+    """The trailer of a refused gRPC call: gRPC's retry waits this many ms before its next try."""
     return (("grpc-retry-pushback-ms", str(math.ceil(retry_after() * 1000))),)
 
 

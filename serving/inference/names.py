@@ -8,6 +8,7 @@ a model name reaches the file system in explicit model control. So each is check
 by rules a caller can read in the refusal, and a string that breaks them is an unknown version
 or model (NOT_FOUND / 404), never an internal error.
 """
+
 from __future__ import annotations
 
 # Triton's versions are int64: at most 9,223,372,036,854,775,807, which has 19 digits.
@@ -16,8 +17,10 @@ MAX_VERSION_DIGITS = len(str(MAX_VERSION))
 VERSION_RULE = f"a model version is a positive integer of at most {MAX_VERSION_DIGITS} digits"
 
 MAX_NAME_BYTES = 255  # a folder name's limit on Linux file systems (ext4, xfs, overlayfs)
-NAME_RULE = (f"a model name is a folder of the model repository: 1 to {MAX_NAME_BYTES} bytes, "
-             "no '/', '\\' or NUL, not starting with '.'")
+NAME_RULE = (
+    f"a model name is a folder of the model repository: 1 to {MAX_NAME_BYTES} bytes, "
+    "no '/', '\\' or NUL, not starting with '.'"
+)
 
 
 def version_number(text: str) -> int | None:
