@@ -1,6 +1,8 @@
 """`mnist-serve`: the gRPC prediction server."""
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from serving import event_loop
@@ -25,14 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     from core.repository import RepositoryError
     from serving.inference.runtime import DeviceUnavailable
     from serving.server import serve
+    from serving.memory import fit_to_memory_limit
     from serving.workers import resolve, run_workers
 
     try:
+        workers_auto = config.workers == 0
         config = resolve(config)  # --workers 0 and --intra-op-threads 0: what fits this machine
     except ValueError as err:
         print(f"mnist-serve: error: {err}", file=sys.stderr)
         return 2
+    # Under a container memory limit, default workers and queue sizes that fit it (serving.memory).
+    config, memory_line = fit_to_memory_limit(config, workers_auto, not _given(argv, "max-queue-size"))
     log_setup.configure(config.log_level, config.log_format, lone=config.workers == 1)
+    if memory_line:
+        logging.getLogger("mnist-serve").info("%s", memory_line)
     try:
         if config.workers > 1:
             return run_workers(config)  # each worker sets its own tracing up, after it was spawned
@@ -44,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     except (RepositoryError, DeviceUnavailable, OSError) as err:
         print(f"mnist-serve: error: {err}", file=sys.stderr)
         return 1
+
+
+def _given(argv: list[str] | None, flag: str) -> bool:
+    """Whether --<flag> is on the command line or MNIST_SERVE_<FLAG> in the environment."""
+    args = sys.argv[1:] if argv is None else argv
+    return (any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in args)
+            or f"MNIST_SERVE_{flag.upper().replace('-', '_')}" in os.environ)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,70 @@ def tree_open_fds(pid: int) -> int:
         except OSError:
             continue
     return total
+
+
+# ---- fitting the queue to a container's memory limit ----
+
+# Measured (docs/reliability.md): an idle worker holding the article model is about 115 MiB RSS,
+# the parent of --workers about 82 MiB, multiprocessing's resource tracker 11 MiB; each queued
+# 64-image call about 0.43 MiB (its request, its float32 array, the batch it joins).
+PARENT_BYTES = 100 * 2**20
+WORKER_BYTES = 130 * 2**20
+BYTES_PER_QUEUED_IMAGE = 3 * 28 * 28 * 4  # request as FP32, the decoded array, its batch copy
+MIN_QUEUE, MAX_QUEUE = 8, 1024
+
+
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's cgroup (docker run --memory, a Kubernetes limit), or None."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as handle:
+                text = handle.read().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            limit = int(text)
+        except ValueError:
+            continue
+        return limit if limit < 2**60 else None  # cgroup v1 writes a huge number for "no limit"
+    return None
+
+
+def queue_size_for(limit: int, workers: int, max_batch_size: int) -> int:
+    """Queued calls per worker that keep the whole server under `limit` bytes.
+
+    What the workers hold at rest (their model, onnxruntime, gRPC) is estimated, 80 % of the
+    limit is the target, half of what is left goes to the queues and the other half to what
+    the queues do not count (messages being received, answers being sent, allocator slack).
+    A queued call costs at most max_batch_size images' worth of bytes three times over.
+    """
+    spare = 0.8 * limit - PARENT_BYTES - workers * WORKER_BYTES
+    per_call = max_batch_size * BYTES_PER_QUEUED_IMAGE
+    return max(MIN_QUEUE, min(MAX_QUEUE, int(0.5 * spare / workers / per_call)))
+
+
+def fit_to_memory_limit(config, workers_auto: bool, queue_auto: bool, limit: int | None = None):
+    """`config` (a resolved ServeConfig) with fewer workers and a shorter queue where a memory limit
+    needs them, and the line that says so (None when nothing changed).
+
+    Only settings left to their defaults change: an explicit --workers or --max-queue-size stays.
+    """
+    import dataclasses
+
+    limit = cgroup_memory_limit() if limit is None else limit
+    if limit is None:
+        return config, None
+    per_call = config.max_batch_size * BYTES_PER_QUEUED_IMAGE
+    workers = config.workers
+    if workers_auto:
+        fits = int((0.8 * limit - PARENT_BYTES) // (WORKER_BYTES + 2 * MIN_QUEUE * per_call))
+        workers = max(1, min(workers, fits))
+    queue = queue_size_for(limit, workers, config.max_batch_size) if queue_auto else config.max_queue_size
+    if (workers, queue) == (config.workers, config.max_queue_size):
+        return config, None
+    line = (f"memory limit {limit / 2**20:.0f} MiB: {workers} worker(s), --max-queue-size {queue} each "
+            f"(a queued call of {config.max_batch_size} images holds up to {per_call / 2**20:.1f} MiB); "
+            "set --workers / --max-queue-size to choose")
+    return dataclasses.replace(config, workers=workers, max_queue_size=queue), line
