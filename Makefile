@@ -10,7 +10,7 @@ export MNIST_DATA_DIR
 FASHION_MNIST_DATA_DIR ?= $(wildcard ../shared/datasets/fashion-mnist)
 export FASHION_MNIST_DATA_DIR
 
-.PHONY: install demo train serve test test-fast docs docs-serve proto proto-check loadtest batching-study bench lock clean soak overload swarm-up swarm-down
+.PHONY: install demo train serve test test-fast docs docs-serve proto proto-check loadtest batching-study bench curve lock clean soak overload swarm-up swarm-down
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ batching-study: install
 
 bench: install
 	$(BIN)/python -m bench.bench_serving --model-repository $(REPOSITORY) $(ARGS)
+
+## Latency against throughput, concurrency 1..128 at 1 and 64 images per call (docs/figures/curve.png).
+curve: install
+	$(BIN)/python -m bench.curve --model-repository $(REPOSITORY) $(ARGS)
 
 ## Reliability: steady mixed load (with hostile calls) checked for correctness and RSS over time,
 ## printed and plotted (bench/results/soak.png); `make soak ARGS="--minutes 10"`.
