@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +96,9 @@ class Cluster:
         """The variables deploy/swarm/stack.yml reads."""
         return {"REGISTRY": self.registry, "IMAGE_TAG": self.tag,
                 "MODEL_REGISTRY": f"https://{self.registry}",
-                "MODEL_REGISTRY_CA": str(self.state_dir / "certs" / "ca.crt")}
+                "MODEL_REGISTRY_CA": str(self.state_dir / "certs" / "ca.crt"),
+                # The nodes share this machine's cores: one server process per replica.
+                "SERVER_WORKERS": os.environ.get("SERVER_WORKERS", "1")}
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.metadata import ModelMetadata
-from core.repository import METADATA_FILENAME, ModelVersion, RepositoryError, list_versions
+from core.repository import (
+    METADATA_FILENAME,
+    ModelVersion,
+    RepositoryError,
+    list_versions,
+)
 
 MANIFEST_TYPES = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json",
