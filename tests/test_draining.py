@@ -10,24 +10,18 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
-import urllib.request
 
-import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.repository import load_version
-from serving.generated import mnist_classifier_pb2 as pb
-from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.process import start_server
 from tests.support.common import ROOT
+from tests.support.draining import REFUSAL, classify, health, hold_calls
 from tests.support.lifecycle import wait_for
 
 SERVICES = ("", "mnist.v1.Classifier", "inference.GRPCInferenceService")
-REFUSAL = "the server is shutting down and takes no new requests"
 
 
 @pytest.fixture(scope="module")
@@ -37,61 +31,6 @@ def expected_labels(trained_repository, mnist_test_set):
                                    providers=["CPUExecutionProvider"])
     images = (mnist_test_set[0][:8].astype(np.float32) / 255)[..., None]
     return session.run(None, {"images": images})[0].argmax(axis=1).tolist()
-
-
-def classify(target: str, image: np.ndarray, timeout: float = 60,
-             together: threading.Barrier | None = None) -> tuple[str, object]:
-    """One Classify call on a plain channel (no client retries: the server's own answer is kept).
-
-    The channel connects first, and callers sharing `together` then go at once: on a busy machine
-    held calls still reach the queue within its hold, not a connection set-up apart.
-    """
-    with grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]) as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
-        if together is not None:
-            together.wait(30)
-        try:
-            response = pb_grpc.ClassifierStub(channel).Classify(
-                pb.ClassifyRequest(images=[pb.Image(raw_pixels=image.tobytes())]), timeout=timeout)
-            return "ok", response.predictions[0].label
-        except grpc.RpcError as err:
-            return err.code().name, err.details()
-
-
-def in_background(function, *args):
-    outcome: list = []
-    thread = threading.Thread(target=lambda: outcome.append(function(*args)))
-    thread.start()
-
-    def result():
-        thread.join(90)
-        assert outcome, "the call never returned"
-        return outcome[0]
-
-    return result
-
-
-def queue_depth(server) -> float:
-    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith(("mnist_queue_depth ", "mnist_queue_depth{")))
-
-
-def health(target: str, service: str = "") -> str:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        except grpc.RpcError as err:
-            return err.code().name
-
-
-def hold_calls(server, images: np.ndarray) -> list:
-    """Send one call per image and return once all of them wait in the server's queue."""
-    together = threading.Barrier(len(images))
-    results = [in_background(classify, server.target, image, 60, together) for image in images]
-    wait_for(lambda: queue_depth(server) == len(images), 30, f"{len(images)} calls held in the queue")
-    return results
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
