@@ -204,8 +204,16 @@ def test_health_checks_are_not_traced(traced_server, receiver):
     with ClassifierClient(traced_server.target) as client:
         client.wait_until_ready(30)
         client.describe()  # traced, after the health check: once it arrives, the check would have
-    spans = receiver.wait_for(lambda s: any(x.name.endswith("/DescribeModel") for x in s))
-    assert not [s.name for s in spans if "Health" in s.name]
+    with RestClient(f"127.0.0.1:{traced_server.http_port}") as rest:
+        assert rest.is_ready()  # GET /v2/health/ready
+        rest.json_call("GET", "/v2/models/mnist")  # traced, after it
+    spans = receiver.wait_for(
+        lambda s: (
+            any(x.name.endswith("/DescribeModel") for x in s)
+            and any(x.name == "GET /v2/models/{model}" for x in s)
+        )
+    )
+    assert not [s.name for s in spans if "Health" in s.name or "/health/" in s.name]
 
 
 def test_workers_each_export_their_own_spans(
@@ -553,3 +561,34 @@ def test_locust_users_send_a_fresh_trace_per_call(
         "inference.GRPCInferenceService/ModelInfer",
         "POST /v2/models/{model}/infer",
     }
+
+
+def test_a_ratio_records_its_share_of_the_traces_started_here(
+    trained_repository, mnist_test_set, tmp_path
+):
+    """--trace-sample-ratio 0.25 over 400 calls without a traceparent: about 100 traces, each whole
+    (the server decides from the trace id as the SDK's sampler would, then hands it that id)."""
+    with OtlpReceiver() as receiver:
+        with start_server(
+            trained_repository,
+            "--workers",
+            "1",
+            "--trace-mode",
+            "opentelemetry",
+            "--trace-endpoint",
+            receiver.endpoint,
+            "--trace-sample-ratio",
+            "0.25",
+            env={"OTEL_BSP_SCHEDULE_DELAY": "100"},
+            log_path=tmp_path / "server.log",
+        ) as server:
+            with ClassifierClient(server.target) as client:
+                for _ in range(400):
+                    client.infer_kserve(mnist_test_set[0][:1])
+            server.stop()
+        spans = receiver.spans()
+    roots = [s for s in spans if s.kind == SERVER_KIND]
+    assert 60 <= len(roots) <= 140, len(roots)  # binomial(400, 0.25): 100 +- 4.6 sd
+    for root in roots:
+        assert root.parent_span_id == ""
+        assert {s.name for s in spans if s.trace_id == root.trace_id} >= set(STAGES)
