@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from core.idx import find_data_dir, load_idx_dir
 from serving.client import ClassifierClient
+from serving.memory import process_tree, tree_rss_by_process, tree_rss_bytes
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.process import start_server
@@ -51,11 +51,17 @@ class LoadResult:
     rss_start_mb: float
     rss_max_mb: float
     rss_end_mb: float
+    worker_rss_max_mb: float  # the largest single process (a worker) at any sample
 
 
 def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+    """The server's RSS summed over all its processes (with --workers the parent loads no model)."""
+    return tree_rss_bytes(pid) / 2**20
+
+
+def worker_rss_mb(pid: int) -> float:
+    """The largest single process of the server: what one worker's share of a memory limit must hold."""
+    return max(tree_rss_by_process(pid).values(), default=0) / 2**20
 
 
 def requests(images: np.ndarray, per_call: int, count: int) -> list[tuple[bytes, np.ndarray]]:
@@ -102,7 +108,7 @@ async def open_loop(target: str, calls: list[tuple[bytes, np.ndarray]], referenc
     ok_latency: list[float] = []
     shed_latency: list[float] = []
     other = wrong = 0
-    rss = [rss_mb(pid)]
+    rss, worker_rss = [rss_mb(pid)], [worker_rss_mb(pid)]
 
     async def one(i: int) -> None:
         nonlocal other, wrong
@@ -132,6 +138,7 @@ async def open_loop(target: str, calls: list[tuple[bytes, np.ndarray]], referenc
         tasks.append(asyncio.ensure_future(one(i)))
         if time.monotonic() >= next_sample:
             rss.append(rss_mb(pid))
+            worker_rss.append(worker_rss_mb(pid))
             next_sample += 1.0
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - start
@@ -143,7 +150,8 @@ async def open_loop(target: str, calls: list[tuple[bytes, np.ndarray]], referenc
                       ok=len(ok_latency), shed=len(shed_latency), other_errors=other, wrong=wrong,
                       p50_ms=ms(ok_latency, 50), p99_ms=ms(ok_latency, 99),
                       shed_p50_ms=ms(shed_latency, 50), shed_p99_ms=ms(shed_latency, 99),
-                      rss_start_mb=rss[0], rss_max_mb=max(rss), rss_end_mb=rss[-1])
+                      rss_start_mb=rss[0], rss_max_mb=max(rss), rss_end_mb=rss[-1],
+                      worker_rss_max_mb=max(worker_rss))
 
 
 def plot(results: list[LoadResult], capacity: float, path: Path, title: str) -> None:
@@ -186,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-call", type=int, default=64)
     parser.add_argument("--max-queue-size", type=int, default=8, help="the server's --max-queue-size")
     parser.add_argument("--callers", type=int, default=32, help="closed-loop callers for the capacity")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="the server's --workers (0: its default, one per core); RSS is summed over them")
     parser.add_argument("--factors", default="0.5,1,2,4", help="offered load as multiples of the capacity")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "overload.png")
@@ -197,14 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     images = np.ascontiguousarray(load_idx_dir(folder).test_images[:2048])
     calls = requests(images, args.images_per_call, 512)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    server_args = ("--workers", "1", "--max-queue-size", str(args.max_queue_size), "--http-port", "0")
-    with start_server(args.model_repository, *server_args, log_path=args.out.with_suffix(".log")) as server:
+    server_args = ("--workers", str(args.workers), "--max-queue-size", str(args.max_queue_size),
+                   "--http-port", "0")
+    with start_server(args.model_repository, *server_args, log_path=args.out.with_suffix(".log"),
+                      ready_timeout=300) as server:  # several workers start slowly on a loaded machine
         with ClassifierClient(server.target, timeout=60) as client:
             reference = np.concatenate([client.classify(images[i:i + 64]).labels for i in range(0, len(images), 64)])
         capacity = asyncio.run(closed_loop(server.target, calls, args.callers, args.seconds))
         print(f"capacity: {capacity:.0f} calls/s of {args.images_per_call} images ({args.callers} closed-loop callers)")
         print(f"{'load':>5} {'offered/s':>9} {'goodput/s':>9} {'ok':>6} {'shed':>6} {'other':>5} {'wrong':>5} "
-              f"{'p50 ms':>7} {'p99 ms':>7} {'shed p50/p99':>12} {'RSS MB start/max/end':>21}")
+              f"{'p50 ms':>7} {'p99 ms':>7} {'shed p50/p99':>12} {'RSS MB start/max/end':>21} {'worker MB':>9}")
         results = []
         for factor in (float(f) for f in args.factors.split(",")):
             result = asyncio.run(open_loop(server.target, calls, reference, factor * capacity, args.seconds,
@@ -213,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{factor:>4g}x {result.offered_per_s:>9.0f} {result.goodput_per_s:>9.0f} {result.ok:>6} "
                   f"{result.shed:>6} {result.other_errors:>5} {result.wrong:>5} {result.p50_ms:>7.1f} "
                   f"{result.p99_ms:>7.1f} {result.shed_p50_ms:>5.1f}/{result.shed_p99_ms:<6.1f} "
-                  f"{result.rss_start_mb:>7.0f}/{result.rss_max_mb:.0f}/{result.rss_end_mb:.0f}")
+                  f"{result.rss_start_mb:>7.0f}/{result.rss_max_mb:.0f}/{result.rss_end_mb:.0f} "
+                  f"{result.worker_rss_max_mb:>9.0f}")
+        processes = len(process_tree(server.proc.pid))
+        print(f"RSS: summed over all {processes} server processes; worker MB: the largest one")
     args.out.write_text(json.dumps({"capacity_per_s": capacity, "images_per_call": args.images_per_call,
-                                    "max_queue_size": args.max_queue_size,
+                                    "max_queue_size": args.max_queue_size, "server_processes": processes,
                                     "results": [asdict(r) for r in results]}, indent=2))
     plot(results, capacity, args.figure,
-         f"Classify, {args.images_per_call} images per call, --max-queue-size {args.max_queue_size}, one worker")
+         f"Classify, {args.images_per_call} images per call, --max-queue-size {args.max_queue_size}, "
+         f"--workers {args.workers or 'default (one per core)'}")
     print(f"wrote {args.out} and {args.figure}")
     return 0
 
