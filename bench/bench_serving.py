@@ -47,7 +47,6 @@ from bench.common import (
 from bench.common import usable_cores
 from core.contract import IMAGE_SHAPE, INPUT_NAME, to_model_input
 from core.repository import RepositoryError, load_version
-from serving.generated import grpc_predict_v2_pb2 as kserve_pb
 from serving.process import free_port, start_server, wait_until_serving
 
 
@@ -100,7 +99,10 @@ class Result:
 def infer_payload(images: np.ndarray, model_name: str) -> bytes:
     """One serialized ModelInfer request: FP32 [n, 28, 28, 1] in raw_input_contents."""
     batch = to_model_input(images)
-    request = kserve_pb.ModelInferRequest(model_name=model_name)
+    # The message class from whichever file registered `inference.*` (tritonclient's or ours).
+    from serving.client import _kserve_message_types
+
+    request = _kserve_message_types()[0](model_name=model_name)
     request.inputs.add(name=INPUT_NAME, datatype="FP32", shape=[len(batch), *IMAGE_SHAPE])
     request.raw_input_contents.append(batch.astype("<f4").tobytes())
     return request.SerializeToString()

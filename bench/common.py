@@ -87,9 +87,11 @@ async def closed_loop(
     errors = 0
     try:
         stubs = [channel.unary_unary(method) for channel in channels]
-        await asyncio.gather(
-            *(stub(payload, timeout=timeout) for stub in stubs)
-        )  # connect every channel
+        # Connect every channel first; a server that refuses is counted in the errors, not raised.
+        connected = await asyncio.gather(
+            *(stub(payload, timeout=timeout) for stub in stubs), return_exceptions=True
+        )
+        errors += sum(isinstance(reply, grpc.aio.AioRpcError) for reply in connected)
         measuring_from = time.perf_counter() + warmup
         until = measuring_from + seconds
         if on_window is not None:

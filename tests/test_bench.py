@@ -1,0 +1,142 @@
+"""The bench scripts' shared load generator and what users read: make bench and the curve."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.common import Sample, measure, merge, percentile_ms, spread, table
+from serving.process import free_port, wait_until_serving
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def canned():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.canned_server", "--port", str(port)], cwd=ROOT
+    )
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", 60, proc)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_callers_are_spread_over_the_connections():
+    assert spread(5, 1) == [0, 0, 0, 0, 0]
+    assert spread(5, 2) == [0, 1, 0, 1, 0]
+    assert spread(2, 8) == [0, 1]  # never more connections than callers
+
+
+def test_closed_loop_from_one_connection_and_from_many(canned):
+    from bench.bench_serving import infer_payload
+    from bench.common import test_images
+
+    payload = infer_payload(test_images()[:2], "mnist")
+    for connections in (1, 3):
+        sample = measure(canned, payload, callers=4, connections=connections, seconds=0.5)
+        assert sample.errors == 0 and len(sample.latencies) > 10, sample
+        assert 0 < percentile_ms(sample.latencies, 50) <= percentile_ms(sample.latencies, 99)
+    refused = measure("127.0.0.1:1", payload, callers=1, seconds=0.2, timeout=0.5, warmup=0)
+    assert refused.errors > 0 and not refused.latencies  # counted, never raised
+
+    both = merge([Sample((0.001, 0.002), 1, 1.0), Sample((0.003,), 0, 2.0)])
+    assert (len(both.latencies), both.errors, both.seconds) == (3, 1, 3.0)
+    text = table(
+        [{"name": "a", "x": 1.5}, {"name": "bb", "x": float("nan")}], [("name", ""), ("x", ".1f")]
+    )
+    assert text.splitlines()[2:] == ["a     1.5", "bb      -"]
+
+
+def _run(module: str, *args: str, mnist_path, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MNIST_DATA_DIR": str(mnist_path)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.timeout(600)
+def test_make_bench_runs_every_scenario_from_one_connection_and_from_eight(
+    trained_repository, mnist_path, tmp_path
+):
+    result = _run(
+        "bench.bench_serving",
+        "--model-repository",
+        str(trained_repository),
+        "--no-int8",
+        "--seconds",
+        "0.4",
+        "--rounds",
+        "1",
+        "--in-process-seconds",
+        "0.2",
+        "--variant",
+        "one-thread=--intra-op-threads 1",
+        "--json",
+        str(tmp_path / "b.json"),
+        mnist_path=mnist_path,
+        timeout=540,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads((tmp_path / "b.json").read_text())
+    seen = {
+        (r["target"], r["callers"], r["images_per_call"], r["connections"])
+        for r in figures["results"]
+    }
+    for target in ("mnist-serve", "one-thread", "naive", "canned"):
+        for scenario in ((1, 1, 1), (32, 1, 1), (32, 1, 8), (8, 64, 1), (8, 64, 8)):
+            assert (target, *scenario) in seen, (target, scenario)
+    assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in figures["results"])
+    for goal in (
+        "32 x 1, 1 conn:",
+        "32 x 1, 8 conn:",
+        "8 x 64, 1 conn:",
+        "8 x 64, 8 conn:",
+        "in-process at its best",
+        "1 x 1 p50:",
+        "errors: 0: met",
+    ):
+        assert goal in result.stdout, result.stdout
+
+
+@pytest.mark.timeout(400)
+def test_the_curve_sweeps_concurrency_for_both_servers(trained_repository, mnist_path, tmp_path):
+    out = tmp_path / "curve.png"
+    result = _run(
+        "bench.curve",
+        "--model-repository",
+        str(trained_repository),
+        "--concurrency",
+        "1,4",
+        "--sizes",
+        "1,64",
+        "--seconds",
+        "0.3",
+        "--rounds",
+        "1",
+        "--out",
+        str(out),
+        mnist_path=mnist_path,
+        timeout=360,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out.with_suffix(".csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    points = {(r["server"], int(r["images/call"]), int(r["concurrency"])) for r in rows}
+    assert points == {(s, n, c) for s in ("mnist-serve", "naive") for n in (1, 64) for c in (1, 4)}
+    assert all(float(r["calls/s"]) > 0 and int(r["errors"]) == 0 for r in rows)
