@@ -1,55 +1,91 @@
-"""KServe v2 over REST against KServe v2 over gRPC: the same server process, model and batcher, in one run.
+"""KServe v2 over REST against KServe v2 over gRPC: the same server, model and batcher, one run.
 
 Scenarios (callers x images per call): 1x1, 32x1, 8x64. Each runs, in alternating slices, as
   - gRPC ModelInfer, FP32 in raw_input_contents (what tritonclient.grpc sends),
-  - REST infer with Triton's binary tensor data: FP32 bytes after the JSON header, probabilities back
-    as binary (what tritonclient.http sends by default),
-  - REST infer with JSON: UINT8 `data` lists in, probabilities as JSON `data` out (curl's way).
+  - REST infer with Triton's binary tensor data: FP32 bytes after the JSON header, probabilities
+    back as binary (what tritonclient.http sends by default),
+  - REST infer with JSON: UINT8 `data` lists in, probabilities as JSON `data` out (curl's way),
+  - and the naive REST server (bench/naive_server.py --http-port: aiohttp, session.run in each
+    handler) with the binary calls: the REST goal's baseline (32 x 1 >= 1.3x).
 The load generator is this process (grpc.aio and aiohttp, one connection per caller, requests
 serialized once up front); on a small machine it shares the cores with the server: compare rows.
 
     python -m bench.rest_vs_grpc --model-repository model_repository --seconds 2 --rounds 4
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import subprocess
+import sys
 import time
+from contextlib import ExitStack
 
 import aiohttp
 import numpy as np
 
 from bench.bench_serving import Scenario, infer_payload, summarize
-from bench.common import Sample, closed_loop, merge, test_images
+from bench.common import ROOT, Sample, closed_loop, merge, table, test_images
 from core.contract import IMAGE_SHAPE, INPUT_NAME, to_model_input
-from serving.process import start_server
+from core.repository import load_version
+from serving.process import free_port, start_server, wait_until_serving
 
 SCENARIOS = ((1, 1), (32, 1), (8, 64))
 
 
 def rest_binary_payload(images: np.ndarray, model: str) -> tuple[bytes, dict[str, str]]:
     raw = to_model_input(images).astype("<f4").tobytes()
-    header = json.dumps({"inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [len(images), *IMAGE_SHAPE],
-                                     "parameters": {"binary_data_size": len(raw)}}],
-                         "parameters": {"binary_data_output": True}}).encode()
-    return header + raw, {"Inference-Header-Content-Length": str(len(header)),
-                          "Content-Type": "application/octet-stream"}
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": INPUT_NAME,
+                    "datatype": "FP32",
+                    "shape": [len(images), *IMAGE_SHAPE],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    return header + raw, {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
 
 
 def rest_json_payload(images: np.ndarray, model: str) -> tuple[bytes, dict[str, str]]:
-    body = json.dumps({"inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [len(images), *IMAGE_SHAPE],
-                                   "data": images.ravel().tolist()}]}).encode()
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": INPUT_NAME,
+                    "datatype": "UINT8",
+                    "shape": [len(images), *IMAGE_SHAPE],
+                    "data": images.ravel().tolist(),
+                }
+            ]
+        }
+    ).encode()
     return body, {"Content-Type": "application/json"}
 
 
-async def drive_rest(url: str, callers: int, payload: tuple[bytes, dict[str, str]], seconds: float,
-                     warmup: float = 0.3) -> Sample:
+async def drive_rest(
+    url: str,
+    callers: int,
+    payload: tuple[bytes, dict[str, str]],
+    seconds: float,
+    warmup: float = 0.3,
+) -> Sample:
     """`callers` coroutines, each on its own keep-alive connection, back-to-back calls."""
     body, headers = payload
     latencies: list[float] = []
     errors = 0
-    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(callers)]
+    sessions = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(callers)
+    ]
 
     async def call(session: aiohttp.ClientSession) -> bool:
         async with session.post(url, data=body, headers=headers) as response:
@@ -76,24 +112,63 @@ async def drive_rest(url: str, callers: int, payload: tuple[bytes, dict[str, str
     return Sample(tuple(latencies), errors, seconds)
 
 
+NAIVE_REST = "naive REST (binary FP32)"
+GOAL_REST_VS_NAIVE = 1.3  # issue 19: REST at 32 x 1 against a naive aiohttp server
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", default="model_repository")
     parser.add_argument("--model-name", default="mnist")
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one slice")
     parser.add_argument("--rounds", type=int, default=4, help="slices per scenario and transport")
+    parser.add_argument("--server-args", default="", help="extra mnist-serve flags")
     args = parser.parse_args()
     images = test_images()
-    with start_server(args.model_repository, "--model-name", args.model_name, "--metrics-port", "0") as server:
+    model = load_version(args.model_repository, args.model_name)
+    with ExitStack() as stack:
+        server = stack.enter_context(
+            start_server(
+                args.model_repository,
+                "--model-name",
+                args.model_name,
+                "--metrics-port",
+                "0",
+                *args.server_args.split(),
+            )
+        )
+        naive_port, naive_http = free_port(), free_port()
+        naive = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.naive_server",
+                "--model",
+                str(model.model_path),
+                "--port",
+                str(naive_port),
+                "--http-port",
+                str(naive_http),
+            ],
+            cwd=ROOT,
+        )
+        stack.callback(lambda: (naive.terminate(), naive.wait()))
+        wait_until_serving(f"127.0.0.1:{naive_port}", 30, naive)
         url = f"http://127.0.0.1:{server.http_port}/v2/models/{args.model_name}/infer"
-        print(f"{'scenario':<8} {'transport':<22} {'calls/s':>8} {'images/s':>9} {'p50 ms':>7} {'p99 ms':>7} errors")
+        naive_url = f"http://127.0.0.1:{naive_http}/v2/models/{args.model_name}/infer"
+        rows = []
         for callers, count in SCENARIOS:
             batch = images[:count]
+            binary = rest_binary_payload(batch, args.model_name)
             drivers = {
                 "gRPC (raw FP32)": lambda s, p=infer_payload(batch, args.model_name): closed_loop(
-                    server.target, p, callers=callers, connections=callers, seconds=s),
-                "REST (binary FP32)": lambda s, p=rest_binary_payload(batch, args.model_name): drive_rest(url, callers, p, s),
-                "REST (JSON UINT8)": lambda s, p=rest_json_payload(batch, args.model_name): drive_rest(url, callers, p, s),
+                    server.target, p, callers=callers, connections=callers, seconds=s
+                ),
+                "REST (binary FP32)": lambda s: drive_rest(url, callers, binary, s),
+                "REST (JSON UINT8)": lambda s, p=rest_json_payload(batch, args.model_name): (
+                    drive_rest(url, callers, p, s)
+                ),
+                NAIVE_REST: lambda s: drive_rest(naive_url, callers, binary, s),
             }
             samples: dict[str, list[Sample]] = {name: [] for name in drivers}
             for _ in range(args.rounds):
@@ -101,9 +176,39 @@ def main() -> int:
                     samples[name].append(asyncio.run(run(args.seconds)))
             for name, parts in samples.items():
                 r = summarize(name, Scenario(callers, count, callers), merge(parts))
-                print(f"{callers:>2} x {count:<3}  {name:<22} {r.requests_per_s:>8,.0f} {r.images_per_s:>9,.0f} "
-                      f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.errors}", flush=True)
+                rows.append(
+                    {
+                        "scenario": f"{callers} x {count}",
+                        "transport": name,
+                        "calls/s": r.requests_per_s,
+                        "images/s": r.images_per_s,
+                        "p50 ms": r.p50_ms,
+                        "p99 ms": r.p99_ms,
+                        "errors": r.errors,
+                    }
+                )
+        print(table(rows, COLUMNS))
+        serve, baseline = (
+            next(r for r in rows if r["scenario"] == "32 x 1" and r["transport"] == t)
+            for t in ("REST (binary FP32)", NAIVE_REST)
+        )
+        ratio = serve["calls/s"] / baseline["calls/s"] if baseline["calls/s"] else float("nan")
+        print(
+            f"goal: REST (binary) at 32 x 1 {ratio:.2f}x the naive aiohttp server (goal "
+            f"{GOAL_REST_VS_NAIVE}x): {'met' if ratio >= GOAL_REST_VS_NAIVE else 'NOT met'}"
+        )
     return 0
+
+
+COLUMNS = (
+    ("scenario", ""),
+    ("transport", ""),
+    ("calls/s", ",.0f"),
+    ("images/s", ",.0f"),
+    ("p50 ms", ".2f"),
+    ("p99 ms", ".2f"),
+    ("errors", "d"),
+)
 
 
 if __name__ == "__main__":
