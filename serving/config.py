@@ -26,7 +26,7 @@ class ServeConfig:
     max_queue_delay_us: int = 0  # extra wait allowed to fill a batch; 0 never delays a request
     max_queue_size: int = 1024  # queued requests beyond which calls are shed with RESOURCE_EXHAUSTED
     workers: int = 0  # server processes sharing the port; 0: one per core on the CPU (serving.workers.resolve)
-    intra_op_threads: int = 0  # onnxruntime threads for large batches; 0: the cores per worker
+    intra_op_threads: int = 0  # onnxruntime threads for large batches; 0: every core (inference.activity)
     multi_thread_min_batch: int = 16  # smaller batches run on a one-thread session (see runtime.py)
     inter_op_threads: int = 1
     graph_optimization: str = "all"  # disable | basic | extended | all
@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="server processes sharing the gRPC port (SO_REUSEPORT), each with its own event "
                               "loop, batcher and onnxruntime session; 0: one per core (one with a GPU)")
     runtime.add_argument("--intra-op-threads", type=int, default=d.intra_op_threads,
-                         help="onnxruntime threads for large batches, per worker; 0: the cores per worker")
+                         help="onnxruntime threads for a large batch, per worker, used while the other "
+                              "workers idle (else one); 0: every core. 1 on a machine shared with other "
+                              "CPU-heavy work, where a two-thread run waits for its descheduled thread")
     runtime.add_argument("--multi-thread-min-batch", type=int, default=d.multi_thread_min_batch,
                          help="batches of at least this many images use the --intra-op-threads session; smaller "
                               "ones a one-thread session (waking threads costs more than they save on them)")
