@@ -21,6 +21,11 @@ onnxruntime run. Configuration is the SDK's own environment variables (OTEL_TRAC
 OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT / _PROTOCOL / _HEADERS / _CERTIFICATE, OTEL_SERVICE_NAME,
 OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER / _ARG, OTEL_BSP_*, OTEL_PROPAGATORS), plus the
 flags of mnist-serve (--trace-mode, --trace-endpoint, --trace-sample-ratio), which win over them.
+
+A call the sampler does not keep creates no span at all: for the samplers the SDK knows by name,
+this module takes the same decision from the trace id itself (and hands a sampled root's id to the
+SDK), since asking the SDK costs a whole span's creation per call. Measured with
+bench/tracing_cost.py: see docs/tracing.md.
 """
 
 from __future__ import annotations
