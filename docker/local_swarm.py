@@ -1,7 +1,7 @@
 """A real multi-node Docker Swarm on one machine, for tests and demos (docs/swarm.md).
 
     python docker/local_swarm.py up   [--nodes 3] [--model-repository DIR] [--tag T] [--no-build]
-    python docker/local_swarm.py down                     removes everything `up` made, even half made
+    python docker/local_swarm.py down                  removes everything `up` made, even half made
     python docker/local_swarm.py publish-model DIR        a newer model version, to every replica
 
 `up` makes, printing each step:
@@ -22,8 +22,10 @@
 Everything is named after --name (default mnsw): namespaces mnsw1.., bridge mnsw0, state under
 /var/lib/mnsw and /run/mnsw. `down` finds it all by those names, so it works after any failure.
 Needs root, iproute2, iptables, docker.io (dockerd 20.10+), docker-registry, and the dev extra
-(`cryptography`, for the certificates). The kernel needs no IPVS: the stack uses dnsrr and host ports.
+(`cryptography`, for the certificates). The kernel needs no IPVS: the stack uses dnsrr and host
+ports.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +53,7 @@ class ClusterError(Exception):
 
 @dataclass(frozen=True)
 class Cluster:
-    """Where one local cluster lives. Every name derives from `name`, so `down` needs nothing else."""
+    """Where one local cluster lives. Every name derives from `name`: `down` needs nothing else."""
 
     name: str = "mnsw"
     nodes: int = 3
@@ -94,11 +97,14 @@ class Cluster:
 
     def stack_env(self) -> dict[str, str]:
         """The variables deploy/swarm/stack.yml reads."""
-        return {"REGISTRY": self.registry, "IMAGE_TAG": self.tag,
-                "MODEL_REGISTRY": f"https://{self.registry}",
-                "MODEL_REGISTRY_CA": str(self.state_dir / "certs" / "ca.crt"),
-                # The nodes share this machine's cores: one server process per replica.
-                "SERVER_WORKERS": os.environ.get("SERVER_WORKERS", "1")}
+        return {
+            "REGISTRY": self.registry,
+            "IMAGE_TAG": self.tag,
+            "MODEL_REGISTRY": f"https://{self.registry}",
+            "MODEL_REGISTRY_CA": str(self.state_dir / "certs" / "ca.crt"),
+            # The nodes share this machine's cores: one server process per replica.
+            "SERVER_WORKERS": os.environ.get("SERVER_WORKERS", "1"),
+        }
 
 
 @dataclass(frozen=True)
@@ -151,21 +157,29 @@ class Node:
         return f"/{self.netns}"
 
 
-# --- small tools -----------------------------------------------------------------------------------
+# --- small tools ----------------------------------------------------------------------------------
+
 
 def say(message: str) -> None:
     print(f"[local-swarm] {message}", flush=True)
 
 
-def run(*argv: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
-        quiet: bool = False) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **env} if env else None)
+def run(
+    *argv: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **env} if env else None,
+    )
     if check and result.returncode != 0:
-        raise ClusterError(f"`{' '.join(argv)}` exited {result.returncode}: "
-                           f"{(result.stderr or result.stdout).strip()[-1500:]}")
-    if not quiet and result.returncode != 0:
-        pass
+        raise ClusterError(
+            f"`{' '.join(argv)}` exited {result.returncode}: "
+            f"{(result.stderr or result.stdout).strip()[-1500:]}"
+        )
     return result
 
 
@@ -213,24 +227,42 @@ def _stop_pid(pid: int, grace: float) -> None:
 
 
 def _cgroup_mounts() -> list[str]:
-    """This host's cgroup v1 hierarchies, as `mount -o` option strings (cpu, memory, name=systemd...)."""
+    """This host's cgroup v1 hierarchies: a mount command for each (cpu, memory, name=systemd...)."""
     options = []
     for line in Path("/proc/self/mounts").read_text().splitlines():
         _, mountpoint, fstype, opts, *_ = line.split()
         if fstype == "cgroup" and mountpoint.startswith("/sys/fs/cgroup/"):
-            kept = [o for o in opts.split(",") if o not in ("rw", "ro", "relatime", "nosuid", "nodev",
-                                                            "noexec", "clone_children")]
+            kept = [
+                o
+                for o in opts.split(",")
+                if o not in ("rw", "ro", "relatime", "nosuid", "nodev", "noexec", "clone_children")
+            ]
             options.append((mountpoint, ",".join(kept)))
     return [f"mkdir -p {mp} && mount -t cgroup -o {opts} cgroup {mp}" for mp, opts in options]
 
 
-# --- the network -----------------------------------------------------------------------------------
+# --- the network ----------------------------------------------------------------------------------
+
 
 def _forward_rule(cluster: Cluster) -> list[str]:
-    chain = "DOCKER-USER" if run("iptables", "-n", "-L", "DOCKER-USER", check=False).returncode == 0 \
+    chain = (
+        "DOCKER-USER"
+        if run("iptables", "-n", "-L", "DOCKER-USER", check=False).returncode == 0
         else "FORWARD"
-    return [chain, "-i", cluster.bridge, "-o", cluster.bridge, "-m", "comment", "--comment",
-            cluster.name, "-j", "ACCEPT"]
+    )
+    return [
+        chain,
+        "-i",
+        cluster.bridge,
+        "-o",
+        cluster.bridge,
+        "-m",
+        "comment",
+        "--comment",
+        cluster.name,
+        "-j",
+        "ACCEPT",
+    ]
 
 
 def make_network(cluster: Cluster) -> None:
@@ -255,10 +287,13 @@ def make_network(cluster: Cluster) -> None:
         # address has no DNS server: a lookup is refused at once instead of waiting for a timeout.
         etc = Path("/etc/netns") / node.netns
         etc.mkdir(parents=True, exist_ok=True)
-        (etc / "resolv.conf").write_text(f"nameserver {cluster.host_ip}\noptions timeout:1 attempts:1\n")
+        (etc / "resolv.conf").write_text(
+            f"nameserver {cluster.host_ip}\noptions timeout:1 attempts:1\n"
+        )
 
 
-# --- the registry ----------------------------------------------------------------------------------
+# --- the registry ---------------------------------------------------------------------------------
+
 
 def start_registry(cluster: Cluster) -> None:
     say(f"registry (Debian's docker-registry, TLS) on {cluster.registry}")
@@ -266,26 +301,49 @@ def start_registry(cluster: Cluster) -> None:
         raise ClusterError("docker-registry is not installed: apt-get install docker-registry")
     certs = cluster.state_dir / "certs"
     if not (certs / "ca.crt").exists():
-        run(sys.executable, str(ROOT / "docker" / "make-dev-certs.py"), "--out", str(certs),
-            "--san", cluster.host_ip, "--force")
+        run(
+            sys.executable,
+            str(ROOT / "docker" / "make-dev-certs.py"),
+            "--out",
+            str(certs),
+            "--san",
+            cluster.host_ip,
+            "--force",
+        )
     storage = cluster.state_dir / "registry"
     storage.mkdir(parents=True, exist_ok=True)
     config = cluster.state_dir / "registry.yml"
-    config.write_text(json.dumps({  # YAML is a superset of JSON
-        "version": 0.1,
-        "log": {"level": "warn"},
-        "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
-        "http": {"addr": cluster.registry,
-                 "tls": {"certificate": str(certs / "server.crt"), "key": str(certs / "server.key")}},
-    }))
+    config.write_text(
+        json.dumps(
+            {  # YAML is a superset of JSON
+                "version": 0.1,
+                "log": {"level": "warn"},
+                "storage": {
+                    "filesystem": {"rootdirectory": str(storage)},
+                    "delete": {"enabled": True},
+                },
+                "http": {
+                    "addr": cluster.registry,
+                    "tls": {
+                        "certificate": str(certs / "server.crt"),
+                        "key": str(certs / "server.key"),
+                    },
+                },
+            }
+        )
+    )
     # Every daemon on this machine (the host's, the nodes') trusts a registry by this file.
     trust = CERTS_D / cluster.registry
     trust.mkdir(parents=True, exist_ok=True)
     shutil.copy(certs / "ca.crt", trust / "ca.crt")
     cluster.run_dir.mkdir(parents=True, exist_ok=True)
-    log = open(cluster.state_dir / "registry.log", "ab")
-    process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=log, stderr=log,
-                               start_new_session=True)
+    with open(cluster.state_dir / "registry.log", "ab") as log:  # the child keeps its own copy
+        process = subprocess.Popen(
+            ["docker-registry", "serve", str(config)],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     (cluster.run_dir / "registry.pid").write_text(str(process.pid))
     import ssl
     import urllib.request
@@ -298,61 +356,107 @@ def start_registry(cluster: Cluster) -> None:
             return True
         except OSError:
             if process.poll() is not None:
-                raise ClusterError(f"docker-registry exited {process.returncode}: see "
-                                   f"{cluster.state_dir / 'registry.log'}") from None
+                raise ClusterError(
+                    f"docker-registry exited {process.returncode}: see "
+                    f"{cluster.state_dir / 'registry.log'}"
+                ) from None
             return False
 
     wait_for("the registry", answers, timeout=60, interval=0.5)
 
 
-# --- the nodes -------------------------------------------------------------------------------------
+# --- the nodes ------------------------------------------------------------------------------------
+
 
 def start_daemon(node: Node) -> None:
-    """dockerd in the node's namespace (its own hostname, mounts, paths); returns once it answers."""
+    """dockerd in the node's namespace (its own hostname, mounts, paths), once it answers."""
     for path in (node.data_root, node.exec_root):
         path.mkdir(parents=True, exist_ok=True)
     config = node.exec_root / "daemon.json"
     config.write_text("{}\n")  # not the host's /etc/docker/daemon.json
-    dockerd = " ".join([
-        "exec dockerd", f"--config-file {config}", f"--data-root {node.data_root}",
-        f"--exec-root {node.exec_root}", f"--pidfile {node.pidfile}", f"-H {node.host}",
-        f"--cgroup-parent {node.cgroup_parent}", "--storage-driver overlay2",
-        "--log-level warn", "--default-address-pool base=10.214.0.0/16,size=24",
-    ])
-    script = " && ".join(["mount -t tmpfs cgroup_root /sys/fs/cgroup", *_cgroup_mounts(),
-                          f"hostname {node.hostname}", dockerd])
-    log = open(node.log, "ab")
-    subprocess.Popen(["ip", "netns", "exec", node.netns, "unshare", "--uts", "sh", "-c", script],
-                     stdout=log, stderr=log, start_new_session=True)
-    wait_for(f"dockerd of {node.hostname} (log: {node.log})",
-             lambda: docker(node, "info", "--format", "{{.ServerVersion}}", check=False).returncode == 0,
-             timeout=120)
+    dockerd = " ".join(
+        [
+            "exec dockerd",
+            f"--config-file {config}",
+            f"--data-root {node.data_root}",
+            f"--exec-root {node.exec_root}",
+            f"--pidfile {node.pidfile}",
+            f"-H {node.host}",
+            f"--cgroup-parent {node.cgroup_parent}",
+            "--storage-driver overlay2",
+            "--log-level warn",
+            "--default-address-pool base=10.214.0.0/16,size=24",
+        ]
+    )
+    script = " && ".join(
+        [
+            "mount -t tmpfs cgroup_root /sys/fs/cgroup",
+            *_cgroup_mounts(),
+            f"hostname {node.hostname}",
+            dockerd,
+        ]
+    )
+    with open(node.log, "ab") as log:
+        subprocess.Popen(
+            ["ip", "netns", "exec", node.netns, "unshare", "--uts", "sh", "-c", script],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    wait_for(
+        f"dockerd of {node.hostname} (log: {node.log})",
+        lambda: docker(node, "info", "--format", "{{.ServerVersion}}", check=False).returncode == 0,
+        timeout=120,
+    )
 
 
 def make_nodes(cluster: Cluster) -> None:
     for node in cluster.all_nodes():
         say(f"node {node.hostname}: dockerd at {node.ip} ({node.socket})")
-        start_daemon(node)
+    with ThreadPoolExecutor(cluster.nodes) as pool:  # each daemon takes seconds to answer
+        list(pool.map(start_daemon, cluster.all_nodes()))
     manager = cluster.manager
     say(f"swarm init on {manager.hostname}")
-    docker(manager, "swarm", "init", "--advertise-addr", manager.ip, "--listen-addr",
-           f"{manager.ip}:2377", "--default-addr-pool", "10.215.0.0/16")
+    docker(
+        manager,
+        "swarm",
+        "init",
+        "--advertise-addr",
+        manager.ip,
+        "--listen-addr",
+        f"{manager.ip}:2377",
+        "--default-addr-pool",
+        "10.215.0.0/16",
+    )
     token = docker(manager, "swarm", "join-token", "-q", "worker").stdout.strip()
     for node in cluster.all_nodes()[1:]:
         say(f"{node.hostname} joins as a worker")
-        docker(node, "swarm", "join", "--token", token, "--advertise-addr", node.ip,
-               f"{manager.ip}:2377")
-    wait_for(f"{cluster.nodes} nodes Ready", lambda: len(ready_nodes(cluster)) == cluster.nodes,
-             timeout=120)
+        docker(
+            node,
+            "swarm",
+            "join",
+            "--token",
+            token,
+            "--advertise-addr",
+            node.ip,
+            f"{manager.ip}:2377",
+        )
+    wait_for(
+        f"{cluster.nodes} nodes Ready",
+        lambda: len(ready_nodes(cluster)) == cluster.nodes,
+        timeout=120,
+    )
 
 
 def ready_nodes(cluster: Cluster) -> list[str]:
-    out = docker(cluster.manager, "node", "ls", "--format", "{{.Hostname}} {{.Status}}",
-                 check=False).stdout
+    out = docker(
+        cluster.manager, "node", "ls", "--format", "{{.Hostname}} {{.Status}}", check=False
+    ).stdout
     return [line.split()[0] for line in out.splitlines() if line.endswith(" Ready")]
 
 
-# --- images and the stack --------------------------------------------------------------------------
+# --- images and the stack -------------------------------------------------------------------------
+
 
 def build_and_push(cluster: Cluster, build: bool) -> None:
     env = {"DOCKER_BUILDKIT": "0"}  # the classic builder: BuildKit is missing here
@@ -364,8 +468,18 @@ def build_and_push(cluster: Cluster, build: bool) -> None:
         if build:
             say(f"build {local}")
             started = time.monotonic()
-            run("docker", "build", "-q", "--target", target, "-t", local, str(ROOT), env=env,
-                timeout=1800)
+            run(
+                "docker",
+                "build",
+                "-q",
+                "--target",
+                target,
+                "-t",
+                local,
+                str(ROOT),
+                env=env,
+                timeout=1800,
+            )
             say(f"  built in {time.monotonic() - started:.0f} s")
         say(f"push {cluster.image(target)}")
         run("docker", "tag", local, cluster.image(target))
@@ -375,15 +489,19 @@ def build_and_push(cluster: Cluster, build: bool) -> None:
 def newest_version(repository: Path, model: str = "mnist") -> int:
     versions = sorted(int(p.name) for p in (repository / model).glob("*") if p.name.isdigit())
     if not versions:
-        raise ClusterError(f"no version of {model} under {repository}: train one first "
-                           f"(make train, or mnist-train --out {repository})")
+        raise ClusterError(
+            f"no version of {model} under {repository}: train one first "
+            f"(make train, or mnist-train --out {repository})"
+        )
     return versions[-1]
 
 
-def build_model_image(repository: Path, image: str, version: int | None = None,
-                      model: str = "mnist") -> str:
+def build_model_image(
+    repository: Path, image: str, version: int | None = None, model: str = "mnist"
+) -> str:
     """One model version as an image (KServe's "modelcar" packaging): FROM scratch, holding
-    <model>/config.pbtxt and <model>/<version>/{model.onnx, metadata.json}, tagged by the version."""
+    <model>/config.pbtxt and <model>/<version>/{model.onnx, metadata.json}, tagged by the version.
+    """
     version = version or newest_version(repository, model)
     source = repository / model / str(version)
     if not (source / "model.onnx").is_file():
@@ -395,8 +513,17 @@ def build_model_image(repository: Path, image: str, version: int | None = None,
         if (repository / model / "config.pbtxt").exists():
             shutil.copy(repository / model / "config.pbtxt", target / "config.pbtxt")
         (Path(context) / "Dockerfile").write_text(f"FROM scratch\nCOPY {model} /{model}\n")
-        run("docker", "build", "-q", "--label", f"org.opencontainers.image.version={version}",
-            "-t", tagged, context, env={"DOCKER_BUILDKIT": "0"})
+        run(
+            "docker",
+            "build",
+            "-q",
+            "--label",
+            f"org.opencontainers.image.version={version}",
+            "-t",
+            tagged,
+            context,
+            env={"DOCKER_BUILDKIT": "0"},
+        )
     return tagged
 
 
@@ -410,20 +537,37 @@ def publish_model(cluster: Cluster, repository: Path, version: int | None = None
 
 def deploy(cluster: Cluster, stack_file: Path = STACK_FILE) -> None:
     say(f"deploy {stack_file.relative_to(ROOT)} as stack {cluster.stack}")
-    docker(cluster.manager, "stack", "deploy", "--prune", "-c", str(stack_file), cluster.stack,
-           env=cluster.stack_env(), timeout=300)
+    docker(
+        cluster.manager,
+        "stack",
+        "deploy",
+        "--prune",
+        "-c",
+        str(stack_file),
+        cluster.stack,
+        env=cluster.stack_env(),
+        timeout=300,
+    )
 
 
 def services(cluster: Cluster) -> dict[str, tuple[int, int]]:
     """service name -> (running, wanted) replicas (running counts healthy ones: Swarm starts a
     task with a healthcheck as `starting` and reports it running once healthy)."""
-    out = docker(cluster.manager, "service", "ls", "--format", "{{.Name}} {{.Replicas}}",
-                 check=False).stdout
+    out = docker(
+        cluster.manager, "service", "ls", "--format", "{{.Name}} {{.Replicas}}", check=False
+    ).stdout
     replicas = {}
     for line in out.splitlines():
         name, counts = line.split()[:2]
-        running, wanted = counts.split("/")
-        replicas[name] = (int(running), int(wanted))
+        wanted = int(counts.split("/")[1])
+        # Not the REPLICAS column's count of running ones: it lags (it read 3/3 while a drain had
+        # left one replica running). The tasks that should run, and run, are counted here.
+        states = docker(
+            cluster.manager, "service", "ps", name, "--filter", "desired-state=running",
+            "--format", "{{.CurrentState}}", check=False,
+        ).stdout.splitlines()
+        running = sum(state.startswith("Running") for state in states)
+        replicas[name] = (running if len(states) == wanted else min(running, wanted - 1), wanted)
     return replicas
 
 
@@ -440,8 +584,10 @@ def wait_healthy(cluster: Cluster, timeout: float = 600) -> None:
             say(f"waiting: {line}")
             shown = line
         if time.monotonic() > deadline:
-            raise ClusterError(f"replicas not healthy after {timeout:.0f} s: {line}; "
-                               f"`docker -H {cluster.manager.host} service ps {cluster.stack}_server`")
+            raise ClusterError(
+                f"replicas not healthy after {timeout:.0f} s: {line}; "
+                f"`docker -H {cluster.manager.host} service ps {cluster.stack}_server`"
+            )
         time.sleep(2)
     line = ", ".join(f"{name} {r}/{w}" for name, (r, w) in sorted(services(cluster).items()))
     say(f"healthy: {line}")
@@ -462,12 +608,15 @@ def up(cluster: Cluster, repository: Path, build: bool = True) -> None:
     deploy(cluster)
     wait_healthy(cluster)
     manager = cluster.manager
-    say(f"up in {time.monotonic() - started:.0f} s. Entry point (Envoy on {manager.hostname}): "
+    say(
+        f"up in {time.monotonic() - started:.0f} s. Entry point (Envoy on {manager.hostname}): "
         f"gRPC {manager.ip}:8500, HTTP http://{manager.ip}:8000; "
-        f"docker -H {manager.host} service ls")
+        f"docker -H {manager.host} service ls"
+    )
 
 
-# --- teardown --------------------------------------------------------------------------------------
+# --- teardown -------------------------------------------------------------------------------------
+
 
 def kill_node(node: Node) -> None:
     """The node is lost: its link goes down, then every process of it is killed (SIGKILL)."""
@@ -511,10 +660,13 @@ def down(cluster: Cluster) -> None:
     if saved.exists():
         cluster = Cluster(**json.loads(saved.read_text()))
     say(f"removing cluster {cluster.name}")
+    running = [n for n in cluster.all_nodes()
+               if Path(f"/run/netns/{n.netns}").exists() or n.pidfile.exists()]
+    if running:
+        say(f"stop {', '.join(n.hostname for n in running)}")
+        with ThreadPoolExecutor(len(running)) as pool:  # each waits for its daemon to exit
+            list(pool.map(_stop_node, running))
     for node in cluster.all_nodes():
-        if Path(f"/run/netns/{node.netns}").exists() or node.pidfile.exists():
-            say(f"stop {node.hostname}")
-            _stop_node(node)
         run("ip", "netns", "del", node.netns, check=False)
         shutil.rmtree(Path("/etc/netns") / node.netns, ignore_errors=True)
         run("ip", "link", "del", node.veth, check=False)
@@ -529,7 +681,9 @@ def down(cluster: Cluster) -> None:
         say(f"remove bridge {cluster.bridge}")
         run("ip", "link", "del", cluster.bridge, check=False)
     shutil.rmtree(CERTS_D / cluster.registry, ignore_errors=True)
-    pushed = run("docker", "images", "--format", "{{.Repository}}:{{.Tag}}", check=False).stdout.split()
+    pushed = run(
+        "docker", "images", "--format", "{{.Repository}}:{{.Tag}}", check=False
+    ).stdout.split()
     pushed = [image for image in pushed if image.startswith(f"{cluster.registry}/")]
     if pushed:
         say(f"untag {len(pushed)} pushed images on this host")
@@ -540,19 +694,26 @@ def down(cluster: Cluster) -> None:
     say("removed")
 
 
-# --- the command line ------------------------------------------------------------------------------
+# --- the command line -----------------------------------------------------------------------------
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="local_swarm.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--name", default=Cluster.name, help="prefix of everything made (default mnsw)")
-    parser.add_argument("--subnet", default=Cluster.subnet, help="the bridge's /24 (default 10.213.0)")
+    parser.add_argument(
+        "--name", default=Cluster.name, help="prefix of everything made (default mnsw)"
+    )
+    parser.add_argument(
+        "--subnet", default=Cluster.subnet, help="the bridge's /24 (default 10.213.0)"
+    )
     parser.add_argument("--registry-port", type=int, default=Cluster.registry_port)
     parser.add_argument("--tag", default=Cluster.tag, help="the images' tag (default latest)")
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="make the cluster and deploy the stack")
     start.add_argument("--nodes", type=int, default=Cluster.nodes)
     start.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    start.add_argument("--no-build", action="store_true", help="push the images already tagged --tag")
+    start.add_argument(
+        "--no-build", action="store_true", help="push the images already tagged --tag"
+    )
     commands.add_parser("down", help="remove everything `up` made")
     model = commands.add_parser("publish-model", help="push a model version as a model image")
     model.add_argument("repository", type=Path)
@@ -565,8 +726,13 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("local_swarm.py: needs root (network namespaces, iptables, dockerd)", file=sys.stderr)
         return 2
-    cluster = Cluster(name=args.name, nodes=getattr(args, "nodes", Cluster.nodes), subnet=args.subnet,
-                      registry_port=args.registry_port, tag=args.tag)
+    cluster = Cluster(
+        name=args.name,
+        nodes=getattr(args, "nodes", Cluster.nodes),
+        subnet=args.subnet,
+        registry_port=args.registry_port,
+        tag=args.tag,
+    )
     saved = cluster.state_dir / "cluster.json"
     if args.command != "up" and saved.exists():  # the cluster as `up` made it
         cluster = Cluster(**json.loads(saved.read_text()))

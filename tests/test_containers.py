@@ -37,14 +37,12 @@ calls/s, up times): `pytest -s`.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import uuid
@@ -55,6 +53,7 @@ import numpy as np
 import pytest
 
 from serving.process import free_port
+from tests.support.checkout import clean_checkout
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN_DIR = Path(sys.executable).parent
@@ -187,14 +186,6 @@ class Stack:
         return "".join(_logs(cid) for cid in self.containers(service))
 
 
-def _clean_checkout(dest: Path) -> None:
-    """HEAD's committed files only: what a fresh clone holds."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "HEAD"], capture_output=True)
-    assert archive.returncode == 0, f"git archive HEAD: {archive.stderr.decode()[-500:]} (the tests build HEAD)"
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(dest, filter="data")
-
-
 @dataclass
 class Images:
     """The images built once per module from a clean checkout, shared by the plain and the TLS stack."""
@@ -259,7 +250,7 @@ def images(mnist_path):
     checkout = Path(tempfile.mkdtemp(prefix="mnist-containers-"))
     images = Images(f"mnisttest{uuid.uuid4().hex[:8]}", checkout, _compose_command())
     try:
-        _clean_checkout(checkout)
+        clean_checkout(checkout)
         # ./reports as the README has it: Locust writes there as uid 1000.
         reports = checkout / "reports"
         reports.mkdir()

@@ -1,4 +1,4 @@
-"""Keep a replica's model repository in step with the model images in a registry, and run the server.
+"""Keep a replica's model repository in step with the model images in a registry; run the server.
 
     python model_sync.py --registry https://registry:5000 --image mnist-model --into /models \
         [--ca FILE] [--interval 5] -- mnist-serve --model-repository /models ...
@@ -17,6 +17,7 @@ server's status. Versions the registry no longer lists stay (a replica keeps wha
 Runs inside the server image (the project's `core` is installed there); the stack ships this file
 as a Swarm config (deploy/swarm/stack.yml).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,10 @@ from core.repository import (
     list_versions,
 )
 
-MANIFEST_TYPES = ", ".join([
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-])
+MANIFEST_TYPES = (
+    "application/vnd.docker.distribution.manifest.v2+json, "
+    "application/vnd.oci.image.manifest.v1+json"
+)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ class Registry:
         self.context = ssl.create_default_context(cafile=str(config.ca) if config.ca else None)
 
     def _get(self, path: str, accept: str = "application/json"):
-        request = urllib.request.Request(f"{self.base}/v2/{self.image}/{path}", headers={"Accept": accept})
+        request = urllib.request.Request(
+            f"{self.base}/v2/{self.image}/{path}", headers={"Accept": accept}
+        )
         return urllib.request.urlopen(request, timeout=30, context=self.context)
 
     def tags(self) -> list[int]:
@@ -101,8 +104,10 @@ class Registry:
                 hasher.update(chunk)
                 out.write(chunk)
         if hasher.hexdigest() != expected:
-            raise RepositoryError(f"layer {digest[:19]}: downloaded sha256 {hasher.hexdigest()[:12]} "
-                                  f"differs: the transfer was altered; it is fetched again next time")
+            raise RepositoryError(
+                f"layer {digest[:19]}: downloaded sha256 {hasher.hexdigest()[:12]} "
+                f"differs: the transfer was altered; it is fetched again next time"
+            )
 
 
 def _extract(layer: Path, into: Path) -> None:
@@ -110,8 +115,10 @@ def _extract(layer: Path, into: Path) -> None:
         for member in tar.getmembers():
             name = Path(member.name)
             if name.is_absolute() or ".." in name.parts or not (member.isfile() or member.isdir()):
-                raise RepositoryError(f"layer entry {member.name!r}: only plain files and folders "
-                                      f"inside the image are accepted")
+                raise RepositoryError(
+                    f"layer entry {member.name!r}: only plain files and folders "
+                    f"inside the image are accepted"
+                )
         tar.extractall(into)  # checked above: Debian's Python 3.11.2 has no extraction filters
 
 
@@ -128,16 +135,21 @@ def fetch_version(config: SyncConfig, registry: Registry, version: int) -> None:
             layer.unlink()
         fetched = staging / "root" / config.model / str(version)
         if not (fetched / METADATA_FILENAME).is_file():
-            raise RepositoryError(f"model image {config.image}:{version} holds no "
-                                  f"{config.model}/{version}/{METADATA_FILENAME}: publish it with "
-                                  f"docker/local_swarm.py publish-model")
+            raise RepositoryError(
+                f"model image {config.image}:{version} holds no "
+                f"{config.model}/{version}/{METADATA_FILENAME}: publish it with "
+                f"docker/local_swarm.py publish-model"
+            )
         metadata = ModelMetadata.read(fetched / METADATA_FILENAME)
         digest = ModelVersion(config.model, version, fetched, metadata).verify_checksum()
         config_file = staging / "root" / config.model / "config.pbtxt"
         if config_file.is_file():
             config_file.replace(model_dir / "config.pbtxt")  # the same file system: atomic
         fetched.rename(model_dir / str(version))
-    say(f"{config.model} version {version} in place (model.onnx sha256 {digest[:12]}, as metadata.json says)")
+    say(
+        f"{config.model} version {version} in place "
+        f"(model.onnx sha256 {digest[:12]}, as metadata.json says)"
+    )
 
 
 def sync_once(config: SyncConfig, registry: Registry) -> None:
@@ -157,8 +169,10 @@ def run(config: SyncConfig, command: list[str]) -> int:
             say(f"cannot sync from {config.registry}/{config.image} yet: {error}")
         if list_versions(config.into, config.model):
             break
-        say(f"no version of {config.model} in {config.registry}/{config.image} yet "
-            f"({time.monotonic() - waiting_since:.0f} s): waiting")
+        say(
+            f"no version of {config.model} in {config.registry}/{config.image} yet "
+            f"({time.monotonic() - waiting_since:.0f} s): waiting"
+        )
         time.sleep(config.interval)
     server = subprocess.Popen(command)
 
@@ -189,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default="mnist-model", help="the model images' repository")
     parser.add_argument("--model", default="mnist", help="the model's folder name")
     parser.add_argument("--into", type=Path, default=Path("/models"))
-    parser.add_argument("--ca", type=Path, default=None, help="CA bundle the registry's certificate is signed by")
+    parser.add_argument(
+        "--ca", type=Path, default=None, help="CA bundle the registry's certificate is signed by"
+    )
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between two looks")
     args = parser.parse_args(argv[:split])
-    command = argv[split + 1:]
+    command = argv[split + 1 :]
     if not command:
         print("model_sync.py: give the server's command after --", file=sys.stderr)
         return 2
