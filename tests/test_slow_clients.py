@@ -11,14 +11,18 @@ callers' latency under the same load.
 """
 from __future__ import annotations
 
-import socket
-import struct
-import threading
 import time
 
-import numpy as np
-import pytest
 
+from bench.slow_clients import (
+    Trickle,
+    close_all,
+    closed_by_server,
+    connect,
+    grpc_metadata_request,
+    infer_json,
+    stuck_h2_reader,
+)
 from serving.memory import tree_open_fds, tree_rss_bytes
 from serving.process import start_server
 from tests.support.lifecycle import Load, wait_for
@@ -32,77 +36,8 @@ LIMITS = ("--workers", "1", "--http-idle-timeout", "3", "--http-body-timeout", "
 PER_CONNECTION_BYTES = 256 * 1024
 
 
-def connect(port: int, receive_buffer: int | None = None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if receive_buffer:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # before connect: the window
-    sock.settimeout(30)
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
-def closed_by_server(sock: socket.socket) -> bool:
-    """Whether the server has closed the connection (EOF or reset), reading what it sent first."""
-    sock.setblocking(False)
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return True
-    except BlockingIOError:
-        return False
-    except OSError:  # ECONNRESET
-        return True
-    finally:
-        sock.setblocking(True)
-
-
-class Trickle:
-    """Sends one byte of each connection's remaining bytes every `interval` seconds, on one thread."""
-
-    def __init__(self, sockets: dict[socket.socket, bytes], interval: float = 0.5) -> None:
-        self.pending = dict(sockets)
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Trickle:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for sock, rest in list(self.pending.items()):
-                if not rest:
-                    continue
-                try:
-                    sock.send(rest[:1])
-                    self.pending[sock] = rest[1:]
-                except OSError:  # closed by the server: what the test waits for
-                    self.pending[sock] = b""
-
-
-def close_all(sockets) -> None:
-    for sock in sockets:
-        try:
-            sock.close()
-        except OSError:
-            pass
-
-
 def settled(pid: int, baseline: int, slack: int = 24) -> bool:
     return tree_open_fds(pid) <= baseline + slack
-
-
-def infer_body(images: np.ndarray) -> bytes:
-    import json
-
-    return json.dumps({"inputs": [{"name": "images", "shape": [len(images), 28, 28, 1], "datatype": "UINT8",
-                                   "data": images.reshape(-1).tolist()}]}).encode()
 
 
 def test_rest_slowloris_slow_bodies_and_non_readers_are_bounded_and_released(trained_repository,
@@ -115,7 +50,7 @@ def test_rest_slowloris_slow_bodies_and_non_readers_are_bounded_and_released(tra
             time.sleep(2)
             fds_before, rss_before = tree_open_fds(pid), tree_rss_bytes(pid)
             head = f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            body = infer_body(images[:64])
+            body = infer_json(images[:64])
             slow_heads = {connect(port): (head + "Content-Type: application/json\r\n" * 50).encode()
                           for _ in range(200)}
             slow_bodies = {}
@@ -163,7 +98,7 @@ def test_slow_bodies_get_408(trained_repository, mnist_test_set, tmp_path):
     images, _ = mnist_test_set
     with start_server(trained_repository, *LIMITS, log_path=tmp_path / "server.log") as server:
         sock = connect(server.http_port)
-        body = infer_body(images[:4])
+        body = infer_json(images[:4])
         sock.sendall(f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
                      .encode() + body[:10])
         answer = b""
@@ -177,53 +112,12 @@ def test_slow_bodies_get_408(trained_repository, mnist_test_set, tmp_path):
     assert b"--http-body-timeout" in answer
 
 
-# ---- gRPC: raw HTTP/2 (the h2 library), since a gRPC client always reads ----
-
-def _h2_metadata_request() -> bytes:
-    """A gRPC-framed ModelMetadata call: an answer that costs the server no inference."""
-    # tritonclient's messages: the test process imports tritonclient, which registers the same
-    # inference.* names as serving.generated (both cannot load in one process).
-    from tritonclient.grpc import service_pb2 as pb
-
-    message = pb.ModelMetadataRequest(name="mnist").SerializeToString()
-    return b"\x00" + struct.pack(">I", len(message)) + message
-
-
-def stuck_h2_reader(port: int, message: bytes) -> tuple[socket.socket, int]:
-    """An HTTP/2 connection that opens as many ModelMetadata calls as the server allows, then never
-    reads: returns the socket and the server's advertised SETTINGS_MAX_CONCURRENT_STREAMS."""
-    import h2.config
-    import h2.connection
-    import h2.events
-    import h2.settings
-
-    sock = connect(port, receive_buffer=4096)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    conn.initiate_connection()
-    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})  # the server cannot send DATA
-    sock.sendall(conn.data_to_send())
-    limit = None
-    while limit is None:
-        for event in conn.receive_data(sock.recv(65536)):
-            if isinstance(event, h2.events.RemoteSettingsChanged):
-                changed = event.changed_settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS)
-                limit = changed.new_value if changed else 2**31
-        sock.sendall(conn.data_to_send())
-    headers = [(":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelMetadata"),
-               (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"), ("te", "trailers")]
-    for _ in range(min(limit, 64)):
-        stream = conn.get_next_available_stream_id()
-        conn.send_headers(stream, headers)
-        conn.send_data(stream, message, end_stream=True)
-    sock.sendall(conn.data_to_send())
-    return sock, limit
-
+# ---- gRPC: raw HTTP/2 (the h2 library; bench.slow_clients), since a gRPC client always reads ----
 
 def test_grpc_stalled_handshakes_and_non_readers_are_bounded_and_released(trained_repository, mnist_test_set,
                                                                          tmp_path):
-    pytest.importorskip("h2", reason="needs h2 (the dev extra) for raw HTTP/2 clients")
     images, _ = mnist_test_set
-    message = _h2_metadata_request()
+    message = grpc_metadata_request()
     with start_server(trained_repository, *LIMITS, log_path=tmp_path / "server.log") as server:
         pid, port = server.proc.pid, server.port
         load = Load(server.target, server.http_url, images[:1000], callers=6).start()
