@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.support.common import ROOT
 
 MONITORING = ROOT / "deploy" / "monitoring"
 RULES = sorted((MONITORING / "rules").glob("*.yml"))
@@ -133,7 +133,7 @@ def test_the_compose_prometheus_configuration_passes_promtool(tmp_path):
 
 
 def test_the_compose_monitoring_profile_runs_prometheus_on_every_replica():
-    from tests.test_compose import docker_compose, load_compose, parse_dockerfile
+    from tests.support.compose import docker_compose, load_compose, parse_dockerfile
 
     services = load_compose({})["services"]
     prometheus = services["prometheus"]
@@ -313,8 +313,9 @@ def load(server, images: np.ndarray, stop: threading.Event, failures: list) -> N
                 # with equal arguments share one connection (gRPC's global subchannel pool), so each
                 # caller's channel differs in an argument that is moot for an ip:port target.
                 distinct = 30 + index / 1000
-                with ClassifierClient(server.target, timeout=timeout,
-                                      min_resolution_interval=distinct) as client:
+                with ClassifierClient(
+                    server.target, timeout=timeout, min_resolution_interval=distinct
+                ) as client:
                     for _ in range(100):
                         n += 1
                         batch = images[(index * 7 + n) % 900 :][: 1 + n % 8]
@@ -486,3 +487,103 @@ def test_the_prometheusrule_overlay_validates_against_the_operators_schema():
         "expr"
     )
     assert any("expression" in error or "expr" in error for error in validation_errors(rule))
+
+
+# ---- several models and versions at once --------------------------------------------------------
+
+
+def series(metrics_url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """{sorted labels: value} of every sample called `name`."""
+    found = {}
+    for line in urllib.request.urlopen(metrics_url, timeout=10).read().decode().splitlines():
+        match = re.match(rf"^{re.escape(name)}(?:{{(.*)}})? (\S+)$", line)
+        if match:
+            labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', match.group(1) or "")))
+            found[labels] = float(match.group(2))
+    return found
+
+
+def test_each_call_and_batch_names_the_model_and_version_that_answered(
+    trained_repository, tmp_path, mnist_test_set
+):
+    """Two versions of mnist and a second model served at once; a retired version's gauges go."""
+    from serving.client import ClassifierClient
+    from serving.process import start_server
+    from serving.rest_client import RestClient
+
+    repository = tmp_path / "model_repository"
+    shutil.copytree(trained_repository, repository)
+    shutil.copytree(repository / "mnist" / "1", repository / "mnist" / "2")
+    with open(repository / "mnist" / "config.pbtxt", "a") as config:
+        config.write("version_policy: { all { } }\n")  # both versions serve
+    shutil.copytree(repository / "mnist", repository / "digits")
+    shutil.rmtree(repository / "digits" / "2")
+    config = repository / "digits" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "mnist"', 'name: "digits"'))
+
+    images = mnist_test_set[0]
+    with start_server(
+        repository,
+        "--workers",
+        "1",
+        "--repository-poll-secs",
+        "1",
+        log_path=tmp_path / "server.log",
+    ) as server:
+        url = server.metrics_url
+        with ClassifierClient(server.target, timeout=30) as client:
+            client.classify(images[:3], model_version="1")
+            client.classify(images[:2], model_version="2")
+            client.infer_kserve(images[:4])  # no version: the newest, 2
+            client.classify(images[:1], model_name="digits")
+            with pytest.raises(Exception):
+                client.classify(images[:1], model_version="7")  # NOT_FOUND: no version answered
+        with RestClient(f"127.0.0.1:{server.http_port}", timeout=30) as rest:
+            rest.infer(images[:5], model_name="digits")
+
+        def calls(method: str, code: str) -> dict[tuple[str, str], float]:
+            return {
+                (dict(k)["model"], dict(k)["version"]): v
+                for k, v in series(url, "mnist_requests_total").items()
+                if dict(k)["method"] == method and dict(k)["code"] == code
+            }
+
+        assert calls("Classify", "OK") == {("mnist", "1"): 1, ("mnist", "2"): 1, ("digits", "1"): 1}
+        assert calls("ModelInfer", "OK") == {("mnist", "2"): 1}
+        assert calls("Classify", "NOT_FOUND") == {("", ""): 1}
+        assert calls("POST /v2/models/{model}/infer", "200") == {("digits", "1"): 1}
+        images_by_version = {
+            tuple(v for _, v in k): n for k, n in series(url, "mnist_images_total").items() if n
+        }  # (the repository may hold other models, e.g. mnist_int8: they classified nothing)
+        assert images_by_version == {("mnist", "1"): 3, ("mnist", "2"): 6, ("digits", "1"): 6}
+        batches = {
+            tuple(v for _, v in k): n for k, n in series(url, "mnist_batch_size_count").items() if n
+        }
+        assert batches == {("mnist", "1"): 1, ("mnist", "2"): 2, ("digits", "1"): 2}
+        versions = {
+            (dict(k)["model"], dict(k)["version"]) for k in series(url, "mnist_queue_capacity")
+        }
+        assert versions >= {("mnist", "1"), ("mnist", "2"), ("digits", "1")}
+
+        # Version 2 leaves the repository: once it is unloaded its gauges go; version 1's stay.
+        shutil.rmtree(repository / "mnist" / "2")
+
+        def gone() -> bool:
+            depth = {
+                (dict(k)["model"], dict(k)["version"]) for k in series(url, "mnist_queue_depth")
+            }
+            return ("mnist", "2") not in depth and ("mnist", "1") in depth
+
+        wait_for(gone, 60, "version 2's queue gauges to go")
+        info = {
+            (dict(k)["model"], dict(k)["version"])
+            for k, v in series(url, "mnist_model_info").items()
+            if v == 1
+        }
+        assert ("mnist", "2") not in info and {("mnist", "1"), ("digits", "1")} <= info
+        capacity = {
+            (dict(k)["model"], dict(k)["version"]) for k in series(url, "mnist_queue_capacity")
+        }
+        assert ("mnist", "2") not in capacity and {("mnist", "1"), ("digits", "1")} <= capacity
+        history = series(url, "mnist_images_total")
+        assert history[(("model", "mnist"), ("version", "2"))] == 6  # counters keep their history
