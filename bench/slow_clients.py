@@ -13,6 +13,7 @@ connections stay for the whole window (its timeouts are longer than it); the fig
 ordinary callers' p50/p99 in each phase and their ratio to the quiet run. The stall helpers are
 also what tests/test_slow_clients.py uses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,10 +33,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---- stalled clients ----
 
+
 def connect(port: int, receive_buffer: int | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if receive_buffer:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # before connect: the window
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer
+        )  # before connect: the window
     sock.settimeout(30)
     sock.connect(("127.0.0.1", port))
     return sock
@@ -65,7 +69,7 @@ def close_all(sockets) -> None:
 
 
 class Trickle:
-    """Sends one byte of each connection's remaining bytes every `interval` seconds, on one thread."""
+    """Sends each connection's next byte every `interval` seconds, all on one thread."""
 
     def __init__(self, sockets: dict[socket.socket, bytes], interval: float = 0.5) -> None:
         self.pending = dict(sockets)
@@ -94,8 +98,18 @@ class Trickle:
 
 
 def infer_json(images: np.ndarray) -> bytes:
-    return json.dumps({"inputs": [{"name": "images", "shape": [len(images), 28, 28, 1], "datatype": "UINT8",
-                                   "data": images.reshape(-1).tolist()}]}).encode()
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": [len(images), 28, 28, 1],
+                    "datatype": "UINT8",
+                    "data": images.reshape(-1).tolist(),
+                }
+            ]
+        }
+    ).encode()
 
 
 def grpc_metadata_request(model: str = "mnist") -> bytes:
@@ -111,26 +125,41 @@ def grpc_metadata_request(model: str = "mnist") -> bytes:
 
 def stuck_h2_reader(port: int, message: bytes, max_streams: int = 64) -> tuple[socket.socket, int]:
     """An HTTP/2 connection that opens as many ModelMetadata calls as the server allows, with a
-    zero receive window, then never reads: the socket and the server's SETTINGS_MAX_CONCURRENT_STREAMS."""
+    zero receive window, then never reads.
+
+    Returns the socket and the server's SETTINGS_MAX_CONCURRENT_STREAMS.
+    """
     import h2.config
     import h2.connection
     import h2.events
     import h2.settings
 
     sock = connect(port, receive_buffer=4096)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+    )
     conn.initiate_connection()
-    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})  # the server cannot send DATA
+    conn.update_settings(
+        {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0}
+    )  # the server cannot send DATA
     sock.sendall(conn.data_to_send())
     limit = None
     while limit is None:
         for event in conn.receive_data(sock.recv(65536)):
             if isinstance(event, h2.events.RemoteSettingsChanged):
-                changed = event.changed_settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS)
+                changed = event.changed_settings.get(
+                    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+                )
                 limit = changed.new_value if changed else 2**31
         sock.sendall(conn.data_to_send())
-    headers = [(":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelMetadata"),
-               (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"), ("te", "trailers")]
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/inference.GRPCInferenceService/ModelMetadata"),
+        (":authority", f"127.0.0.1:{port}"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
     for _ in range(min(limit, max_streams)):
         stream = conn.get_next_available_stream_id()
         conn.send_headers(stream, headers)
@@ -142,8 +171,10 @@ def stuck_h2_reader(port: int, message: bytes, max_streams: int = 64) -> tuple[s
 def stall_rest(port: int, count: int, images: np.ndarray) -> tuple[list[socket.socket], Trickle]:
     head = f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
     body = infer_json(images[:64])
-    heads = {connect(port): (head + "Content-Type: application/json\r\n" * 50).encode()
-             for _ in range(count * 4 // 10)}
+    heads = {
+        connect(port): (head + "Content-Type: application/json\r\n" * 50).encode()
+        for _ in range(count * 4 // 10)
+    }
     bodies = {}
     for _ in range(count * 3 // 10):
         sock = connect(port)
@@ -162,11 +193,14 @@ def stall_grpc(port: int, count: int) -> tuple[list[socket.socket], Trickle]:
     silent = [connect(port) for _ in range(count * 4 // 10)]
     prefaces = {connect(port): b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" for _ in range(count * 2 // 10)}
     message = grpc_metadata_request()
-    readers = [stuck_h2_reader(port, message)[0] for _ in range(count - len(silent) - len(prefaces))]
+    readers = [
+        stuck_h2_reader(port, message)[0] for _ in range(count - len(silent) - len(prefaces))
+    ]
     return [*silent, *prefaces, *readers], Trickle(prefaces).start()
 
 
 # ---- ordinary callers ----
+
 
 async def rest_closed_loop(url: str, body: bytes, callers: int, seconds: float) -> list[float]:
     import aiohttp
@@ -174,10 +208,14 @@ async def rest_closed_loop(url: str, body: bytes, callers: int, seconds: float) 
     latencies: list[float] = []
     until = time.perf_counter() + seconds
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+
         async def caller() -> None:
             while (started := time.perf_counter()) < until:
-                async with session.post(f"{url}/v2/models/mnist/infer", data=body,
-                                        headers={"Content-Type": "application/json"}) as answer:
+                async with session.post(
+                    f"{url}/v2/models/mnist/infer",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                ) as answer:
                     await answer.read()
                     if answer.status == 200:
                         latencies.append(time.perf_counter() - started)
@@ -190,12 +228,20 @@ def ordinary(server, images: np.ndarray, callers: int, seconds: float) -> dict[s
     from bench.common import CLASSIFY, measure, percentile_ms
     from serving.generated import mnist_classifier_pb2 as pb
 
-    payload = pb.ClassifyRequest(images=[pb.Image(raw_pixels=images[0].tobytes())]).SerializeToString()
+    payload = pb.ClassifyRequest(
+        images=[pb.Image(raw_pixels=images[0].tobytes())]
+    ).SerializeToString()
     grpc_sample = measure(server.target, payload, callers=callers, seconds=seconds, method=CLASSIFY)
     rest = asyncio.run(rest_closed_loop(server.http_url, infer_json(images[:1]), callers, seconds))
-    return {"grpc_p50": percentile_ms(grpc_sample.latencies, 50), "grpc_p99": percentile_ms(grpc_sample.latencies, 99),
-            "grpc_calls": len(grpc_sample.latencies), "grpc_errors": grpc_sample.errors,
-            "rest_p50": percentile_ms(rest, 50), "rest_p99": percentile_ms(rest, 99), "rest_calls": len(rest)}
+    return {
+        "grpc_p50": percentile_ms(grpc_sample.latencies, 50),
+        "grpc_p99": percentile_ms(grpc_sample.latencies, 99),
+        "grpc_calls": len(grpc_sample.latencies),
+        "grpc_errors": grpc_sample.errors,
+        "rest_p50": percentile_ms(rest, 50),
+        "rest_p99": percentile_ms(rest, 99),
+        "rest_calls": len(rest),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,12 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--callers", type=int, default=4, help="ordinary callers on each API")
-    parser.add_argument("--connections", type=int, default=500, help="stalled connections per phase")
-    parser.add_argument("--workers", type=int, default=0, help="the server's --workers (0: its default)")
+    parser.add_argument(
+        "--connections", type=int, default=500, help="stalled connections per phase"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="the server's --workers (0: its default)"
+    )
     args = parser.parse_args(argv)
     images = np.ascontiguousarray(test_images()[:64])
     rows = []
-    with start_server(args.model_repository, "--workers", str(args.workers), ready_timeout=300) as server:
+    with start_server(
+        args.model_repository, "--workers", str(args.workers), ready_timeout=300
+    ) as server:
         pid = server.proc.pid
         for phase in ("quiet", "REST stalled", "gRPC stalled"):
             sockets, trickle = ([], None)
@@ -222,21 +274,33 @@ def main(argv: list[str] | None = None) -> int:
                 sockets, trickle = stall_grpc(server.port, args.connections)
             fds, rss = tree_open_fds(pid), tree_rss_bytes(pid)
             figures = ordinary(server, images, args.callers, args.seconds)
-            rows.append({"phase": phase, "server_fds": fds, "server_rss_mib": rss / 2**20, **figures})
+            rows.append(
+                {"phase": phase, "server_fds": fds, "server_rss_mib": rss / 2**20, **figures}
+            )
             if trickle is not None:
                 trickle.stop()
             close_all(sockets)
             time.sleep(2)
     quiet = rows[0]
-    print(f"ordinary callers: {args.callers} gRPC Classify + {args.callers} REST infer, one image each, "
-          f"{args.seconds:g} s a phase; {args.connections} stalled connections (shared machine: compare the ratios)")
-    print(f"{'phase':<13} {'fds':>5} {'RSS MiB':>8} {'gRPC p50/p99 ms':>16} {'x quiet':>7} {'REST p50/p99 ms':>16} "
-          f"{'x quiet':>7} {'gRPC errors':>11}")
+    print(
+        f"ordinary callers: {args.callers} gRPC Classify + {args.callers} REST infer, one image "
+        f"each, {args.seconds:g} s a phase; {args.connections} stalled connections "
+        "(a shared machine: compare the ratios)"
+    )
+    print(
+        f"{'phase':<13} {'fds':>5} {'RSS MiB':>8} {'gRPC p50/p99 ms':>16} {'x quiet':>7} "
+        f"{'REST p50/p99 ms':>16} "
+        f"{'x quiet':>7} {'gRPC errors':>11}"
+    )
     for row in rows:
-        print(f"{row['phase']:<13} {row['server_fds']:>5} {row['server_rss_mib']:>8.0f} "
-              f"{row['grpc_p50']:>7.2f}/{row['grpc_p99']:<8.2f} {row['grpc_p99'] / quiet['grpc_p99']:>7.2f} "
-              f"{row['rest_p50']:>7.2f}/{row['rest_p99']:<8.2f} {row['rest_p99'] / quiet['rest_p99']:>7.2f} "
-              f"{row['grpc_errors']:>11}")
+        print(
+            f"{row['phase']:<13} {row['server_fds']:>5} {row['server_rss_mib']:>8.0f} "
+            f"{row['grpc_p50']:>7.2f}/{row['grpc_p99']:<8.2f} "
+            f"{row['grpc_p99'] / quiet['grpc_p99']:>7.2f} "
+            f"{row['rest_p50']:>7.2f}/{row['rest_p99']:<8.2f} "
+            f"{row['rest_p99'] / quiet['rest_p99']:>7.2f} "
+            f"{row['grpc_errors']:>11}"
+        )
     out = ROOT / "bench" / "results" / "slow_clients.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))

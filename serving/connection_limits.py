@@ -24,6 +24,7 @@ under --http-body-timeout and answers 408. A client that stops reading holds its
 until it closes it: aiohttp waits on the socket buffers (the kernel's, plus 64 KiB in the
 transport), so what it holds is bounded, and it does not read further requests from it.
 """
+
 from __future__ import annotations
 
 from serving.config import ServeConfig

@@ -6,6 +6,7 @@ the loaded version keeps serving with no failed call, the change is refused with
 and one count in mnist_model_load_failures_total, and the server recovers once a valid version
 appears. Answers are checked against in-process onnxruntime of the file that computed them.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,11 +66,14 @@ def keep_copy(repository: Path, version: int, tmp_path: Path) -> Path:
 
 
 def settle() -> None:
-    time.sleep(1.5)  # several polls: a refusal is logged and counted once per change, not once per poll
+    time.sleep(
+        1.5
+    )  # several polls: a refusal is logged and counted once per change, not once per poll
 
 
-def test_model_onnx_rewritten_in_place_keeps_the_loaded_copy_serving(repository, mnist_test_set, reference,
-                                                                     tmp_path):
+def test_model_onnx_rewritten_in_place_keeps_the_loaded_copy_serving(
+    repository, mnist_test_set, reference, tmp_path
+):
     images, _ = mnist_test_set
     served = repository / "mnist" / "1" / "model.onnx"
     original = keep_copy(repository, 1, tmp_path)
@@ -88,22 +92,33 @@ def test_model_onnx_rewritten_in_place_keeps_the_loaded_copy_serving(repository,
             counted = failures(server, "checksum")
             refusals = log_lines(server, "model 'mnist' version 1 refused (checksum)")
             served.write_bytes(good)  # restored: the same model, nothing to reload
-            wait_for(lambda: log_lines(server, "its files changed but its model did not"), 60, "the restore")
-            publish(repository, "mnist", 2, variant_bytes(original, seed=3))  # a valid version appears
-            wait_for(lambda: any(a.version == "2" for a in load.answers), 60, "answers from version 2")
+            wait_for(
+                lambda: log_lines(server, "its files changed but its model did not"),
+                60,
+                "the restore",
+            )
+            publish(
+                repository, "mnist", 2, variant_bytes(original, seed=3)
+            )  # a valid version appears
+            wait_for(
+                lambda: any(a.version == "2" for a in load.answers), 60, "answers from version 2"
+            )
             time.sleep(1)
         finally:
             load.stop()
     assert not load.failures, load.failures[:5]
     assert counted == 2, counted
-    assert len(refusals) == 2 and all("keeps serving the copy it loaded" in line for line in refusals), refusals
+    assert len(refusals) == 2 and all(
+        "keeps serving the copy it loaded" in line for line in refusals
+    ), refusals
     assert {a.version for a in load.answers} == {"1", "2"}
     files = {("mnist", "1"): original, ("mnist", "2"): repository / "mnist" / "2" / "model.onnx"}
     assert wrong_answers(load.answers, files, images[:1000], reference) == []
 
 
-def test_metadata_sha256_edited_is_refused_and_a_new_version_takes_over(repository, mnist_test_set, reference,
-                                                                       tmp_path):
+def test_metadata_sha256_edited_is_refused_and_a_new_version_takes_over(
+    repository, mnist_test_set, reference, tmp_path
+):
     images, _ = mnist_test_set
     metadata_path = repository / "mnist" / "1" / "metadata.json"
     original = keep_copy(repository, 1, tmp_path)
@@ -114,14 +129,21 @@ def test_metadata_sha256_edited_is_refused_and_a_new_version_takes_over(reposito
             document = json.loads(metadata_path.read_text())
             document["model_sha256"] = "0" * 64
             metadata_path.write_text(json.dumps(document))
-            wait_for(lambda: failures(server, "checksum") == 1, 60, "the edited metadata.json refused")
+            wait_for(
+                lambda: failures(server, "checksum") == 1, 60, "the edited metadata.json refused"
+            )
             settle()
             counted = failures(server, "checksum")
             refusals = log_lines(server, "model 'mnist' version 1 refused (checksum)")
             publish(repository, "mnist", 2, variant_bytes(original, seed=5))
-            wait_for(lambda: any(a.version == "2" for a in load.answers), 60, "answers from version 2")
-            wait_for(lambda: log_lines(server, "version 1 unloaded after its accepted calls finished"), 30,
-                     "version 1 drained")
+            wait_for(
+                lambda: any(a.version == "2" for a in load.answers), 60, "answers from version 2"
+            )
+            wait_for(
+                lambda: log_lines(server, "version 1 unloaded after its accepted calls finished"),
+                30,
+                "version 1 drained",
+            )
         finally:
             load.stop()
     assert not load.failures, load.failures[:5]
@@ -131,7 +153,9 @@ def test_metadata_sha256_edited_is_refused_and_a_new_version_takes_over(reposito
     assert wrong_answers(load.answers, files, images[:1000], reference) == []
 
 
-def test_version_folders_deleted_while_calls_run_on_them(repository, mnist_test_set, reference, tmp_path):
+def test_version_folders_deleted_while_calls_run_on_them(
+    repository, mnist_test_set, reference, tmp_path
+):
     """Deleting the served version moves calls to the one the policy picks from what remains
     (Triton's behaviour); deleting the last one keeps it serving from memory until a valid
     version appears, since unloading it would fail every call."""
@@ -142,10 +166,15 @@ def test_version_folders_deleted_while_calls_run_on_them(repository, mnist_test_
     with start_server(repository, *POLL, log_path=tmp_path / "server.log") as server:
         load = Load(server.target, server.http_url, images[:1000], callers=9).start()
         try:
-            wait_for(lambda: any(a.version == "2" for a in load.answers), 60, "answers from version 2")
+            wait_for(
+                lambda: any(a.version == "2" for a in load.answers), 60, "answers from version 2"
+            )
             shutil.rmtree(repository / "mnist" / "2")
-            wait_for(lambda: log_lines(server, "version 2 unloaded after its accepted calls finished"), 60,
-                     "version 2 unloaded")
+            wait_for(
+                lambda: log_lines(server, "version 2 unloaded after its accepted calls finished"),
+                60,
+                "version 2 unloaded",
+            )
             shutil.rmtree(repository / "mnist" / "1")  # the last one: nothing can take over
             wait_for(lambda: failures(server, "deleted") == 1, 60, "the deleted last version noted")
             settle()
@@ -153,20 +182,31 @@ def test_version_folders_deleted_while_calls_run_on_them(repository, mnist_test_
             kept = log_lines(server, "its folder was deleted but no other version can serve")
             still_one = [a for a in load.calls_since(time.time() - 1)]
             publish(repository, "mnist", 3, variant_bytes(v1, seed=9))
-            wait_for(lambda: any(a.version == "3" for a in load.answers), 60, "answers from version 3")
-            wait_for(lambda: log_lines(server, "version 1 unloaded after its accepted calls finished"), 30,
-                     "version 1 unloaded")
+            wait_for(
+                lambda: any(a.version == "3" for a in load.answers), 60, "answers from version 3"
+            )
+            wait_for(
+                lambda: log_lines(server, "version 1 unloaded after its accepted calls finished"),
+                30,
+                "version 1 unloaded",
+            )
         finally:
             load.stop()
     assert not load.failures, load.failures[:5]
     assert counted == 1 and len(kept) == 1, kept
     assert still_one and {a.version for a in still_one} == {"1"}
     assert {a.version for a in load.answers} == {"1", "2", "3"}
-    files = {("mnist", "1"): v1, ("mnist", "2"): v2, ("mnist", "3"): repository / "mnist" / "3" / "model.onnx"}
+    files = {
+        ("mnist", "1"): v1,
+        ("mnist", "2"): v2,
+        ("mnist", "3"): repository / "mnist" / "3" / "model.onnx",
+    }
     assert wrong_answers(load.answers, files, images[:1000], reference) == []
 
 
-def test_unparsable_config_pbtxt_keeps_the_last_good_one(repository, mnist_test_set, reference, tmp_path):
+def test_unparsable_config_pbtxt_keeps_the_last_good_one(
+    repository, mnist_test_set, reference, tmp_path
+):
     images, _ = mnist_test_set
     config = repository / "mnist" / "config.pbtxt"
     good = config.read_text()
@@ -178,38 +218,57 @@ def test_unparsable_config_pbtxt_keeps_the_last_good_one(repository, mnist_test_
             config.write_bytes(b"\xff\xfe\x00garbage" + os.urandom(64))  # not even text
             wait_for(lambda: failures(server, "config") == 1, 60, "the binary config.pbtxt refused")
             settle()
-            publish(repository, "mnist", 2, variant_bytes(original, seed=11))  # served under the last good one
-            wait_for(lambda: any(a.version == "2" for a in load.answers), 60, "answers from version 2")
-            config.write_text("name: 'mnist' version_policy { latest { num_versions: 1 } ")  # unbalanced
-            wait_for(lambda: failures(server, "config") == 2, 60, "the unbalanced config.pbtxt refused")
+            publish(
+                repository, "mnist", 2, variant_bytes(original, seed=11)
+            )  # served under the last good one
+            wait_for(
+                lambda: any(a.version == "2" for a in load.answers), 60, "answers from version 2"
+            )
+            config.write_text(
+                "name: 'mnist' version_policy { latest { num_versions: 1 } "
+            )  # unbalanced
+            wait_for(
+                lambda: failures(server, "config") == 2, 60, "the unbalanced config.pbtxt refused"
+            )
             settle()
             counted = failures(server, "config")
             refusals = log_lines(server, "model 'mnist' config refused")
-            config.write_text(good + "version_policy: { specific { versions: [1] } }\n")  # fixed: asks for 1
-            wait_for(lambda: any(a.version == "1" and a.started > time.time() - 1 for a in load.answers), 60,
-                     "version 1 served again under the fixed config")
+            config.write_text(
+                good + "version_policy: { specific { versions: [1] } }\n"
+            )  # fixed: asks for 1
+            wait_for(
+                lambda: any(a.version == "1" and a.started > time.time() - 1 for a in load.answers),
+                60,
+                "version 1 served again under the fixed config",
+            )
         finally:
             load.stop()
         poll_errors = log_lines(server, "repository poll failed")
     assert not load.failures, load.failures[:5]
     assert not poll_errors, poll_errors[:2]
     assert counted == 2 and len(refusals) == 2, refusals
-    assert all("is not a valid Triton model configuration" in line and "last good one" in line
-               for line in refusals), refusals
+    assert all(
+        "is not a valid Triton model configuration" in line and "last good one" in line
+        for line in refusals
+    ), refusals
     files = {("mnist", "1"): original, ("mnist", "2"): repository / "mnist" / "2" / "model.onnx"}
     assert wrong_answers(load.answers, files, images[:1000], reference) == []
 
 
 # ---- a full disk while publishing ----
 
+
 @pytest.fixture()
 def small_disk(tmp_path, trained_repository):
-    """A tmpfs half the size of the test model: room for small files, not for a model (root only)."""
+    """A tmpfs half the size of the test model: room for small files, not for a model (root)."""
     mount = tmp_path / "small-disk"
     mount.mkdir()
     size_kib = (trained_repository / "mnist" / "1" / "model.onnx").stat().st_size // 2048
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         if os.environ.get("CI") == "true":
             pytest.fail(f"cannot mount a tmpfs under CI=true: {done.stderr.strip()}")
@@ -231,15 +290,38 @@ def test_a_full_disk_publishes_nothing(small_disk, trained_repository) -> None:
     assert "no space left on device" in message and "nothing was published" in message
     assert "\n" not in message
     assert list_versions(small_disk, "mnist") == [1]
-    assert sorted(p.name for p in (small_disk / "mnist").iterdir()) == ["1", "config.pbtxt"]  # no staging left
+    assert sorted(p.name for p in (small_disk / "mnist").iterdir()) == [
+        "1",
+        "config.pbtxt",
+    ]  # no staging left
     assert (small_disk / "mnist" / "config.pbtxt").read_text() == config_before
 
 
 def test_mnist_train_on_a_full_disk_says_so_in_one_line(small_disk, mnist_path, tmp_path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "training.cli", "--out", str(small_disk), "--artifacts", str(tmp_path / "art"),
-         "--limit", "600", "--epochs", "1", "--no-int8", "--seed", "3", "--data-dir", str(mnist_path)],
-        capture_output=True, text=True, timeout=900, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "training.cli",
+            "--out",
+            str(small_disk),
+            "--artifacts",
+            str(tmp_path / "art"),
+            "--limit",
+            "600",
+            "--epochs",
+            "1",
+            "--no-int8",
+            "--seed",
+            "3",
+            "--data-dir",
+            str(mnist_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert result.returncode != 0, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("mnist-train: error")]
     assert len(errors) == 1 and "no space left on device" in errors[0], result.stderr[-2000:]
