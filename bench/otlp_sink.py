@@ -127,3 +127,51 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                     f"{sorted({s.name for s in spans})}"
                 )
             time.sleep(0.1)
+
+
+class OtlpHttpReceiver(OtlpReceiver):
+    """The same receiver over OTLP/HTTP (protobuf bodies POSTed to /v1/traces), on a thread."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.port = free_port()
+        self._spans = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    import gzip
+
+                    body = gzip.decompress(body)
+                if self.path != "/v1/traces":
+                    self.send_error(404)
+                    return
+                request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+                answer = receiver.Export(request, None).SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        self._http = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+    def __enter__(self) -> OtlpHttpReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._http.shutdown()
+        self._http.server_close()

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.otlp_sink import OtlpReceiver, ReceivedSpan
+from bench.otlp_sink import OtlpHttpReceiver, OtlpReceiver, ReceivedSpan
 from serving import tracing
 from serving.client import ClassifierClient, ClientTls
 from serving.process import free_port, start_server
@@ -592,3 +592,30 @@ def test_a_ratio_records_its_share_of_the_traces_started_here(
     for root in roots:
         assert root.parent_span_id == ""
         assert {s.name for s in spans if s.trace_id == root.trace_id} >= set(STAGES)
+
+
+def test_otlp_over_http_is_exported_too(trained_repository, mnist_test_set, tmp_path):
+    """OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: the same spans, POSTed to /v1/traces."""
+    with OtlpHttpReceiver() as receiver:
+        env = {
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_SERVICE_NAME": "mnist-test",
+        }
+        with start_server(
+            trained_repository,
+            "--workers",
+            "1",
+            "--trace-mode",
+            "opentelemetry",
+            "--trace-endpoint",
+            receiver.endpoint,
+            env=env,
+            log_path=tmp_path / "server.log",
+        ) as server:
+            parent = tracing.new_traceparent()
+            with ClassifierClient(server.target, traceparent=parent) as client:
+                client.classify(mnist_test_set[0][:1])
+            spans = receiver.wait_for(in_trace(tracing.trace_id_of(parent), STAGES))
+        assert "OTLP/HTTP" in server.log()
+    check_call_trace(spans, parent, "mnist.v1.Classifier/Classify")
