@@ -457,26 +457,39 @@ def envoy_binary() -> str:
     return found
 
 
+def loopback(config: dict, ports: dict[str, tuple[int, int]]) -> None:
+    """Envoy's listeners and clusters on loopback: {listener name: (its port, the replica's)}."""
+    for listener in config["static_resources"]["listeners"]:
+        port = ports[listener["name"]][0]
+        listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
+    for cluster, (_, upstream) in zip(config["static_resources"]["clusters"], ports.values()):
+        cluster["type"] = "STATIC"  # the replica by its address: no DNS name on loopback
+        (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        endpoint["endpoint"]["address"]["socket_address"] = {
+            "address": "127.0.0.1",
+            "port_value": upstream,
+        }
+
+
 def test_envoy_in_compose_passes_the_trace_context_on(
     traced_server, receiver, mnist_test_set, tmp_path
 ):
-    """deploy/compose/envoy.yaml as compose runs it (loopback ports, the replica by address): a
-    call through it is still the caller's child, so a trace crosses the entry point."""
+    """deploy/compose/envoy.yaml + envoy-http.yaml as compose merges them (loopback ports, the
+    replica by address): gRPC and REST calls through Envoy are still the caller's children."""
     import yaml
 
     binary = envoy_binary()
-    config = yaml.safe_load((ROOT / "deploy" / "compose" / "envoy.yaml").read_text())
-    listen_port, admin = free_port(), free_port()
+    compose = ROOT / "deploy" / "compose"
+    config = yaml.safe_load((compose / "envoy.yaml").read_text())
+    http = yaml.safe_load((compose / "envoy-http.yaml").read_text())["static_resources"]
+    for key in ("listeners", "clusters"):  # what `envoy --config-yaml` does: lists are appended
+        config["static_resources"][key] += http[key]
+    grpc_port, http_port, admin = free_port(), free_port(), free_port()
     config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin}
-    (listener,) = config["static_resources"]["listeners"]
-    listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
-    (cluster,) = config["static_resources"]["clusters"]
-    cluster["type"] = "STATIC"  # the replica by its address: no DNS name on loopback
-    (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    endpoint["endpoint"]["address"]["socket_address"] = {
-        "address": "127.0.0.1",
-        "port_value": traced_server.port,
-    }
+    loopback(
+        config,
+        {"grpc": (grpc_port, traced_server.port), "http": (http_port, traced_server.http_port)},
+    )
     (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
     with open(tmp_path / "envoy.log", "wb") as log:
         proc = subprocess.Popen(
@@ -494,17 +507,22 @@ def test_envoy_in_compose_passes_the_trace_context_on(
             stderr=subprocess.STDOUT,
         )
     try:
-        parent = tracing.new_traceparent()
+        parent, rest_parent = tracing.new_traceparent(), tracing.new_traceparent()
         with ClassifierClient(
-            f"127.0.0.1:{listen_port}",
-            timeout=30,
-            traceparent=parent,
-            tracestate="congo=t61rcWkgMzE",
+            f"127.0.0.1:{grpc_port}", timeout=30, traceparent=parent, tracestate="congo=t61rcWkgMzE"
         ) as client:
             client.wait_until_ready(60)
             assert len(client.classify(mnist_test_set[0][:2]).labels) == 2
-        spans = receiver.wait_for(in_trace(tracing.trace_id_of(parent), STAGES))
+        with RestClient(f"127.0.0.1:{http_port}", timeout=30, traceparent=rest_parent) as rest:
+            assert rest.infer(mnist_test_set[0][:2]).shape == (2, 10)
+        spans = receiver.wait_for(
+            lambda s: (
+                in_trace(tracing.trace_id_of(parent), STAGES)(s)
+                and in_trace(tracing.trace_id_of(rest_parent), STAGES)(s)
+            )
+        )
         check_call_trace(spans, parent, "mnist.v1.Classifier/Classify")
+        check_call_trace(spans, rest_parent, "POST /v2/models/{model}/infer")
     finally:
         proc.terminate()
         proc.wait(10)
