@@ -30,6 +30,7 @@ import pytest
 
 from serving.client import ClassifierClient
 from serving.process import start_server
+from tests.support.draining import model_infer, own_channel
 
 REPETITIONS = int(os.environ.get("DRAIN_REPETITIONS", "2"))
 CALLERS = 24  # 16 lost a call in 1 of 3 drains before the fix, 24 in 3 of 4
@@ -41,34 +42,6 @@ ALLOWED = {"OK", "UNAVAILABLE"}
 @pytest.fixture(scope="module")
 def digits(mnist_test_set) -> np.ndarray:
     return mnist_test_set[0][:64]
-
-
-def own_channel(target: str) -> grpc.Channel:
-    """serving/client.py's channel (round_robin, retries of UNAVAILABLE, health checks for several
-    addresses) on connections of its own: gRPC shares one connection among channels with equal
-    settings, so callers with a ClassifierClient each would all reach one worker."""
-    from serving.client import MULTI_ADDRESS_SCHEMES, service_config
-
-    health_check = target.startswith(MULTI_ADDRESS_SCHEMES)
-    return grpc.insecure_channel(
-        target,
-        options=[
-            ("grpc.use_local_subchannel_pool", 1),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", service_config(health_check=health_check)),
-        ],
-    )
-
-
-def model_infer(channel: grpc.Channel, images: np.ndarray) -> np.ndarray:
-    """One KServe ModelInfer call of uint8 images: the probabilities."""
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
-
-    request = service_pb2.ModelInferRequest(model_name="mnist")
-    request.inputs.add(name="images", datatype="UINT8", shape=[len(images), 28, 28, 1])
-    request.raw_input_contents.append(np.ascontiguousarray(images, np.uint8).tobytes())
-    response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
-    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(len(images), -1)
 
 
 def wait_for_workers(log, workers: int, timeout: float = 120) -> None:
@@ -325,8 +298,8 @@ def test_a_draining_servers_refusals_say_when_to_retry(
     """The pushback: a gRPC refusal's grpc-retry-pushback-ms, REST's Retry-After and close."""
     from serving.generated import mnist_classifier_pb2 as pb
     from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
-    from tests.lifecycle_tools import wait_for
-    from tests.test_draining import REFUSAL, health, hold_calls
+    from tests.support.draining import REFUSAL, health, hold_calls
+    from tests.support.lifecycle import wait_for
 
     images, _ = mnist_test_set
     # Held calls keep the server draining (they wait 6 s for company) while the refusals are read.

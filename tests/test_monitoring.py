@@ -369,7 +369,7 @@ def scraped(trained_repository, tmp_path_factory, mnist_test_set):
         "5000",
         log_path=tmp / "server.log",
     )
-    from tests.test_workers import wait_for_both_workers
+    from tests.support.workers import wait_for_both_workers
 
     wait_for_both_workers(server)
     from serving.process import free_port
@@ -478,7 +478,7 @@ def test_the_dashboard_covers_what_the_issue_lists():
 
 
 def test_the_prometheusrule_overlay_validates_against_the_operators_schema():
-    from tests.test_manifests import render, the, validation_errors
+    from tests.support.manifests import render, the, validation_errors
 
     rule = the(render("overlays/monitoring"), "PrometheusRule")
     assert validation_errors(rule) == []

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.client import ClassifierClient
 from serving.process import start_server
-from tests.test_drain_under_load import model_infer, own_channel
+from tests.support.draining import model_infer, own_channel
 
 CALLERS = 8
 

@@ -69,3 +69,31 @@ def hold_calls(server, images: np.ndarray) -> list:
     results = [in_background(classify, server.target, image, 60, together) for image in images]
     wait_for(lambda: queue_depth(server) == len(images), 30, f"{len(images)} calls held in the queue")
     return results
+
+
+def own_channel(target: str) -> grpc.Channel:
+    """serving/client.py's channel (round_robin, retries of UNAVAILABLE, health checks for several
+    addresses) on connections of its own: gRPC shares one connection among channels with equal
+    settings, so callers with a ClassifierClient each would all reach one worker."""
+    from serving.client import MULTI_ADDRESS_SCHEMES, service_config
+
+    health_check = target.startswith(MULTI_ADDRESS_SCHEMES)
+    return grpc.insecure_channel(
+        target,
+        options=[
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", service_config(health_check=health_check)),
+        ],
+    )
+
+
+def model_infer(channel: grpc.Channel, images: np.ndarray) -> np.ndarray:
+    """One KServe ModelInfer call of uint8 images: the probabilities."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name="mnist")
+    request.inputs.add(name="images", datatype="UINT8", shape=[len(images), 28, 28, 1])
+    request.raw_input_contents.append(np.ascontiguousarray(images, np.uint8).tobytes())
+    response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(len(images), -1)
