@@ -26,7 +26,8 @@ except ImportError:  # tests that need it say so themselves
 TIERS = {
     "unit": {"test_architecture", "test_batcher", "test_core", "test_decoding", "test_docs",
              "test_proto_stubs"},
-    "system": {"test_containers", "test_compose", "test_page", "test_manifests", "test_swarm"},
+    "system": {"test_containers", "test_compose", "test_page", "test_manifests", "test_swarm",
+               "test_memory_limit", "test_monitoring"},
 }
 FAST_INTEGRATION = {"test_serving", "test_predict_cli"}
 
