@@ -40,7 +40,7 @@ IMAGES_PER_CALL = 64
 OVERLOAD = 4.0
 SECONDS = 20
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = pytest.mark.timeout(2400)  # a cold build (the legacy builder builds every stage)
 
 
 def _docker(
