@@ -99,7 +99,7 @@ def server_image():
             env={**os.environ, "DOCKER_BUILDKIT": "0"},
             capture_output=True,
             text=True,
-            timeout=1500,
+            timeout=2100,
         )
         assert build.returncode == 0, f"docker build --target server:\n{build.stderr[-4000:]}"
         yield tag
