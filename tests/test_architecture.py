@@ -101,3 +101,59 @@ def test_the_tensor_contract_is_written_once():
     assert not offenders, f"tensor names written outside core/contract.py: {offenders}"
     seen = tensor_name_literals(ast.parse('session.run(["probabilities"], {"images": x}); f(name="images")'))
     assert sorted(seen) == ["images", "images", "probabilities"]  # the check does see such uses
+
+
+def domain_errors() -> set[str]:
+    """Every ServingError subclass the serving package defines, wherever: `module.QualName`.
+
+    A child interpreter imports every module (the KServe stubs would clash with tritonclient's
+    in this process) and walks the hierarchy.
+    """
+    result = run_probe(
+        "import importlib, pkgutil, serving\n"
+        "from serving.inference.errors import ServingError\n"
+        "for m in pkgutil.walk_packages(serving.__path__, 'serving.'):\n"
+        "    if not m.name.startswith('serving.generated'):\n"
+        "        importlib.import_module(m.name)\n"
+        "found, todo = set(), [ServingError]\n"
+        "while todo:\n"
+        "    for sub in todo.pop().__subclasses__():\n"
+        "        found.add(f'{sub.__module__}.{sub.__qualname__}')\n"
+        "        todo.append(sub)\n"
+        "print('\\n'.join(sorted(found)))\n"
+    )
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def test_every_domain_error_has_one_row_for_both_transports():
+    """One table (errors.STATUS_CODES) gives each domain error its gRPC and its HTTP code."""
+    import grpc
+
+    from serving.grpc_api import status as grpc_status
+    from serving.http_api import status as http_status
+    from serving.inference import errors
+
+    found = domain_errors()
+    assert "serving.inference.errors.QueueFull" in found, found  # the walk does see the hierarchy
+    rows = {f"{cls.__module__}.{cls.__qualname__}" for cls in errors.STATUS_CODES}
+    missing = sorted(found - rows)
+    assert not missing, f"domain errors without a row in serving.inference.errors.STATUS_CODES: {missing}"
+    assert rows == found, "a row for a class that is no domain error"
+    for cls, codes in errors.STATUS_CODES.items():
+        error = cls("x")
+        assert grpc_status.status_for(error) is grpc.StatusCode[codes.grpc] != grpc.StatusCode.OK
+        assert http_status.status_for(error) == codes.http and 400 <= codes.http < 600
+    assert grpc_status.status_for(errors.QueueFull("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert http_status.status_for(errors.QueueFull("x")) == 429
+
+    class NewKindOfTrouble(errors.ShuttingDown):
+        pass
+
+    class OtherTrouble(errors.ServingError):
+        pass
+
+    assert grpc_status.status_for(NewKindOfTrouble("x")) == grpc.StatusCode.UNAVAILABLE  # its base's row
+    assert http_status.status_for(NewKindOfTrouble("x")) == 503
+    assert grpc_status.status_for(OtherTrouble("x")) == grpc.StatusCode.INTERNAL  # never OK, never hidden
+    assert http_status.status_for(OtherTrouble("x")) == 500

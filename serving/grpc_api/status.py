@@ -1,94 +1,29 @@
-"""Domain errors to gRPC status codes: the one place where that mapping lives.
+"""Domain errors to gRPC status codes, read from the one table (serving.inference.errors).
 
 The servicers raise the model core's errors (serving.inference.errors) and never choose a
 status code; `mapping_errors` below catches them and ends the call with the code from
-GRPC_STATUS and the error's own message (bounded: see serving.inference.errors). Another
-transport (HTTP) keeps a table of its own for the same errors.
+STATUS_CODES and the error's own message (bounded: see serving.inference.errors). The HTTP
+transport reads the same table (serving.http_api.status), so the two cannot disagree.
 
-A request that is not valid protobuf never reaches a servicer: the request deserializer turns it
-into a MalformedRequest, answered INVALID_ARGUMENT in a few words and counted in the metrics
-like any call (gRPC's own handling would answer UNKNOWN and log a traceback per call).
+A request that is not valid protobuf never reaches a servicer: the deserializer shim
+(serving.grpc_api.malformed) turns it into a MalformedRequest, answered INVALID_ARGUMENT here.
 """
 from __future__ import annotations
-
-import logging
-import threading
-import time
-from dataclasses import dataclass
-from typing import Any, Callable
 
 import grpc
 
 from serving import draining
-from serving.inference.errors import (
-    DeadlinePassed,
-    InvalidInput,
-    ModelControlDisabled,
-    ModelLoadFailed,
-    QueueFull,
-    ServingError,
-    ShuttingDown,
-    Unauthenticated,
-    UnknownModel,
-    UnknownVersion,
-)
+from serving.grpc_api import malformed
+from serving.inference.errors import STATUS_CODES, ServingError, ShuttingDown, codes_for
 
 GRPC_STATUS: dict[type[ServingError], grpc.StatusCode] = {
-    UnknownModel: grpc.StatusCode.NOT_FOUND,
-    UnknownVersion: grpc.StatusCode.NOT_FOUND,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,  # retry with backoff
-    DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ShuttingDown: grpc.StatusCode.UNAVAILABLE,  # clients retry on another replica
-    ModelControlDisabled: grpc.StatusCode.UNAVAILABLE,  # Triton's code for load/unload outside explicit mode
-    ModelLoadFailed: grpc.StatusCode.INTERNAL,  # Triton's code for a model that fails to load
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    cls: grpc.StatusCode[codes.grpc] for cls, codes in STATUS_CODES.items()
 }
-
-log = logging.getLogger("mnist-serve")
-MALFORMED_LOG_INTERVAL = 60.0  # seconds: at most one log line per interval about malformed requests
-
-
-@dataclass(frozen=True)
-class MalformedRequest:
-    """What the deserializer hands on when the request's bytes are not the method's protobuf message."""
-
-    size: int  # bytes received
-
-    @property
-    def message(self) -> str:
-        return f"the request ({self.size} bytes) is not a valid protobuf message for this method"
-
-
-class OncePerInterval:
-    """Logs a recurring event at most once per interval, saying how many went unlogged."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._lock = threading.Lock()  # deserializers may run on gRPC's threads
-        self._next = 0.0
-        self._unlogged = 0
-
-    def note(self, text: str) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now < self._next:
-                self._unlogged += 1
-                return
-            unlogged, self._unlogged, self._next = self._unlogged, 0, now + self.interval
-        log.warning("%s (%d more since the last such line; logged at most once per %.0f s)",
-                    text, unlogged, self.interval)
-
-
-MALFORMED = OncePerInterval(MALFORMED_LOG_INTERVAL)
 
 
 def status_for(error: ServingError) -> grpc.StatusCode:
     """The code for `error`: its own class's, else the nearest base class's, else INTERNAL."""
-    for cls in type(error).__mro__:
-        if cls in GRPC_STATUS:
-            return GRPC_STATUS[cls]
-    return grpc.StatusCode.INTERNAL
+    return grpc.StatusCode[codes_for(error).grpc]
 
 
 def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
@@ -105,27 +40,13 @@ def _fail(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
     return None
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """The method's deserializer, returning a MalformedRequest where it would raise."""
-    if deserializer is None:
-        return None
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except Exception:  # noqa: BLE001  (protobuf's DecodeError, or whatever a parser raises on junk)
-            return MalformedRequest(len(data))
-
-    return deserialize
-
-
 def mapping_errors(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     """`handler` with its ServingErrors answered by status code, and malformed requests refused."""
     behaviour = handler.unary_unary
 
     async def mapped(request, context: grpc.aio.ServicerContext):
-        if isinstance(request, MalformedRequest):
-            MALFORMED.note(f"malformed protobuf request on {method} ({request.size} bytes): INVALID_ARGUMENT")
+        if isinstance(request, malformed.MalformedRequest):
+            malformed.note(request, method)
             return _fail(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
         code, message, refused = grpc.StatusCode.OK, "", False
         try:
@@ -145,6 +66,6 @@ def mapping_errors(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMetho
         return _fail(context, code, message)
 
     return grpc.unary_unary_rpc_method_handler(
-        mapped, request_deserializer=_tolerant(handler.request_deserializer),
+        mapped, request_deserializer=malformed.tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )

@@ -1,7 +1,8 @@
 """What can go wrong with a prediction, whatever the transport.
 
-The model core raises these; each transport maps them to its own status codes in one place
-(gRPC: serving.grpc_api.status). The message is written for the caller and says what to do.
+The model core raises these; STATUS_CODES below gives each one its gRPC and its HTTP code, in one
+table that both transports read (serving.grpc_api.status, serving.http_api.status), so the two
+cannot disagree. The message is written for the caller and says what to do.
 Every message is bounded (MESSAGE_LIMIT bytes): gRPC carries it in a trailer, and a message
 that echoed a 1 MiB field would break the call itself (the client would see "metadata size
 exceeds hard limit" instead of the real error). Client-supplied strings go through quoted(),
@@ -10,6 +11,7 @@ which cuts them short and says so.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 MESSAGE_LIMIT = 512  # bytes of UTF-8; far under gRPC's 8 KiB metadata budget
 QUOTE_LIMIT = 64  # characters of a client-supplied string shown in a message
@@ -81,3 +83,36 @@ class ModelControlDisabled(ServingError):
 
 class ModelLoadFailed(ServingError):
     """An explicit load request whose model has no version that passes the checks."""
+
+
+@dataclass(frozen=True)
+class Codes:
+    """What a transport answers for an error: a gRPC status code's name and an HTTP status."""
+
+    grpc: str  # a grpc.StatusCode member's name: the model core imports no gRPC
+    http: int
+
+
+# The one table: every domain error above has its row (tests/test_architecture.py walks the
+# hierarchy). The HTTP codes follow KServe's and Triton's REST answers for the same errors.
+STATUS_CODES: dict[type[ServingError], Codes] = {
+    UnknownModel: Codes("NOT_FOUND", 404),
+    UnknownVersion: Codes("NOT_FOUND", 404),
+    InvalidInput: Codes("INVALID_ARGUMENT", 400),
+    QueueFull: Codes("RESOURCE_EXHAUSTED", 429),  # retry with backoff (429: Too Many Requests)
+    # The caller's deadline (gRPC) or the request's own timeout (REST) passed while it was queued.
+    DeadlinePassed: Codes("DEADLINE_EXCEEDED", 504),
+    ShuttingDown: Codes("UNAVAILABLE", 503),  # clients retry on another replica
+    ModelControlDisabled: Codes("UNAVAILABLE", 503),  # Triton's answer outside explicit mode
+    ModelLoadFailed: Codes("INTERNAL", 500),  # Triton's code for a model that fails to load
+    Unauthenticated: Codes("UNAUTHENTICATED", 401),  # --auth-token-file: no or wrong token
+}
+UNMAPPED = Codes("INTERNAL", 500)  # an error without a row: never OK, never hidden
+
+
+def codes_for(error: ServingError) -> Codes:
+    """The codes for `error`: its own class's row, else the nearest base class's, else UNMAPPED."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return UNMAPPED
