@@ -65,6 +65,7 @@ def trained_repository(tmp_path_factory) -> Path:
     result = run_train(*QUICK_TRAIN_ARGS, "--out", str(root / "model_repository"),
                        "--artifacts", str(root / "artifacts"))
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "summary.txt").write_text(result.stdout)  # mnist-train's summary, read by the INT8 tests
     return root / "model_repository"
 
 

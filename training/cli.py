@@ -87,19 +87,41 @@ def _progress(message: str) -> None:
     print(f"[mnist-train] {message}", file=sys.stderr, flush=True)
 
 
-def _publish_int8(config: TrainConfig, fp32, data) -> str:
-    """Quantize and publish `<name>_int8`; a failed parity check publishes nothing and says why."""
-    from training.quantize import Int8ParityError, publish_int8
+def _publish_int8(config: TrainConfig, fp32, data) -> list[tuple[str, str]]:
+    """Quantize and publish `<name>_int8`; the summary's INT8 rows. A failed gate publishes nothing
+    and says why, with the figures it measured."""
+    from training.quantize import (
+        DEFAULT_RECIPE,
+        MAX_ACCURACY_LOSS_POINTS,
+        MIN_AGREEMENT,
+        Int8ParityError,
+        publish_int8,
+    )
 
-    _progress("quantizing to INT8 (static, QDQ) and comparing with the FP32 model on the test images")
+    _progress(f"quantizing to INT8 ({DEFAULT_RECIPE.describe()}) and comparing with the FP32 model "
+              "on the test images")
+    gate = (f"gate: >= {100 * MIN_AGREEMENT:g} % agreement, "
+            f"<= {MAX_ACCURACY_LOSS_POINTS:g} points lost")
     try:
-        int8, report = publish_int8(config.out, fp32, data.train_images, data.test_images, data.test_labels,
-                                    config.max_batch_size)
+        int8, report, speed = publish_int8(config.out, fp32, data.train_images, data.test_images,
+                                           data.test_labels, config.max_batch_size)
     except Int8ParityError as err:
         _progress(f"INT8 model not published: {err}")
-        return f"not published: {err}"
-    return (f"{int8.model_path}: test accuracy {report.int8_accuracy:.4f} (FP32 {report.fp32_accuracy:.4f}), "
-            f"agrees with FP32 on {report.agreeing:,} of {report.images:,} images")
+        return [("int8 model", f"not published: {err}"), ("int8 parity", _parity(err.report, gate))]
+    return [
+        ("int8 model", f"{int8.model_path} ({DEFAULT_RECIPE.describe()})"),
+        ("int8 parity", _parity(report, gate)),
+        ("int8 speed", "vs FP32 in-process, 1 thread: " + ", ".join(
+            f"batch {s.batch} {s.speedup:.2f}x ({s.int8_images_per_s:,.0f} vs "
+            f"{s.fp32_images_per_s:,.0f} images/CPU-s)" for s in speed)),
+    ]
+
+
+def _parity(report, gate: str) -> str:
+    return (f"agrees with FP32 on {report.agreeing:,} of {report.images:,} test images "
+            f"({100 * report.agreement:.2f} %); test accuracy {report.int8_accuracy:.4f} "
+            f"(FP32 {report.fp32_accuracy:.4f}, {-report.accuracy_loss_points:+.2f} points); "
+            f"{gate}")
 
 
 def run(config: TrainConfig, publish_int8_model: bool = True) -> int:
@@ -171,9 +193,9 @@ def run(config: TrainConfig, publish_int8_model: bool = True) -> int:
         wall_seconds=round(time.perf_counter() - started, 1),
     )
     version = write_version(config.out, config.model_name, onnx_bytes, metadata, config.max_batch_size)
-    int8_line = "not asked for (--no-int8)"
+    int8_rows = [("int8 model", "not asked for (--no-int8)")]
     if publish_int8_model:
-        int8_line = _publish_int8(config, version, data)
+        int8_rows = _publish_int8(config, version, data)
 
     artifacts = config.artifacts / f"{config.model_name}-v{version.version}"
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -196,7 +218,7 @@ def run(config: TrainConfig, publish_int8_model: bool = True) -> int:
         ("parity", f"max |Δp| {parity.max_abs_diff:.1e} over {parity.images:,} images, "
                    f"{len(parity.argmax_mismatches)} argmax differences"),
         ("model", str(version.model_path)),
-        ("int8 model", int8_line),
+        *int8_rows,
         ("artifacts", str(artifacts)),
     ]))
     return 0
