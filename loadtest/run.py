@@ -364,7 +364,9 @@ def report(run, args, target, view, ceiling, ceiling_note) -> int:
         print(
             f"{PROG}: error: no call completed (Locust exit status {run.returncode})"
             + (f": {reason}" if reason else "")
-            + f"; see {run.log_path or 'its output'}",
+            + f"; see {run.log_path or 'its output'}"
+            # Counted from when every user runs; each worker process screens its pool first.
+            + ("; with --processes, give a longer --run-time" if args.processes else ""),
             file=sys.stderr,
         )
         return 2

@@ -268,7 +268,7 @@ def test_a_server_killed_mid_run_gives_failures_and_exit_1(trained_repository, m
 @pytest.mark.timeout(200)
 def test_run_starts_its_own_server_and_spreads_locust_over_processes(trained_repository, mnist_path, tmp_path):
     result = run_module("loadtest.run", "--model-repository", str(trained_repository), "--server-args", "--workers 1",
-                        "--scenario", "single", "--users", "4", "--spawn-rate", "4", "--run-time", "3s",
+                        "--scenario", "single", "--users", "4", "--spawn-rate", "4", "--run-time", "10s",
                         "--pool-size", "200", "--processes", "2", "--reports-dir", str(tmp_path), "--name", "own",
                         "--ceiling-run-time", "3s", mnist_path=mnist_path, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
