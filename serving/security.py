@@ -1,17 +1,20 @@
-"""Transport security: TLS and mutual TLS on the server's ports, and bearer-token auth.
+"""Transport security's files, whatever the transport: TLS and mutual TLS files, the bearer token.
 
-- TLS (--tls-cert, --tls-key): the gRPC port serves TLS with these PEM files. They are re-read
-  when they change (a renewed certificate, e.g. cert-manager rewriting a Kubernetes Secret):
-  gRPC asks for the current certificate on each new connection (its dynamic certificate
-  configuration), and we answer from the files' last-seen state. Connections already open keep
-  the certificate they were made with.
+- TLS (--tls-cert, --tls-key): both ports serve TLS with these PEM files. They are re-read when
+  they change (a renewed certificate, e.g. cert-manager rewriting a Kubernetes Secret): each
+  transport asks for the current certificate on each new connection, and gets it from the files'
+  last-seen state. Connections already open keep the certificate they were made with.
 - mTLS (--tls-client-ca): every client must present a certificate signed by that CA; one without
   a certificate, with a certificate from another CA, or with an expired one never gets a
-  connection (the handshake fails: UNAVAILABLE on the client).
-- Tokens (--auth-token-file): inference and model calls must carry "authorization: Bearer <token>"
-  (UNAUTHENTICATED otherwise). grpc.health.v1, reflection, KServe's ServerLive/ServerReady/
-  ModelReady and /metrics stay open, so probes and scrapers need no secret. The file is re-read
-  when it changes, so a token rotates without a restart.
+  connection (the handshake fails: UNAVAILABLE on a gRPC client).
+- Tokens (--auth-token-file): inference and model calls must carry "Bearer <token>" in their
+  authorization metadata or header (Unauthenticated otherwise). Health, readiness, reflection,
+  the page and /metrics stay open, so probes and scrapers need no secret. The file is re-read when
+  it changes, so a token rotates without a restart.
+
+Every file is watched the same way (WatchedFiles). Each transport's side lives beside it:
+serving.grpc_api.security (certificate fetcher, the token check of each method) and
+serving.http_api.security (the HTTPS context, the token middleware).
 """
 from __future__ import annotations
 
@@ -21,32 +24,26 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import grpc
+from typing import Generic, TypeVar
 
 from serving.inference.errors import Unauthenticated
 
 log = logging.getLogger("mnist-serve")
 
-# Methods that stay open with --auth-token-file: liveness and readiness, as probes call them.
-OPEN_METHODS = frozenset({
-    "/inference.GRPCInferenceService/ServerLive",
-    "/inference.GRPCInferenceService/ServerReady",
-    "/inference.GRPCInferenceService/ModelReady",
-})
-# Services whose every other method needs the token: inference and model description/control.
-PROTECTED_SERVICES = ("/mnist.v1.Classifier/", "/inference.GRPCInferenceService/")
-TOKEN_RECHECK_SECONDS = 1.0  # how often the token file's state is looked at
+TOKEN_RECHECK_SECONDS = 1.0  # how often the token file's state is looked at (it is read per call)
+
+T = TypeVar("T")
 
 
 class SecurityConfigError(OSError):
     """A TLS or token file that cannot be used; the message says which and why."""
 
 
-def _read(path: Path, what: str) -> bytes:
+def read_file(path: Path, what: str) -> bytes:
+    """The file's bytes, or SecurityConfigError naming the flag (`what`) when unreadable or empty."""
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -56,7 +53,7 @@ def _read(path: Path, what: str) -> bytes:
     return data
 
 
-def _state(paths: Sequence[Path]) -> tuple:
+def file_state(paths: Sequence[Path]) -> tuple:
     """What changes when a file is rewritten or replaced (a Secret's symlink swap included)."""
     stats = []
     for path in paths:
@@ -66,6 +63,50 @@ def _state(paths: Sequence[Path]) -> tuple:
         except OSError:
             stats.append(None)
     return tuple(stats)
+
+
+class WatchedFiles(Generic[T]):
+    """A value made from files, made again when they change: the one way files are reloaded.
+
+    The first load raises SecurityConfigError (one clear line at start-up). Later, a change that
+    cannot be used yet (cert renewed, key not yet written) keeps the previous value and is tried
+    again at the next look; so a half-written Secret never takes a port down. Thread-safe: gRPC
+    fetches certificates from its own threads.
+    """
+
+    def __init__(self, paths: Sequence[Path], load: Callable[[], T], what: str,
+                 recheck_seconds: float = 0.0) -> None:
+        self.paths = tuple(paths)
+        self.what = what  # for the log: "TLS certificate", "auth token", ...
+        self.reloads = 0
+        self._load = load
+        self._recheck = recheck_seconds  # 0: look at the files' state on every call
+        self._lock = threading.Lock()
+        self._state = file_state(self.paths)  # before loading: a change during the load is seen next
+        self._value = load()
+        self._looked = time.monotonic()
+
+    def current(self) -> tuple[T, bool]:
+        """The value from the files' newest usable state, and whether this call reloaded it."""
+        with self._lock:
+            if self._recheck:
+                now = time.monotonic()
+                if now - self._looked < self._recheck:
+                    return self._value, False
+                self._looked = now
+            state = file_state(self.paths)
+            if state == self._state:
+                return self._value, False
+            try:
+                value = self._load()
+            except SecurityConfigError as error:
+                log.warning("%s files changed but cannot be used yet; keeping the previous one: %s",
+                            self.what, error)
+                return self._value, False
+            self._value, self._state = value, state
+            self.reloads += 1
+        log.info("%s reloaded from %s", self.what, self.paths[0])
+        return value, True
 
 
 @dataclass(frozen=True)
@@ -78,90 +119,28 @@ class TlsFiles:
     def paths(self) -> tuple[Path, ...]:
         return (self.cert, self.key) + ((self.client_ca,) if self.client_ca else ())
 
-    def load(self) -> tuple[bytes, bytes, bytes | None]:
-        cert, key = _read(self.cert, "--tls-cert"), _read(self.key, "--tls-key")
-        ca = _read(self.client_ca, "--tls-client-ca") if self.client_ca else None
-        # gRPC would only fail at the first handshake; check the pair now, with one clear line.
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server SSLContext from the files now: TLS 1.2 or newer, client certificates with mTLS."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
             context.load_cert_chain(self.cert, self.key)
             if self.client_ca:
                 context.load_verify_locations(self.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
         except (ssl.SSLError, OSError) as error:
-            raise SecurityConfigError(f"--tls-cert {self.cert} / --tls-key {self.key} / --tls-client-ca "
-                                      f"{self.client_ca}: not a usable PEM certificate, key and CA ({error})") from None
-        return cert, key, ca
-
-
-class ReloadingCertificates:
-    """gRPC's certificate fetcher: the current certificate when the files changed, else None (keep it)."""
-
-    def __init__(self, files: TlsFiles) -> None:
-        self.files = files
-        self._lock = threading.Lock()  # gRPC calls the fetcher from its own threads
-        self._state = _state(files.paths)
-        self.reloads = 0
-        self.initial = self._configuration(*files.load())
-
-    def _configuration(self, cert: bytes, key: bytes, ca: bytes | None) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
-
-    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
-        with self._lock:
-            state = _state(self.files.paths)
-            if state == self._state:
-                return None
-            try:
-                configuration = self._configuration(*self.files.load())
-            except SecurityConfigError as error:
-                # Half-written files (cert renewed, key not yet): keep serving the old pair, try again later.
-                log.warning("TLS files changed but cannot be used yet; keeping the previous certificate: %s", error)
-                return None
-            self._state = state
-            self.reloads += 1
-        log.info("TLS certificate reloaded from %s", self.files.cert)
-        return configuration
-
-
-def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    """TLS (or mTLS when files.client_ca is set) credentials that follow the files when they change."""
-    fetcher = ReloadingCertificates(files)
-    return grpc.dynamic_ssl_server_credentials(
-        fetcher.initial, fetcher, require_client_authentication=files.client_ca is not None)
-
-
-def http_ssl_context(files: TlsFiles) -> ssl.SSLContext:
-    """An SSLContext for the HTTP port that also follows the files: each new handshake picks the newest."""
-    files.load()  # one clear error now rather than at the first handshake
-
-    def build() -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(files.cert, files.key)
-        if files.client_ca:
-            context.load_verify_locations(files.client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
+            raise SecurityConfigError(
+                f"--tls-cert {self.cert} / --tls-key {self.key} / --tls-client-ca {self.client_ca}: "
+                f"not a usable PEM certificate, key and CA ({error})") from None
         return context
 
-    current = {"state": _state(files.paths), "context": build()}
-    lock = threading.Lock()
-
-    def pick_newest(sock: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext) -> None:
-        # Called during every handshake: swapping the socket's context is how Python serves a new certificate.
-        with lock:
-            state = _state(files.paths)
-            if state != current["state"]:
-                try:
-                    current["context"] = build()
-                    current["state"] = state
-                    current["context"].sni_callback = pick_newest
-                    log.info("TLS certificate reloaded for HTTP from %s", files.cert)
-                except (ssl.SSLError, OSError) as error:
-                    log.warning("TLS files changed but cannot be used yet; keeping the previous certificate: %s", error)
-            sock.context = current["context"]
-
-    current["context"].sni_callback = pick_newest
-    return current["context"]
+    def load(self) -> tuple[bytes, bytes, bytes | None]:
+        """The PEM bytes (cert, key, client CA), checked to be a usable pair now."""
+        cert, key = read_file(self.cert, "--tls-cert"), read_file(self.key, "--tls-key")
+        ca = read_file(self.client_ca, "--tls-client-ca") if self.client_ca else None
+        # gRPC would only fail at the first handshake; check the pair now, with one clear line.
+        self.ssl_context()
+        return cert, key, ca
 
 
 class TokenFile:
@@ -169,35 +148,29 @@ class TokenFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._state = _state([path])
-        self._token = self._load()
-        self._checked = time.monotonic()
-        self._lock = threading.Lock()
+        self._watched = WatchedFiles([path], self._load, "auth token", TOKEN_RECHECK_SECONDS)
 
     def _load(self) -> bytes:
-        token = _read(self.path, "--auth-token-file").strip()
+        token = read_file(self.path, "--auth-token-file").strip()
         if len(token.split()) != 1:
             raise SecurityConfigError(f"--auth-token-file {self.path} must hold one token (no spaces)")
         return token
 
     def current(self) -> bytes:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._checked >= TOKEN_RECHECK_SECONDS:
-                self._checked = now
-                state = _state([self.path])
-                if state != self._state:
-                    try:
-                        self._token, self._state = self._load(), state
-                        log.info("auth token reloaded from %s", self.path)
-                    except SecurityConfigError as error:
-                        log.warning("auth token file changed but cannot be used; keeping the previous token: %s",
-                                    error)
-            return self._token
+        return self._watched.current()[0]
 
     def accepts(self, presented: bytes | None) -> bool:
         # Constant time: the comparison must not tell an attacker how much of a guess was right.
         return presented is not None and hmac.compare_digest(presented, self.current())
+
+    def check(self, presented: bytes | None, how_to_send: str) -> None:
+        """Raise Unauthenticated unless `presented` is the token; `how_to_send`: the transport's
+        words for where it goes ("the metadata 'authorization: Bearer <token>'")."""
+        if presented is None:
+            raise Unauthenticated(f"this call needs a bearer token: send {how_to_send} "
+                                  "(the server runs with --auth-token-file)")
+        if not self.accepts(presented):
+            raise Unauthenticated("the bearer token is not valid for this server")
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes | None:
@@ -209,58 +182,3 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes | 
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip().encode("latin-1", "replace")
     return None
-
-
-def needs_token(method: str) -> bool:
-    return method.startswith(PROTECTED_SERVICES) and method not in OPEN_METHODS
-
-
-# HTTP paths that stay open with --auth-token-file: health, the page itself, and a model's readiness.
-OPEN_HTTP_PREFIXES = ("/v2/health/", "/static/")
-OPEN_HTTP_PATHS = frozenset({"/", "/favicon.ico"})
-
-
-def http_needs_token(path: str) -> bool:
-    if path in OPEN_HTTP_PATHS or path.startswith(OPEN_HTTP_PREFIXES):
-        return False
-    return not (path.startswith("/v2/models/") and path.endswith("/ready"))
-
-
-def http_token_middleware(token: TokenFile):
-    """The REST port's token check: the same rule and error as gRPC's (401 from the error table)."""
-    from aiohttp import web  # the HTTP transport's dependency, loaded only when it runs
-
-    @web.middleware
-    async def check_token(request, handler):
-        if http_needs_token(request.path):
-            presented = bearer_token(list(request.headers.items()))
-            if presented is None:
-                raise Unauthenticated("this call needs a bearer token: send the header "
-                                      "'Authorization: Bearer <token>' (the server runs with --auth-token-file)")
-            if not token.accepts(presented):
-                raise Unauthenticated("the bearer token is not valid for this server")
-        return await handler(request)
-
-    return check_token
-
-
-def token_checked(handler: grpc.RpcMethodHandler, token: TokenFile) -> grpc.RpcMethodHandler:
-    """`handler` refusing calls without the right bearer token: Unauthenticated, mapped to UNAUTHENTICATED.
-
-    It sits inside the error mapping (serving.grpc_api.handlers), so the refusal gets its status
-    code there and is counted in the metrics like any call.
-    """
-    behaviour = handler.unary_unary
-
-    async def guarded(request, context: grpc.aio.ServicerContext):
-        presented = bearer_token(context.invocation_metadata())
-        if presented is None:
-            raise Unauthenticated("this call needs a bearer token: send the metadata "
-                                  "'authorization: Bearer <token>' (the server runs with --auth-token-file)")
-        if not token.accepts(presented):
-            raise Unauthenticated("the bearer token is not valid for this server")
-        return await behaviour(request, context)
-
-    return grpc.unary_unary_rpc_method_handler(
-        guarded, request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer)

@@ -24,9 +24,11 @@ from serving.config import ServeConfig
 from serving.connection_limits import slow_client_limits
 from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from serving.generated import mnist_classifier_pb2, mnist_classifier_pb2_grpc
+from serving.grpc_api import security as grpc_security
 from serving.grpc_api.classifier import ClassifierServicer
 from serving.grpc_api.kserve import KServeServicer
 from serving.grpc_api.handlers import WrappingRegistrar, server_wrap
+from serving.http_api import security as http_security
 from serving.http_api.app import HttpServer, build_app
 from serving.inference.poller import RepositoryPoller
 from serving.inference.registry import ModelRegistry, RegistryOptions
@@ -130,7 +132,7 @@ class Server:
         # TLS files and token first: a bad file is one clear line before anything loads.
         tls = (security.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
                if config.tls_cert and config.tls_key else None)
-        credentials = security.server_credentials(tls) if tls else None
+        credentials = grpc_security.server_credentials(tls) if tls else None
         token = security.TokenFile(config.auth_token_file) if config.auth_token_file else None
         set_pillow_limit(config.max_decoded_pixels)
         self.registry = ModelRegistry(registry_options(config), metrics.PrometheusLifecycleObserver())
@@ -173,9 +175,9 @@ class Server:
         if config.http_port:
             app = build_app(self.model, self.is_ready, config.max_message_bytes)
             if token is not None:
-                app.middlewares.append(security.http_token_middleware(token))  # inside the error answers
+                app.middlewares.append(http_security.token_middleware(token))  # inside the error answers
             self._http = HttpServer(app, config.host, config.http_port, config.grace_period,
-                                    security.http_ssl_context(tls) if tls else None,
+                                    http_security.ssl_context(tls) if tls else None,
                                     reuse_port=config.workers > 1, idle_timeout=config.http_idle_timeout,
                                     body_timeout=config.http_body_timeout)
             await self._http.start()

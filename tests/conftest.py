@@ -25,7 +25,7 @@ except ImportError:  # tests that need it say so themselves
 # one trained model and one server; `make test` (CI) runs every tier.
 TIERS = {
     "unit": {"test_architecture", "test_batcher", "test_core", "test_decoding", "test_docs",
-             "test_proto_stubs"},
+             "test_proto_stubs", "test_security"},
     "system": {"test_containers", "test_compose", "test_page", "test_manifests", "test_swarm",
                "test_memory_limit", "test_monitoring"},
 }

@@ -48,6 +48,13 @@ def test_import_boundaries(folder, forbidden):
     assert not offenders, f"{folder} must not import {sorted(forbidden)}: {offenders}"
 
 
+def test_transport_free_modules_import_no_transport():
+    """Security's files, the error table and the log limiter serve both transports and import neither."""
+    found = imported_packages(ROOT / "serving")
+    for path in ("serving/security.py", "serving/inference/errors.py", "serving/log_limit.py"):
+        assert path in found and not found[path] & {"grpc", "aiohttp"}, (path, found.get(path))
+
+
 def run_probe(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
 

@@ -7,6 +7,7 @@ without the right token is UNAUTHENTICATED, and health and metrics stay open.
 """
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 import time
@@ -125,8 +126,11 @@ def test_certificate_files_are_reloaded_without_a_restart(tls_server, pki, mnist
         assert _first_ok(tls_server.target, ClientTls(ca=new_ca[0].cert), mnist_test_set[0]) == grpc.StatusCode.OK
         assert classify_code(tls_server.target, ClientTls(ca=pki["ca"].cert), mnist_test_set[0]) == \
             grpc.StatusCode.UNAVAILABLE  # the old CA no longer verifies the server
+        https = tls_server.http_url.replace("http://", "https://") + "/v2/health/ready"
+        assert http_status(https, context=ssl.create_default_context(cafile=str(new_ca[0].cert))) == 200
         assert tls_server.proc.pid == pid and tls_server.proc.poll() is None
         assert "TLS certificate reloaded" in tls_server.log()
+        assert "TLS certificate for HTTP reloaded" in tls_server.log()
     finally:  # the other tests of this server expect the first certificate
         _install(tls_server.tls_files, pki["server"])
         assert _first_ok(tls_server.target, ClientTls(ca=pki["ca"].cert), mnist_test_set[0]) == grpc.StatusCode.OK
@@ -256,8 +260,6 @@ def http_status(url: str, token: str | None = None, context=None) -> int:
 
 
 def test_the_http_port_serves_tls_with_the_same_certificate(tls_server, pki):
-    import ssl
-
     https = tls_server.http_url.replace("http://", "https://") + "/v2/health/ready"
     trusting = ssl.create_default_context(cafile=str(pki["ca"].cert))
     assert http_status(https, context=trusting) == 200

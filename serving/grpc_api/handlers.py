@@ -2,9 +2,9 @@
 
 Outermost first: with tracing on, a server span (serving.tracing); count and time the call
 (serving.metrics), turn a domain error or a malformed request into its status code
-(serving.grpc_api.status), check the bearer token with
---auth-token-file (serving.security). So the token's refusal is mapped like any error, and the
-metrics count the code the mapping chose.
+(serving.grpc_api.status), check the bearer token with --auth-token-file
+(serving.grpc_api.security). So the token's refusal is mapped like any error, and the metrics
+count the code the mapping chose.
 
 gRPC's server interceptors would do the same, but gRPC awaits every interceptor on every call just
 to look the handler up, and each had to cache its wrapper by method name. Here the generated
@@ -20,7 +20,8 @@ import grpc
 
 from serving import metrics, tracing
 from serving.grpc_api import status
-from serving.security import TokenFile, needs_token, token_checked
+from serving.grpc_api.security import needs_token, token_checked
+from serving.security import TokenFile
 
 Wrap = Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]  # (full method name, handler) -> handler
 

@@ -242,7 +242,7 @@ class HttpServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      keepalive_timeout=idle_timeout)
         self._host, self._port, self._shutdown_timeout = host, port, shutdown_timeout
-        self._ssl_context = ssl_context  # --tls-cert: HTTPS (serving.security.http_ssl_context)
+        self._ssl_context = ssl_context  # --tls-cert: HTTPS (serving.http_api.security.ssl_context)
         # --workers share the port as they share gRPC's (SO_REUSEPORT): REST gets every core too.
         self._reuse_port = reuse_port
 
