@@ -43,7 +43,7 @@ class ServeConfig:
     http_idle_timeout: float = 75.0  # REST: closed when no complete request head came for this long
     http_body_timeout: float = 30.0  # REST: 408 when the body is not in this long after its head
     grpc_handshake_timeout: float = 20.0  # gRPC: closed when no HTTP/2 preface + SETTINGS by then
-    grpc_max_concurrent_streams: int = 100  # gRPC: calls in flight per connection (HTTP/2 SETTINGS)
+    grpc_max_concurrent_streams: int = 1000  # gRPC: calls in flight per connection (HTTP/2 SETTINGS)
     grpc_keepalive_time: float = 60.0  # gRPC: ping a connection with calls in flight after this quiet
     grpc_keepalive_timeout: float = 20.0  # gRPC: and close it when the ping goes unanswered this long
     grpc_max_connection_idle: float = 300.0  # gRPC: GOAWAY to a connection with no call for this long
