@@ -75,15 +75,19 @@ def list_versions(repository: Path, model_name: str) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def no_versions_message(repository: Path, model_name: str | None = None) -> str:
+    """What to say when there is nothing to serve: no versions of `model_name` (None: of any model)."""
+    what = f"model '{model_name}'" if model_name else "models"
+    return (f"no versions of {what} under {repository}: run `mnist-train --out {repository}` first, "
+            "or point --model-repository at a trained one")
+
+
 def load_version(repository: Path, model_name: str, version: int | None = None) -> ModelVersion:
     """Open one version (the newest when `version` is None), checking that it is complete."""
     repository = Path(repository)
     versions = list_versions(repository, model_name)
     if not versions:
-        raise RepositoryError(
-            f"no versions of model '{model_name}' under {repository}: "
-            f"run `mnist-train --out {repository}` first, or point --model-repository at a trained one"
-        )
+        raise RepositoryError(no_versions_message(repository, model_name))
     if version is None:
         version = versions[-1]
     elif version not in versions:

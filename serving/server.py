@@ -103,8 +103,8 @@ class Server:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.readiness = Readiness.STARTING
-        self.registry: ModelRegistry | None = None  # models -> versions -> ServedModel
-        self.model: ModelRegistry | None = None  # what the APIs look a call's (model, version) up in
+        # models -> versions -> ServedModel: what every API looks a call's (model, version) up in
+        self.registry: ModelRegistry | None = None
         self._poller: RepositoryPoller | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -148,17 +148,14 @@ class Server:
             except OSError as err:
                 raise PortInUse(f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
                                 f"choose another --metrics-port, or 0 to turn metrics off") from err
-        # What every API serves from: a call's (model, version) looked up in the registry.
-        self.model = self.registry
-
         self._decoder = DecodePool(config.decode_threads, config.max_decoded_pixels)
         payload_log.install(payload_log_settings(config), metrics.count_payload_records)
         self._grpc = grpc.aio.server(options=channel_options(config))
         services = WrappingRegistrar(self._grpc, server_wrap(token))  # metrics, errors, token: once per method
         mnist_classifier_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(self.model, self._decoder), services)
+            ClassifierServicer(self.registry, self._decoder), services)
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.model, self.is_ready), services)
+            KServeServicer(self.registry, self.is_ready), services)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, services)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), services)
@@ -173,7 +170,7 @@ class Server:
                             "is another server running? choose --port") from err
         await self._grpc.start()
         if config.http_port:
-            app = build_app(self.model, self.is_ready, config.max_message_bytes)
+            app = build_app(self.registry, self.is_ready, config.max_message_bytes)
             if token is not None:
                 app.middlewares.append(http_security.token_middleware(token))  # inside the error answers
             self._http = HttpServer(app, config.host, config.http_port, config.grace_period,

@@ -151,15 +151,14 @@ async def _serve_worker(config: ServeConfig, early_stop: threading.Event) -> int
 
 def run_workers(config: ServeConfig) -> int:
     """The parent: check the ports, start the workers, serve the summed metrics, forward signals."""
-    from core.repository import RepositoryError, load_version
+    from core.repository import RepositoryError, load_version, no_versions_message
     from serving.inference.registry import list_models
     from serving.server import PortInUse, ensure_port_free
 
     # A missing model is one error line from here, not one per worker.
     names = config.model_names or list_models(config.model_repository)
     if not names and config.model_control_mode != "explicit":
-        raise RepositoryError(f"no versions of models under {config.model_repository}: run `mnist-train --out "
-                              f"{config.model_repository}` first, or point --model-repository at a trained one")
+        raise RepositoryError(no_versions_message(config.model_repository))
     for name in names:
         load_version(config.model_repository, name, config.model_version).verify_checksum()
     # Checked here, once: the workers bind with SO_REUSEPORT and would share a port another server holds.

@@ -17,19 +17,19 @@ from serving.inputs.pool import DecodePool
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, model: ModelLookup, decoder: DecodePool | None = None) -> None:
-        self.model = model
+    def __init__(self, lookup: ModelLookup, decoder: DecodePool | None = None) -> None:
+        self.lookup = lookup  # the registry: each call's (model, version) is looked up in it
         self.decoder = decoder or DecodePool()
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         # The version is chosen once, here; the answer names it (a retired version still finishes this call).
-        model = self.model.resolve(request.model_name, request.model_version)
-        images = await self.decoder.classify_images(request.images, self.model.max_batch_size)
+        model = self.lookup.resolve(request.model_name, request.model_version)
+        images = await self.decoder.classify_images(request.images, self.lookup.max_batch_size)
         request_id = converters.request_id_of(context) if payload_log.active is not None else ""
         probabilities = await model.predict(images, converters.deadline_of(context), request_id)
         return converters.classify_response(model, probabilities)
 
     async def DescribeModel(self, request: pb.DescribeModelRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelDescription:
-        model = self.model.resolve(request.model_name, request.model_version)
-        return converters.model_description(model, self.model.ready_versions(model.name))
+        model = self.lookup.resolve(request.model_name, request.model_version)
+        return converters.model_description(model, self.lookup.ready_versions(model.name))

@@ -19,10 +19,10 @@ from serving.inference.served_model import ModelLookup
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, model: ModelLookup, is_ready: Callable[[], bool]) -> None:
-        self.model = model  # the registry; a lone ServedModel in in-process tests
+    def __init__(self, lookup: ModelLookup, is_ready: Callable[[], bool]) -> None:
+        self.lookup = lookup  # the registry; a lone ServedModel in in-process tests
         self._is_ready = is_ready  # the Server's readiness: False while loading and while draining
-        self.triton = triton.TritonExtensions(model)
+        self.triton = triton.TritonExtensions(lookup)
 
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -31,18 +31,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._is_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._is_ready() and self.model.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(ready=self._is_ready() and self.lookup.is_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="mnist-serve", version=__version__, extensions=self.triton.extensions)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
-        model = self.model.resolve(request.name, request.version)
-        return convert.model_metadata(model, self.model.ready_versions(model.name))
+        model = self.lookup.resolve(request.name, request.version)
+        return convert.model_metadata(model, self.lookup.ready_versions(model.name))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         # Looked up and queued with no await between: the call finishes on the version it found.
-        model = self.model.resolve(request.model_name, request.model_version)
+        model = self.lookup.resolve(request.model_name, request.model_version)
         images = convert.infer_images(request, model.max_batch_size)
         probabilities = await model.predict(images, deadline_of(context), request.id)
         return convert.infer_response(request, model, probabilities)

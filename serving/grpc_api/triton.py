@@ -58,13 +58,13 @@ def repository_index(entries: list[IndexEntry]) -> pb.RepositoryIndexResponse:
 class TritonExtensions:
     """Triton's extensions over the server's model lookup, whichever transport asks."""
 
-    def __init__(self, model: ModelLookup) -> None:
-        self.model = model  # the registry; a lone ServedModel in in-process tests (no extensions then)
+    def __init__(self, lookup: ModelLookup) -> None:
+        self.lookup = lookup  # the server's registry; a lone ServedModel in in-process tests
 
     @property
     def extensions(self) -> list[str]:
         """What server metadata lists: these extensions only when there is a model repository."""
-        return EXTENSIONS if isinstance(self.model, ModelRegistry) else []
+        return EXTENSIONS if self.lookup.registry is not None else []
 
     def config(self, name: str, version: str) -> model_config_pb2.ModelConfig:
         """The model's config.pbtxt; `version`, when given, must be a ready version (UnknownVersion)."""
@@ -90,9 +90,10 @@ class TritonExtensions:
         await self._registry("repository").unload(name)
 
     def _registry(self, extension: str) -> ModelRegistry:
-        if not isinstance(self.model, ModelRegistry):
+        registry = self.lookup.registry
+        if registry is None:
             raise ModelControlDisabled(f"this server has no model repository, so no {extension} extension")
-        return self.model
+        return registry
 
 
 def no_overrides(parameters: Iterable[str]) -> None:

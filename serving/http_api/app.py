@@ -113,10 +113,10 @@ def _refusal_message(request: web.Request, error: web.HTTPException) -> str:
 
 
 class KServeRoutes:
-    """The Open Inference Protocol's REST endpoints over one served model."""
+    """The Open Inference Protocol's REST endpoints over every served model and version."""
 
-    def __init__(self, model: ModelLookup, is_ready: Callable[[], bool]) -> None:
-        self.model = model  # the registry: each call's (model, version) is looked up in it
+    def __init__(self, lookup: ModelLookup, is_ready: Callable[[], bool]) -> None:
+        self.lookup = lookup  # the registry: each call's (model, version) is looked up in it
         self._is_ready = is_ready  # the Server's readiness: False while loading and while draining
 
     def add_to(self, router: web.UrlDispatcher) -> None:
@@ -136,25 +136,25 @@ class KServeRoutes:
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         # The same list as gRPC's ServerMetadata: one server, one set of extensions.
-        return json_response(codec.server_metadata(__version__, TritonExtensions(self.model).extensions))
+        return json_response(codec.server_metadata(__version__, TritonExtensions(self.lookup).extensions))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         name, version = _model_and_version(request)
-        model = self.model.resolve(name, version)
+        model = self.lookup.resolve(name, version)
         return json_response(codec.model_metadata(model.name, model.version_label, len(model.class_names)))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        ready = self._is_ready() and self.model.is_ready(*_model_and_version(request))
+        ready = self._is_ready() and self.lookup.is_ready(*_model_and_version(request))
         return web.Response(status=200 if ready else NOT_READY)
 
     async def infer(self, request: web.Request) -> web.Response:
-        self.model.resolve(*_model_and_version(request))  # an unknown model is refused before its body is read
+        self.lookup.resolve(*_model_and_version(request))  # an unknown model is refused before its body is read
         body = await request.read()
-        parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH), self.model.max_batch_size)
+        parsed = codec.parse_infer_request(body, request.headers.get(codec.HEADER_LENGTH), self.lookup.max_batch_size)
         deadline = None if parsed.timeout_s is None else time.monotonic() + parsed.timeout_s
         # Chosen again once the body is in, and queued with no await between: the answer names the version
         # that computed it, also when a new version took over while the body was arriving.
-        model = self.model.resolve(*_model_and_version(request))
+        model = self.lookup.resolve(*_model_and_version(request))
         if tracing.on:
             tracing.annotate_model(model.name, model.version_label)
         request_id = parsed.request_id or request.headers.get("X-Request-Id", "")[:128]  # Envoy sets one
@@ -214,7 +214,7 @@ def _model_and_version(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
 
 
-def build_app(model: ModelLookup, is_ready: Callable[[], bool], max_body_bytes: int) -> web.Application:
+def build_app(lookup: ModelLookup, is_ready: Callable[[], bool], max_body_bytes: int) -> web.Application:
     """The aiohttp application: KServe v2 and Triton's extensions under /v2, the drawing page at /
     (serving.http_api.page)."""
     # With tracing on, a server span around everything else (serving.tracing); off, no middleware.
@@ -222,9 +222,9 @@ def build_app(model: ModelLookup, is_ready: Callable[[], bool], max_body_bytes: 
     app = web.Application(middlewares=[*traced, count_calls, answer_errors],
                           client_max_size=max_body_bytes)
     app["max_body_bytes"] = max_body_bytes
-    KServeRoutes(model, is_ready).add_to(app.router)
-    TritonRoutes(TritonExtensions(model)).add_to(app.router)
-    page.PageRoutes(model).add_to(app.router)
+    KServeRoutes(lookup, is_ready).add_to(app.router)
+    TritonRoutes(TritonExtensions(lookup)).add_to(app.router)
+    page.PageRoutes(lookup).add_to(app.router)
     return app
 
 

@@ -30,8 +30,8 @@ SECURITY_HEADERS = {
 
 
 class PageRoutes:
-    def __init__(self, model: ModelLookup) -> None:
-        self.model = model  # the page shows and uses the default model's newest ready version
+    def __init__(self, lookup: ModelLookup) -> None:
+        self.lookup = lookup  # the page shows and uses the default model's newest ready version
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_get("/", self.index)
@@ -43,7 +43,7 @@ class PageRoutes:
         return web.FileResponse(STATIC / "index.html", headers=SECURITY_HEADERS)
 
     async def describe(self, request: web.Request) -> web.Response:
-        model = self.model.resolve("", "")
+        model = self.lookup.resolve("", "")
         return web.Response(body=codec.dumps({
             "model_name": model.name,
             "model_version": model.version_label,
@@ -57,7 +57,7 @@ class PageRoutes:
         encoded = await request.read()
         # Decoding and framing an image costs milliseconds: off the event loop, as gRPC calls wait there.
         image = await asyncio.get_running_loop().run_in_executor(None, decode_encoded_image, encoded)
-        model = self.model.resolve("", "")
+        model = self.lookup.resolve("", "")
         probabilities = (await model.predict(image[np.newaxis]))[0]
         label = int(probabilities.argmax())
         framed = np.round(image.reshape(-1) * 255.0).astype(np.uint8)

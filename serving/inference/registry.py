@@ -44,7 +44,7 @@ from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
-from core.repository import RepositoryError, list_versions
+from core.repository import RepositoryError, list_versions, no_versions_message
 from serving.inference.batcher import BatchObserver, DynamicBatcher
 from serving.inference.errors import (
     ModelControlDisabled,
@@ -213,6 +213,11 @@ class ModelRegistry:
     def max_batch_size(self) -> int:
         return self.options.max_batch_size
 
+    @property
+    def registry(self) -> ModelRegistry:
+        """A ModelLookup's registry (serving.inference.served_model): this one."""
+        return self
+
     def model_names(self) -> list[str]:
         """The models with at least one ready version."""
         return sorted(name for name, versions in self._served.items() if versions)
@@ -294,9 +299,7 @@ class ModelRegistry:
         """Load what the mode asks for at start; raise RepositoryError when a model has no version to serve."""
         names = self._managed_names()
         if not names and self.options.control_mode != "explicit":
-            raise RepositoryError(
-                f"no versions of models under {self.repository}: run `mnist-train --out {self.repository}` "
-                "first, or point --model-repository at a trained one")
+            raise RepositoryError(no_versions_message(self.repository))
         await self.sync(names)
         for name in sorted(names):
             if not self._served.get(name):
@@ -372,8 +375,7 @@ class ModelRegistry:
             return (f"model '{name}' has no version {pinned} under {self.repository} "
                     f"(available: {', '.join(map(str, on_disk))})")
         if not on_disk:
-            return (f"no versions of model '{name}' under {self.repository}: run `mnist-train --out "
-                    f"{self.repository}` first, or point --model-repository at a trained one")
+            return no_versions_message(self.repository, name)
         return f"model '{name}': its version_policy selects none of the versions {on_disk}"
 
     def _policy(self, config: ModelConfig) -> VersionPolicy:

@@ -10,7 +10,7 @@ import time
 from contextvars import ContextVar
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from serving import payload_log
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.stats import InferenceStats
 from serving.inference.errors import UnknownModel, UnknownVersion, quoted
+
+if TYPE_CHECKING:
+    from serving.inference.registry import ModelRegistry
 
 
 # The (model, version) the current call resolved to: the transports' metrics label the call with it.
@@ -37,6 +40,9 @@ class ModelLookup(Protocol):
     """
 
     max_batch_size: int
+    # The registry behind the lookup, with its model repository: what Triton's extensions
+    # (configuration, statistics, the repository index, load/unload) ask. None: a lone model.
+    registry: ModelRegistry | None
 
     def resolve(self, name: str, version: str) -> ServedModel: ...
     def is_ready(self, name: str, version: str) -> bool: ...
@@ -86,7 +92,10 @@ class ServedModel:
                 f"{self.version_label} (leave the version empty for it)"
             )
 
-    # A lone ServedModel is also a ModelLookup, so the APIs can serve a model built by hand (in-process tests).
+    # A lone ServedModel is also a ModelLookup, so the APIs can serve a model built by hand
+    # (in-process tests): without a registry, so without Triton's extensions.
+    registry = None  # not a field: a class attribute, the same for every lone model
+
     def resolve(self, name: str, version: str) -> ServedModel:
         self.check(name, version)
         ANSWERING.set(self.answering)
