@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.memory import rss_bytes, tree_rss_by_process  # the one reader of /proc's RSS
+
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 CLASSIFY = "/mnist.v1.Classifier/Classify"
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,28 +128,11 @@ def rss_mib(pid: int | None, children: bool = False) -> float:
     """Resident memory of `pid` (and, with `children`, of its descendants: the --workers) in MiB."""
     if pid is None:
         return float("nan")
-    pids = [pid, *(_descendants(pid) if children else [])]
-    total = 0
-    for one in pids:
-        try:
-            for line in Path(f"/proc/{one}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            if one == pid:
-                return float("nan")
-    return total / 1024
-
-
-def _descendants(pid: int) -> list[int]:
     try:
-        import psutil
-    except ImportError:
-        return []
-    try:
-        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
+        own = rss_bytes(pid)
+    except OSError:  # gone
+        return float("nan")
+    return (sum(tree_rss_by_process(pid).values()) if children else own) / 2**20
 
 
 def cpu_seconds(pid: int | None) -> float:

@@ -11,6 +11,9 @@ request is 200 kB, and its batch and copies as large) then come from the heap an
 where at 128 kB each was a fresh mmap whose pages faulted in on every call (measured at 8 callers
 x 64 images: 12 % fewer images/s). Anything an ordinary call needs stays under 1 MiB; the
 megabytes of an absurd request still go straight back to the system.
+
+Also the one place that reads a process's resident memory from /proc (rss_bytes), for the
+trimmer here and for whatever measures a server from outside (bench, tests).
 """
 from __future__ import annotations
 
@@ -23,8 +26,11 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
 MMAP_THRESHOLD_BYTES = 1024 * 1024  # fixed: over every ordinary call's blocks, under any absurd one's
 
 
-def keep_large_blocks_unmappable(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Fix glibc's mmap threshold; False where there is no glibc, or MALLOC_MMAP_THRESHOLD_ already decides."""
+def keep_large_blocks_mmapped(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold, so that blocks over it stay mmapped (unmapped on free).
+
+    False where there is no glibc, or MALLOC_MMAP_THRESHOLD_ already decides.
+    """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
@@ -35,9 +41,13 @@ def keep_large_blocks_unmappable(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     return mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
 
-def _rss_pages() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1])
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of one process (Linux: /proc/<pid>/statm, the same figure as VmRSS).
+
+    OSError when there is no such process, or no /proc.
+    """
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def start_trimmer(interval: float = 1.0, growth: float = 0.05) -> bool:
@@ -51,18 +61,18 @@ def start_trimmer(interval: float = 1.0, growth: float = 0.05) -> bool:
     """
     try:
         malloc_trim = ctypes.CDLL(None).malloc_trim
-        _rss_pages()
+        rss_bytes()
     except (OSError, AttributeError):  # not glibc, or no /proc
         return False
     malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
 
     def run() -> None:
-        settled = _rss_pages()
+        settled = rss_bytes()
         while True:
             time.sleep(interval)
-            if _rss_pages() > settled * (1 + growth):
+            if rss_bytes() > settled * (1 + growth):
                 malloc_trim(0)
-                settled = _rss_pages()
+                settled = rss_bytes()
 
     threading.Thread(target=run, name="malloc-trim", daemon=True).start()
     return True
@@ -100,8 +110,7 @@ def tree_rss_by_process(pid: int) -> dict[int, int]:
     sizes = {}
     for member in process_tree(pid):
         try:
-            with open(f"/proc/{member}/statm") as statm:
-                sizes[member] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            sizes[member] = rss_bytes(member)
         except OSError:
             continue
     return sizes

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving import draining, metrics, payload_log, security
-from serving.memory import keep_large_blocks_unmappable, start_trimmer
+from serving.memory import keep_large_blocks_mmapped, start_trimmer
 from serving.config import ServeConfig
 from serving.connection_limits import slow_client_limits
 from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
@@ -127,7 +127,7 @@ class Server:
         # The inference thread needs the GIL back for a moment after every batch; under load the event
         # loop would otherwise keep it for up to 5 ms (Python's default), stalling the answers.
         sys.setswitchinterval(config.switch_interval_us / 1e6)
-        keep_large_blocks_unmappable()  # large bad requests must not leave RSS high (serving.memory)
+        keep_large_blocks_mmapped()  # large bad requests must not leave RSS high (serving.memory)
         start_trimmer()
         # TLS files and token first: a bad file is one clear line before anything loads.
         tls = (security.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)

@@ -11,7 +11,6 @@ import re
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from serving.client import ClassifierClient
 from serving.generated import mnist_classifier_pb2 as pb
+from serving.memory import rss_bytes
 from serving.process import start_server
 
 MESSAGE_LIMIT = 512  # bytes: the bound every error message keeps (serving.inference.errors)
@@ -62,9 +62,8 @@ def metric(server, name: str, **labels: str) -> float:
     return total
 
 
-def rss_bytes(server) -> int:
-    status = Path(f"/proc/{server.proc.pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
+def server_rss(server) -> int:
+    return rss_bytes(server.proc.pid)
 
 
 def model_infer(server, request, timeout: float = 30):
@@ -163,12 +162,12 @@ def test_large_bad_requests_leave_memory_where_it_was(hostile_server, mnist_test
     # not what is measured here; what a burst leaves behind is (it was 1.8 GB for three before).
     rpc_error(lambda: model_infer(hostile_server, request, timeout=60))
     time.sleep(2.0)
-    baseline = rss_bytes(hostile_server)
+    baseline = server_rss(hostile_server)
     for _ in range(3):
         assert_bounded(rpc_error(lambda: model_infer(hostile_server, request, timeout=60)),
                        grpc.StatusCode.INVALID_ARGUMENT, cut=False)
     deadline = time.monotonic() + 5.0
-    while (after := rss_bytes(hostile_server)) > 1.10 * baseline and time.monotonic() < deadline:
+    while (after := server_rss(hostile_server)) > 1.10 * baseline and time.monotonic() < deadline:
         time.sleep(0.2)
     assert after <= 1.10 * baseline, f"RSS {baseline / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB"
 

@@ -22,6 +22,7 @@ import numpy as np
 from core.contract import to_model_input
 from core.metadata import ModelMetadata
 from core.repository import CONFIG_FILENAME, METADATA_FILENAME, MODEL_FILENAME, triton_config
+from serving.memory import rss_bytes
 
 
 def variant_bytes(source: Path, seed: int) -> bytes:
@@ -108,10 +109,7 @@ def metric_value(metrics_url: str, name: str, **labels: str) -> float:
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return rss_bytes(pid) // 1024
 
 
 @dataclass
