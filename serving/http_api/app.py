@@ -22,7 +22,7 @@ from aiohttp import web
 
 from serving import __version__, draining, metrics, tracing
 from serving.grpc_api.triton import TritonExtensions
-from serving.http_api import codec, page
+from serving.http_api import codec, page, triton_json
 from serving.http_api.status import status_for
 from serving.inference.errors import ServingError, ShuttingDown
 from serving.inference.served_model import ModelLookup
@@ -172,7 +172,7 @@ class TritonRoutes:
         POST /v2/repository/models/{model}/load                200, empty body (explicit mode only)
         POST /v2/repository/models/{model}/unload              200, empty body (explicit mode only)
 
-    The answers are the gRPC side's protobuf messages, written as Triton's JSON by codec.message_json.
+    The answers are the gRPC side's protobuf messages, written as Triton's JSON by triton_json.message_json.
     """
 
     def __init__(self, extensions: TritonExtensions) -> None:
@@ -188,16 +188,16 @@ class TritonRoutes:
         router.add_post("/v2/repository/models/{model}/unload", self.unload)
 
     async def config(self, request: web.Request) -> web.Response:
-        return json_response(codec.message_json(self.extensions.config(*_model_and_version(request))))
+        return json_response(triton_json.message_json(self.extensions.config(*_model_and_version(request))))
 
     async def statistics(self, request: web.Request) -> web.Response:
         name, version = request.match_info.get("model", ""), request.match_info.get("version", "")
-        return json_response(codec.message_json(self.extensions.statistics(name, version)))
+        return json_response(triton_json.message_json(self.extensions.statistics(name, version)))
 
     async def index(self, request: web.Request) -> web.Response:
         ready = codec.parse_repository_request(await request.read()).ready
         # Triton's REST answer is the list itself; gRPC wraps it in RepositoryIndexResponse.models.
-        return json_response(codec.message_json(self.extensions.index(ready_only=ready))["models"])
+        return json_response(triton_json.message_json(self.extensions.index(ready_only=ready))["models"])
 
     async def load(self, request: web.Request) -> web.Response:
         parameters = codec.parse_repository_request(await request.read()).parameters

@@ -8,8 +8,8 @@ The answer is JSON too, or JSON followed by the raw probabilities when the calle
 binary outputs (`binary_data_output`, or an output's `binary_data`), as tritonclient.http does
 by default.
 
-Triton's repository and statistics endpoints answer the gRPC side's protobuf messages as JSON
-(message_json, Triton's spelling of them) and take small JSON bodies (parse_repository_request).
+Triton's repository and statistics endpoints take small JSON bodies (parse_repository_request)
+and answer the gRPC side's protobuf messages in Triton's JSON (serving.http_api.triton_json).
 
 Pure functions over bytes: the REST layer's own structure is checked here (is it JSON, is
 `inputs` a list, is `shape` a list of integers); the tensor itself is checked by the same
@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-from google.protobuf import descriptor, json_format
-from google.protobuf.message import Message
 
 from core import contract
 from serving.inference.errors import InvalidInput
@@ -138,44 +136,6 @@ def parse_repository_request(body: bytes) -> RepositoryRequest:
         raise InvalidInput(f"the request body is a JSON {type(request).__name__}; send a JSON object or nothing")
     parameters = _parameters(request, "the request")
     return RepositoryRequest(ready=_flag(request.get("ready", False), "ready"), parameters=tuple(parameters))
-
-
-# The 64-bit integer field types, which protobuf's JSON writes as strings (JavaScript's numbers lose
-# precision above 2^53) and Triton's REST API writes as numbers; tritonclient.http expects numbers.
-_INT64_TYPES = frozenset({descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,
-                          descriptor.FieldDescriptor.TYPE_SINT64, descriptor.FieldDescriptor.TYPE_FIXED64,
-                          descriptor.FieldDescriptor.TYPE_SFIXED64})
-
-
-def message_json(message: Message) -> dict[str, Any]:
-    """A protobuf message as Triton's REST API writes it: proto field names, every field (zeros too),
-    enums by name, 64-bit integers as numbers."""
-    value = json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                      always_print_fields_with_no_presence=True)
-    _int64_as_numbers(message.DESCRIPTOR, value)
-    return value
-
-
-def _int64_as_numbers(message_type: descriptor.Descriptor, value: dict[str, Any]) -> None:
-    for field in message_type.fields:
-        if field.name not in value:
-            continue
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            entry_value = field.message_type.fields_by_name["value"]
-            entries = value[field.name]
-            for key in entries:
-                entries[key] = _field_as_number(entry_value, entries[key])
-        elif field.is_repeated:
-            value[field.name] = [_field_as_number(field, item) for item in value[field.name]]
-        else:
-            value[field.name] = _field_as_number(field, value[field.name])
-
-
-def _field_as_number(field: descriptor.FieldDescriptor, value: Any) -> Any:
-    if field.message_type is not None:
-        _int64_as_numbers(field.message_type, value)
-        return value
-    return int(value) if field.type in _INT64_TYPES else value
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
