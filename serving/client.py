@@ -1,4 +1,7 @@
-"""The one client of the MNIST service, shared by the CLI, the tests and the load tests.
+"""The gRPC client of the MNIST service, shared by the CLI, the tests and the load tests.
+
+Its KServe v2 inference calls are InferenceClient, the interface serving.rest_client.RestClient
+offers over REST too: the same method names, arguments and answers on both transports.
 
 A target is anything gRPC resolves: `host:port`, `dns:///host:port` (every address the name
 resolves to, e.g. a Kubernetes headless Service) or `ipv4:a:port,b:port`. Calls are balanced per
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 import numpy as np
@@ -118,6 +121,20 @@ class KServeAnswer:
     probabilities: np.ndarray  # float32 [N, classes]
     model_name: str
     model_version: str
+
+
+@runtime_checkable
+class InferenceClient(Protocol):
+    """KServe v2 inference as both clients offer it: the same names, arguments and answers over
+    gRPC (ClassifierClient) and REST (serving.rest_client.RestClient), so a caller picks the
+    transport and nothing else changes."""
+
+    def infer_kserve(self, images: np.ndarray, model_name: str = "mnist",
+                     model_version: str = "") -> np.ndarray: ...
+    def infer_kserve_answer(self, images: np.ndarray, model_name: str = "mnist",
+                            model_version: str = "") -> KServeAnswer: ...
+    def wait_until_ready(self, timeout: float) -> None: ...
+    def close(self) -> None: ...
 
 
 class ClassifierClient:

@@ -1,5 +1,9 @@
 """A small KServe v2 REST client: the `--api rest` of mnist-predict and the Locust `rest` user.
 
+It offers the gRPC client's inference interface (serving.client.InferenceClient: infer_kserve,
+infer_kserve_answer, wait_until_ready, close, with the same answers), so code written against one
+runs over the other.
+
 Python's own http.client over one keep-alive connection, so it needs no extra package and, once
 gevent has patched the socket module (as Locust does), it cooperates with gevent. Images go as
 UINT8 binary tensor data (Triton's extension, what tritonclient.http sends) or as JSON `data`;
@@ -14,6 +18,7 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -22,7 +27,7 @@ import numpy as np
 
 from core import contract
 from serving import tracing
-from serving.client import ClientTls
+from serving.client import ClientTls, KServeAnswer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -114,13 +119,43 @@ class RestClient:
     def is_ready(self) -> bool:
         return self.request("GET", "/v2/health/ready").status == 200
 
+    def wait_until_ready(self, timeout: float) -> None:
+        """Block until GET /v2/health/ready answers 200, or raise TimeoutError (as the gRPC client)."""
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            try:
+                status = self.request("GET", "/v2/health/ready").status
+                if status == 200:
+                    return
+                last = f"HTTP {status}"
+            except (OSError, http.client.HTTPException) as error:
+                self._connection.close()
+                last = f"{type(error).__name__}: {error}"
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
+        raise TimeoutError(
+            f"the server at {self.address} was not ready within {timeout:g}s (last: {last}); "
+            "check that it is running, serving REST on that port (--http-port) and that its model loaded")
+
+    # KServe v2 inference under the gRPC client's names and answers (serving.client.InferenceClient).
+    def infer_kserve(self, images: np.ndarray, model_name: str = "mnist",
+                     model_version: str = "") -> np.ndarray:
+        """Probabilities [N, classes] for uint8 images [N, 28, 28] through POST .../infer."""
+        return self.infer_kserve_answer(images, model_name, model_version).probabilities
+
     def infer(self, images: np.ndarray, model_name: str = "mnist", model_version: str = "",
               binary: bool = True) -> np.ndarray:
-        """Probabilities [N, classes] for uint8 images [N, 28, 28] through POST .../infer."""
-        return self.infer_answer(images, model_name, model_version, binary)[0]
+        """infer_kserve, choosing JSON (`binary=False`) or binary tensor data."""
+        return self.infer_kserve_answer(images, model_name, model_version, binary).probabilities
 
     def infer_answer(self, images: np.ndarray, model_name: str = "mnist", model_version: str = "",
                      binary: bool = True) -> tuple[np.ndarray, str, str]:
+        """infer_kserve_answer as a tuple: (probabilities, model name, model version)."""
+        answer = self.infer_kserve_answer(images, model_name, model_version, binary)
+        return answer.probabilities, answer.model_name, answer.model_version
+
+    def infer_kserve_answer(self, images: np.ndarray, model_name: str = "mnist",
+                            model_version: str = "", binary: bool = True) -> KServeAnswer:
         """The probabilities, and the model name and version that computed them (empty version: the newest)."""
         pixels = np.ascontiguousarray(images, dtype=np.uint8).reshape(-1, contract.IMAGE_SIDE, contract.IMAGE_SIDE, 1)
         tensor = {"name": contract.INPUT_NAME, "datatype": "UINT8", "shape": list(pixels.shape)}
@@ -137,7 +172,8 @@ class RestClient:
         path = f"/v2/models/{model_name}" + (f"/versions/{model_version}" if model_version else "") + "/infer"
         reply = self._checked(self.request("POST", path, body, headers))
         header = _header(reply)
-        return _probabilities(reply), str(header.get("model_name", "")), str(header.get("model_version", ""))
+        return KServeAnswer(_probabilities(reply), str(header.get("model_name", "")),
+                            str(header.get("model_version", "")))
 
     def json_call(self, method: str, path: str, body: bytes | None = None):
         """A call answered with JSON (e.g. POST /v2/repository/index): the parsed answer, else RestError."""

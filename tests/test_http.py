@@ -18,6 +18,7 @@ from PIL import Image
 
 from core.repository import load_version
 from serving.process import free_port, start_server
+from serving.client import ClassifierClient, InferenceClient, KServeAnswer
 from serving.rest_client import RestClient, RestError
 from tests.support.common import ROOT
 
@@ -43,6 +44,20 @@ def triton_http(server):
 def rest(server):
     with RestClient(f"127.0.0.1:{server.http_port}", timeout=20) as client:
         yield client
+
+
+def test_both_clients_offer_one_inference_interface(server, mnist_test_set, reference):
+    """The same code over gRPC and REST: the same method names, arguments and answers."""
+    images = mnist_test_set[0][:4]
+    clients = [ClassifierClient(server.target, timeout=20), RestClient(f"127.0.0.1:{server.http_port}", timeout=20)]
+    for client in clients:
+        with client:
+            assert isinstance(client, InferenceClient), type(client)
+            client.wait_until_ready(30)
+            answer = client.infer_kserve_answer(images, "mnist", "1")
+            assert isinstance(answer, KServeAnswer) and (answer.model_name, answer.model_version) == ("mnist", "1")
+            np.testing.assert_allclose(answer.probabilities, reference(images), atol=1e-5)
+            np.testing.assert_allclose(client.infer_kserve(images), reference(images), atol=1e-5)
 
 
 def test_tritonclient_http_health_and_metadata(triton_http, trained_repository):
