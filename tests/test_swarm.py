@@ -27,11 +27,13 @@ same 2 cores: the figures show spread and zero loss, not capacity.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -721,3 +723,110 @@ def test_tls_override_hands_certificates_and_token_as_secrets(tmp_path):
     for name, service in services.items():
         assert service["deploy"]["endpoint_mode"] == "dnsrr", name
         assert all(port["mode"] == "host" for port in service.get("ports", [])), name
+
+
+# --- model_sync.py against a real registry (no engine needed) ---------------------------------------
+
+def _model_sync():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("model_sync", ROOT / "deploy/swarm/model_sync.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _push_model_image(base: str, name: str, tag: str, files: dict[str, bytes]) -> None:
+    """A model image pushed through the Registry HTTP API, as `docker push` sends one."""
+    import gzip
+    import hashlib
+    import urllib.request
+
+    def upload(blob: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        start = urllib.request.Request(f"{base}/v2/{name}/blobs/uploads/", method="POST")
+        with urllib.request.urlopen(start, timeout=30) as answer:
+            location = answer.headers["Location"]
+        location = location if location.startswith("http") else base + location
+        joiner = "&" if "?" in location else "?"
+        put = urllib.request.Request(f"{location}{joiner}digest={digest}", data=blob, method="PUT",
+                                     headers={"Content-Type": "application/octet-stream"})
+        urllib.request.urlopen(put, timeout=30).close()
+        return digest
+
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        for path, content in files.items():
+            info = tarfile.TarInfo(path)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    layer_blob = gzip.compress(layer.getvalue())
+    config_blob = json.dumps({"architecture": "amd64", "os": "linux",
+                              "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                   "size": len(config_blob), "digest": upload(config_blob)},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                    "size": len(layer_blob), "digest": upload(layer_blob)}],
+    }).encode()
+    put = urllib.request.Request(
+        f"{base}/v2/{name}/manifests/{tag}", data=manifest, method="PUT",
+        headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
+    urllib.request.urlopen(put, timeout=30).close()
+
+
+def test_model_sync_fetches_checked_versions_and_refuses_an_altered_one(trained_repository, tmp_path):
+    """deploy/swarm/model_sync.py against Debian's docker-registry on loopback: a version whose
+    model.onnx matches metadata.json's sha256 lands in the repository; one that does not is refused
+    and never appears there, and the sync keeps the good one."""
+    if shutil.which("docker-registry") is None:
+        if CI:
+            pytest.fail("no docker-registry: under CI=true this test must run (.ci/run installs it)")
+        pytest.skip("no docker-registry on PATH (Debian: apt-get install docker-registry)")
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(json.dumps({"version": 0.1, "log": {"level": "error"},
+                                  "storage": {"filesystem": {"rootdirectory": str(tmp_path / "store")}},
+                                  "http": {"addr": f"127.0.0.1:{port}"}}))
+    registry = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for("the registry", lambda: _answers(base), timeout=60, interval=0.3)
+        version_dir = trained_repository / "mnist" / "1"
+        onnx = (version_dir / "model.onnx").read_bytes()
+        metadata = (version_dir / "metadata.json").read_text()
+        _push_model_image(base, "mnist-model", "1", {
+            "mnist/1/model.onnx": onnx, "mnist/1/metadata.json": metadata.encode(),
+            "mnist/config.pbtxt": (trained_repository / "mnist" / "config.pbtxt").read_bytes()})
+        altered = bytearray(onnx)
+        altered[-1] ^= 0xFF  # one flipped byte: the sha256 in metadata.json no longer matches
+        _push_model_image(base, "mnist-model", "2", {
+            "mnist/2/model.onnx": bytes(altered),
+            "mnist/2/metadata.json": metadata.replace('"version": 1', '"version": 2').encode()})
+        sync = _model_sync()
+        into = tmp_path / "models"
+        settings = sync.SyncConfig(base, "mnist-model", into)
+        client = sync.Registry(settings)
+        assert client.tags() == [1, 2]
+        with pytest.raises(sync.RepositoryError, match="does not match metadata.json"):
+            sync.sync_once(settings, client)
+        assert (into / "mnist" / "1" / "model.onnx").read_bytes() == onnx
+        assert (into / "mnist" / "config.pbtxt").exists()
+        assert not (into / "mnist" / "2").exists()
+        assert [p.name for p in into.iterdir() if p.name.startswith(".sync-")] == []
+    finally:
+        registry.terminate()
+        registry.wait(timeout=30)
+
+
+def _answers(base: str) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{base}/v2/", timeout=2).close()
+        return True
+    except OSError:
+        return False
