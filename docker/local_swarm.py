@@ -595,6 +595,7 @@ def wait_healthy(cluster: Cluster, timeout: float = 600) -> None:
 
 def up(cluster: Cluster, repository: Path, build: bool = True) -> None:
     started = time.monotonic()
+    newest_version(repository)  # no model to publish: say so before making anything
     if cluster.state_dir.exists() or cluster.run_dir.exists():
         say(f"a cluster named {cluster.name} is left over: removing it first")
         down(cluster)
