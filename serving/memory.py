@@ -12,15 +12,18 @@ where at 128 kB each was a fresh mmap whose pages faulted in on every call (meas
 x 64 images: 12 % fewer images/s). Anything an ordinary call needs stays under 1 MiB; the
 megabytes of an absurd request still go straight back to the system.
 
-Also the one place that reads a process's resident memory from /proc (rss_bytes), for the
-trimmer here and for whatever measures a server from outside (bench, tests).
+Also the one place that hands freed memory back on purpose (release_memory, after a model
+version is unloaded; the trimmer, after large requests) and that reads a process's resident
+memory from /proc (rss_bytes), for the trimmer and for what measures a server from outside.
 """
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import threading
 import time
+from collections.abc import Callable
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
 MMAP_THRESHOLD_BYTES = 1024 * 1024  # fixed: over every ordinary call's blocks, under any absurd one's
@@ -50,6 +53,28 @@ def rss_bytes(pid: int | str = "self") -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _malloc_trim() -> Callable[[], int] | None:
+    """glibc's malloc_trim(0): every arena's free pages back to the system; None without glibc."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl, macOS): nothing to trim
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+def release_memory() -> None:
+    """Hand the memory of unloaded onnxruntime sessions back to the system.
+
+    glibc keeps freed heap pages in its arenas; measured here, RSS grew about 1.7 MiB per
+    onnxruntime session created and freed (20 switches: +18 %) and stays flat with malloc_trim.
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim()
+
+
 def start_trimmer(interval: float = 1.0, growth: float = 0.05) -> bool:
     """A daemon thread that hands free heap memory back (malloc_trim) when RSS has grown.
 
@@ -59,19 +84,20 @@ def start_trimmer(interval: float = 1.0, growth: float = 0.05) -> bool:
     trim, malloc_trim(0) returns the free pages of every arena. It runs outside the GIL (ctypes
     releases it) and only after RSS grew, so a steady server never calls it.
     """
+    trim = _malloc_trim()
     try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
         rss_bytes()
-    except (OSError, AttributeError):  # not glibc, or no /proc
+    except OSError:  # no /proc
         return False
-    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    if trim is None:
+        return False
 
     def run() -> None:
         settled = rss_bytes()
         while True:
             time.sleep(interval)
             if rss_bytes() > settled * (1 + growth):
-                malloc_trim(0)
+                trim()
                 settled = rss_bytes()
 
     threading.Thread(target=run, name="malloc-trim", daemon=True).start()
