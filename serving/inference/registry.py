@@ -2,9 +2,8 @@
 
     models -> versions -> ServedModel (onnxruntime session + DynamicBatcher + statistics)
 
-Lookups (`resolve`, `is_ready`, ...) are plain functions on the event loop: a call looks its
-version up and queues its images on that version's batcher without an await in between, so a
-call that was accepted always finishes on the version that accepted it.
+The lookups (`resolve`, `is_ready`, ...) are the table's (serving.inference.model_table); this
+module keeps that table in line with the repository.
 
 `sync()` brings the served versions in line with the repository and each model's
 version_policy (serving.inference.version_policy): a version passes the checks of
@@ -46,16 +45,15 @@ from serving.inference.batcher import BatchObserver, DynamicBatcher
 from serving.inference.errors import (
     ModelControlDisabled,
     ModelLoadFailed,
-    ServingError,
     UnknownModel,
-    UnknownVersion,
     quoted,
 )
 from serving.inference.loader import LoadFailure, OpenedVersion, fingerprint, open_version
-from serving.inference.names import NAME_RULE, VERSION_RULE, is_model_name, version_number
+from serving.inference.names import NAME_RULE, is_model_name
 from serving.inference.model_config import ConfigError, ModelConfig, read_model_config, version_policy
 from serving.inference.runtime import CPU, RuntimeOptions
-from serving.inference.served_model import ANSWERING, ServedModel
+from serving.inference.model_table import ModelTable
+from serving.inference.served_model import ServedModel
 from serving.inference.stats import InferenceStats
 from serving.inference.version_policy import VersionPolicy
 from serving.memory import release_memory
@@ -63,7 +61,6 @@ from serving.memory import release_memory
 log = logging.getLogger("mnist-serve")
 
 CONTROL_MODES = ("none", "poll", "explicit")
-DEFAULT_MODEL = "mnist"  # what an empty model name means when the server serves it
 
 
 class LifecycleObserver(Protocol):
@@ -183,15 +180,15 @@ def _file_stamp(path: Path) -> tuple:
     return (stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-class ModelRegistry:
+class ModelRegistry(ModelTable):
+    """The lookup table (ModelTable) kept in line with the repository: sync, load, refuse, retire, drain."""
+
     def __init__(self, options: RegistryOptions, observer: LifecycleObserver | None = None) -> None:
         if options.control_mode not in CONTROL_MODES:
             raise ValueError(f"model control mode must be one of {', '.join(CONTROL_MODES)}")
+        super().__init__(options.model_names, options.max_batch_size)
         self.options = options
         self._observer = observer or _NoLifecycleObserver()
-        # name -> version -> ServedModel. Replaced as a whole on every change, never edited in place.
-        self._served: dict[str, dict[int, ServedModel]] = {}
-        self._configs: dict[str, ModelConfig] = {}
         self._explicit: set[str] = set(options.model_names)  # explicit mode: the models asked for
         self._refused: dict[tuple[str, int], _Refusal] = {}
         # (name, version) -> (files' fingerprint, sha256) of each served version when it was checked.
@@ -201,80 +198,16 @@ class ModelRegistry:
         self._retiring: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
 
-    # ---- lookups: plain functions, called by every API on the event loop ----
+    # ---- lookups (serving.inference.model_table): resolve, served, config, statistics ... ----
 
     @property
     def repository(self) -> Path:
         return Path(self.options.repository)
 
     @property
-    def max_batch_size(self) -> int:
-        return self.options.max_batch_size
-
-    @property
     def registry(self) -> ModelRegistry:
         """A ModelLookup's registry (serving.inference.served_model): this one."""
         return self
-
-    def model_names(self) -> list[str]:
-        """The models with at least one ready version."""
-        return sorted(name for name, versions in self._served.items() if versions)
-
-    def default_name(self) -> str:
-        """What an empty model name means: the first --model-name, else `mnist`, else the first served."""
-        for name in (*self.options.model_names, DEFAULT_MODEL):
-            if self._served.get(name):
-                return name
-        names = self.model_names()
-        return names[0] if names else (self.options.model_names or (DEFAULT_MODEL,))[0]
-
-    def resolve(self, name: str, version: str) -> ServedModel:
-        """The ready version a call means: `version` empty = the newest ready one. UnknownModel/UnknownVersion."""
-        name = name or self.default_name()
-        versions = self._served.get(name)
-        if not versions:
-            served = ", ".join(f"'{n}'" for n in self.model_names()) or "no model"
-            raise UnknownModel(f"unknown model '{name}'; this server serves {served}")
-        if version == "":
-            model = versions[max(versions)]
-        else:
-            number = version_number(version)  # bounded and checked before int(): serving.inference.names
-            model = versions.get(number) if number is not None else None
-        if model is None:
-            rule = "" if number is not None else f" ({VERSION_RULE})"
-            raise UnknownVersion(
-                f"model '{name}' version {quoted(version)} is not served{rule}; ready versions: "
-                f"{', '.join(map(str, sorted(versions)))} (leave the version empty for the newest)")
-        ANSWERING.set(model.answering)  # the call's metrics name this version
-        return model
-
-    def is_ready(self, name: str, version: str) -> bool:
-        try:
-            self.resolve(name, version)
-        except ServingError:
-            return False
-        return True
-
-    def ready_versions(self, name: str) -> list[int]:
-        return sorted(self._served.get(name or self.default_name(), {}))
-
-    def served(self) -> list[ServedModel]:
-        """Every ready version of every model, by name then version."""
-        return [self._served[name][v] for name in sorted(self._served) for v in sorted(self._served[name])]
-
-    def config(self, name: str) -> ModelConfig:
-        """The model's config.pbtxt as Triton's ModelConfig (of a model with a ready version)."""
-        self.resolve(name, "")
-        return self._configs[name or self.default_name()]
-
-    def statistics(self, name: str, version: str) -> list[ServedModel]:
-        """The versions ModelStatistics reports on: empty name = every model, empty version = every version."""
-        if not name:
-            return self.served()
-        if not version:
-            self.resolve(name, "")
-            return [self._served[name][v] for v in sorted(self._served[name])]
-        return [self.resolve(name, version)]
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Triton's RepositoryIndex: every model in the repository, each ready or refused version."""
@@ -540,14 +473,6 @@ class ModelRegistry:
         """A refused version is tried again only once its files have changed."""
         refusal = self._refused.get((name, number))
         return refusal is not None and refusal.fingerprint == fingerprint(self.repository / name / str(number))
-
-    def _publish(self, name: str, versions: dict[int, ServedModel]) -> None:
-        served = dict(self._served)
-        if versions:
-            served[name] = versions
-        else:
-            served.pop(name, None)
-        self._served = served
 
     def _retire(self, model: ServedModel, now: bool = False) -> asyncio.Task:
         """Drain a version no call can reach any more, then let it go."""
