@@ -43,8 +43,8 @@ from bench.common import (
     percentile_ms,
     table,
     test_images,
+    usable_cores,
 )
-from bench.common import usable_cores
 from core.contract import IMAGE_SHAPE, INPUT_NAME, to_model_input
 from core.repository import RepositoryError, load_version
 from serving.process import free_port, start_server, wait_until_serving

@@ -15,17 +15,17 @@ import asyncio
 import signal
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from core.contract import NUM_CLASSES, OUTPUT_DATATYPE, OUTPUT_NAME
 from serving import event_loop, metrics
 from serving.config import ServeConfig
-from serving.grpc_api.handlers import WrappingRegistrar
-from serving.generated import mnist_classifier_pb2 as pb
-from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.generated import grpc_predict_v2_pb2 as kserve_pb
 from serving.generated import grpc_predict_v2_pb2_grpc as kserve_grpc
+from serving.generated import mnist_classifier_pb2 as pb
+from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
+from serving.grpc_api.handlers import WrappingRegistrar
 from serving.server import channel_options
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 CANNED_PREDICTION = pb.Prediction(
     label=7, class_name="7", confidence=0.99, probabilities=[0.001] * 7 + [0.99] + [0.001] * 2

@@ -4,10 +4,12 @@
 
 Ordinary callers send one-image Classify calls back to back; their p50/p99 are measured alone,
 then beside a caller that sends Classify with 64 encoded 4096x4096 RGBA PNGs (75 KB each, 1.07
-billion pixels once decoded), one at a time and at most two a second: first on a server with the default --max-decoded-pixels
+billion pixels once decoded), one at a time and at most two a second: first on a server with the
+default --max-decoded-pixels
 (the call is refused from the image headers), then on one whose budget admits it, so the images
 are really decoded, on the decoding threads, off the event loop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +60,14 @@ def heavy_caller(target: str, heavy: bytes, outcomes, interval: float) -> None:
             time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 
-def measure(target: str, images: np.ndarray, callers: int, seconds: float, heavy: bytes | None,
-            interval: float = 0.5) -> dict:
+def measure(
+    target: str,
+    images: np.ndarray,
+    callers: int,
+    seconds: float,
+    heavy: bytes | None,
+    interval: float = 0.5,
+) -> dict:
     latencies: list[float] = []
     stop = threading.Event()
     lock = threading.Lock()
@@ -93,40 +101,71 @@ def measure(target: str, images: np.ndarray, callers: int, seconds: float, heavy
         process.terminate()
         process.join()
     manager.shutdown()
-    values = np.array(latencies[len(latencies) // 20:])  # the first 5 %: connections warming up
-    return {"calls": len(values), "p50_ms": percentile_ms(values, 50),
-            "p99_ms": percentile_ms(values, 99), "heavy": heavy_outcomes}
+    values = np.array(latencies[len(latencies) // 20 :])  # the first 5 %: connections warming up
+    return {
+        "calls": len(values),
+        "p50_ms": percentile_ms(values, 50),
+        "p99_ms": percentile_ms(values, 99),
+        "heavy": heavy_outcomes,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.heavy_decode", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.heavy_decode", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--callers", type=int, default=4)
-    parser.add_argument("--decode-threads", type=int, default=1, help="the server's --decode-threads")
-    parser.add_argument("--heavy-interval", type=float, default=0.5, help="seconds between two heavy calls' starts")
+    parser.add_argument(
+        "--decode-threads", type=int, default=1, help="the server's --decode-threads"
+    )
+    parser.add_argument(
+        "--heavy-interval", type=float, default=0.5, help="seconds between two heavy calls' starts"
+    )
     args = parser.parse_args(argv)
     folder = find_data_dir("mnist", args.data_dir)
     if folder is None:
         parser.error("the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR")
     images = load_idx_dir(folder).test_images[:1000]
     heavy = big_png()
-    print(f"ordinary: {args.callers} callers, 1 image per Classify; heavy: 64 x {SIDE}x{SIDE} RGBA PNG "
-          f"({len(heavy) // 1024} KB each) per call, one call at a time, at most one per {args.heavy_interval:g} s; {args.seconds:g} s each")
+    print(
+        f"ordinary: {args.callers} callers, 1 image per Classify; heavy: 64 x {SIDE}x{SIDE} RGBA PNG "
+        f"({len(heavy) // 1024} KB each) per call, one call at a time, "
+        f"at most one per {args.heavy_interval:g} s; {args.seconds:g} s each"
+    )
     print(f"{'server':<44} {'heavy caller':<28} {'calls':>6} {'p50 ms':>7} {'p99 ms':>7}")
-    cases = [("default budget (16.8 Mpx per call)", ()),
-             ("budget admits it (--max-decoded-pixels 1.07 G)", ("--max-decoded-pixels", str(64 * SIDE * SIDE)))]
+    cases = [
+        ("default budget (16.8 Mpx per call)", ()),
+        (
+            "budget admits it (--max-decoded-pixels 1.07 G)",
+            ("--max-decoded-pixels", str(64 * SIDE * SIDE)),
+        ),
+    ]
     for name, extra in cases:
-        with start_server(args.model_repository, "--workers", "1", "--http-port", "0",
-                          "--decode-threads", str(args.decode_threads), *extra) as server:
+        with start_server(
+            args.model_repository,
+            "--workers",
+            "1",
+            "--http-port",
+            "0",
+            "--decode-threads",
+            str(args.decode_threads),
+            *extra,
+        ) as server:
             for label, blob in (("none", None), ("64 x 4096^2 PNG", heavy)):
                 if blob is None and extra:
                     continue  # the baseline is the same server configuration's
-                result = measure(server.target, images, args.callers, args.seconds, blob, args.heavy_interval)
+                result = measure(
+                    server.target, images, args.callers, args.seconds, blob, args.heavy_interval
+                )
                 outcomes = ", ".join(f"{k} {v}" for k, v in result["heavy"].items()) or "-"
-                print(f"{name:<44} {label + ' (' + outcomes + ')':<28} {result['calls']:>6} "
-                      f"{result['p50_ms']:>7.2f} {result['p99_ms']:>7.2f}", flush=True)
+                print(
+                    f"{name:<44} {label + ' (' + outcomes + ')':<28} {result['calls']:>6} "
+                    f"{result['p50_ms']:>7.2f} {result['p99_ms']:>7.2f}",
+                    flush=True,
+                )
     return 0
 
 

@@ -12,6 +12,7 @@ The admitted calls' latency is bounded by the queue (--max-queue-size requests, 
 --images-per-call images) and the time per batch; calls beyond it are refused at once. Results
 go to bench/results/overload.json and the figure to docs/figures/overload.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,8 @@ import numpy as np
 
 from core.idx import find_data_dir, load_idx_dir
 from serving.client import ClassifierClient
-from serving.memory import process_tree, tree_rss_by_process, tree_rss_bytes
 from serving.generated import mnist_classifier_pb2 as pb
-from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
+from serving.memory import process_tree, tree_rss_by_process, tree_rss_bytes
 from serving.process import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,12 +69,16 @@ def requests(images: np.ndarray, per_call: int, count: int) -> list[tuple[bytes,
     out = []
     for i in range(count):
         index = (np.arange(per_call) + i * per_call) % len(images)
-        message = pb.ClassifyRequest(images=[pb.Image(raw_pixels=images[j].tobytes()) for j in index])
+        message = pb.ClassifyRequest(
+            images=[pb.Image(raw_pixels=images[j].tobytes()) for j in index]
+        )
         out.append((message.SerializeToString(), index))
     return out
 
 
-async def closed_loop(target: str, calls: list[tuple[bytes, np.ndarray]], callers: int, seconds: float) -> float:
+async def closed_loop(
+    target: str, calls: list[tuple[bytes, np.ndarray]], callers: int, seconds: float
+) -> float:
     """Calls/s with `callers` callers back to back: the capacity."""
     channel = grpc.aio.insecure_channel(target)
     call = channel.unary_unary(CLASSIFY)
@@ -88,7 +92,9 @@ async def closed_loop(target: str, calls: list[tuple[bytes, np.ndarray]], caller
             try:
                 await call(calls[i % len(calls)][0], timeout=30)
                 done += 1
-            except grpc.aio.AioRpcError as error:  # more callers than the queue holds: some are shed
+            except (
+                grpc.aio.AioRpcError
+            ) as error:  # more callers than the queue holds: some are shed
                 if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
             i += callers
@@ -100,11 +106,22 @@ async def closed_loop(target: str, calls: list[tuple[bytes, np.ndarray]], caller
     return rate
 
 
-async def open_loop(target: str, calls: list[tuple[bytes, np.ndarray]], reference: np.ndarray, rate: float,
-                    seconds: float, pid: int, factor: float, channels: int = 4) -> LoadResult:
+async def open_loop(
+    target: str,
+    calls: list[tuple[bytes, np.ndarray]],
+    reference: np.ndarray,
+    rate: float,
+    seconds: float,
+    pid: int,
+    factor: float,
+    channels: int = 4,
+) -> LoadResult:
     """Send `rate` calls/s on a fixed schedule for `seconds`; gather what came back."""
     pool = [grpc.aio.insecure_channel(target) for _ in range(channels)]
-    stubs = [ch.unary_unary(CLASSIFY, response_deserializer=pb.ClassifyResponse.FromString) for ch in pool]
+    stubs = [
+        ch.unary_unary(CLASSIFY, response_deserializer=pb.ClassifyResponse.FromString)
+        for ch in pool
+    ]
     ok_latency: list[float] = []
     shed_latency: list[float] = []
     other = wrong = 0
@@ -146,12 +163,23 @@ async def open_loop(target: str, calls: list[tuple[bytes, np.ndarray]], referenc
     for ch in pool:
         await ch.close()
     ms = lambda values, q: float(np.percentile(values, q) * 1000) if values else float("nan")  # noqa: E731
-    return LoadResult(factor=factor, offered_per_s=total / seconds, goodput_per_s=len(ok_latency) / elapsed,
-                      ok=len(ok_latency), shed=len(shed_latency), other_errors=other, wrong=wrong,
-                      p50_ms=ms(ok_latency, 50), p99_ms=ms(ok_latency, 99),
-                      shed_p50_ms=ms(shed_latency, 50), shed_p99_ms=ms(shed_latency, 99),
-                      rss_start_mb=rss[0], rss_max_mb=max(rss), rss_end_mb=rss[-1],
-                      worker_rss_max_mb=max(worker_rss))
+    return LoadResult(
+        factor=factor,
+        offered_per_s=total / seconds,
+        goodput_per_s=len(ok_latency) / elapsed,
+        ok=len(ok_latency),
+        shed=len(shed_latency),
+        other_errors=other,
+        wrong=wrong,
+        p50_ms=ms(ok_latency, 50),
+        p99_ms=ms(ok_latency, 99),
+        shed_p50_ms=ms(shed_latency, 50),
+        shed_p99_ms=ms(shed_latency, 99),
+        rss_start_mb=rss[0],
+        rss_max_mb=max(rss),
+        rss_end_mb=rss[-1],
+        worker_rss_max_mb=max(worker_rss),
+    )
 
 
 def plot(results: list[LoadResult], capacity: float, path: Path, title: str) -> None:
@@ -164,8 +192,12 @@ def plot(results: list[LoadResult], capacity: float, path: Path, title: str) -> 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(offered, offered, ":", color="grey", label="offered")
     left.plot(offered, [r.goodput_per_s for r in results], "o-", label="answered (goodput)")
-    left.plot(offered, [r.shed / (r.ok + r.shed + r.other_errors) * r.offered_per_s for r in results], "s--",
-              label="shed: RESOURCE_EXHAUSTED")
+    left.plot(
+        offered,
+        [r.shed / (r.ok + r.shed + r.other_errors) * r.offered_per_s for r in results],
+        "s--",
+        label="shed: RESOURCE_EXHAUSTED",
+    )
     left.axvline(capacity, color="red", alpha=0.3, label=f"capacity {capacity:.0f}/s")
     left.set_xlabel("offered calls/s")
     left.set_ylabel("calls/s")
@@ -185,18 +217,32 @@ def plot(results: list[LoadResult], capacity: float, path: Path, title: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.overload", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
-    parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: $MNIST_DATA_DIR)")
+    parser.add_argument(
+        "--data-dir", default=None, help="MNIST IDX folder (default: $MNIST_DATA_DIR)"
+    )
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per load level")
     # 64 images per call: the server's work per call dwarfs the client's, so one client process can
     # offer 4x what the server carries (with small calls the load generator saturates first).
     parser.add_argument("--images-per-call", type=int, default=64)
-    parser.add_argument("--max-queue-size", type=int, default=8, help="the server's --max-queue-size")
-    parser.add_argument("--callers", type=int, default=32, help="closed-loop callers for the capacity")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="the server's --workers (0: its default, one per core); RSS is summed over them")
-    parser.add_argument("--factors", default="0.5,1,2,4", help="offered load as multiples of the capacity")
+    parser.add_argument(
+        "--max-queue-size", type=int, default=8, help="the server's --max-queue-size"
+    )
+    parser.add_argument(
+        "--callers", type=int, default=32, help="closed-loop callers for the capacity"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="the server's --workers (0: its default, one per core); RSS is summed over them",
+    )
+    parser.add_argument(
+        "--factors", default="0.5,1,2,4", help="offered load as multiples of the capacity"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "overload.png")
     args = parser.parse_args(argv)
@@ -207,34 +253,74 @@ def main(argv: list[str] | None = None) -> int:
     images = np.ascontiguousarray(load_idx_dir(folder).test_images[:2048])
     calls = requests(images, args.images_per_call, 512)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    server_args = ("--workers", str(args.workers), "--max-queue-size", str(args.max_queue_size),
-                   "--http-port", "0")
-    with start_server(args.model_repository, *server_args, log_path=args.out.with_suffix(".log"),
-                      ready_timeout=300) as server:  # several workers start slowly on a loaded machine
+    server_args = (
+        "--workers",
+        str(args.workers),
+        "--max-queue-size",
+        str(args.max_queue_size),
+        "--http-port",
+        "0",
+    )
+    with start_server(
+        args.model_repository,
+        *server_args,
+        log_path=args.out.with_suffix(".log"),
+        ready_timeout=300,
+    ) as server:  # several workers start slowly on a loaded machine
         with ClassifierClient(server.target, timeout=60) as client:
-            reference = np.concatenate([client.classify(images[i:i + 64]).labels for i in range(0, len(images), 64)])
+            reference = np.concatenate(
+                [client.classify(images[i : i + 64]).labels for i in range(0, len(images), 64)]
+            )
         capacity = asyncio.run(closed_loop(server.target, calls, args.callers, args.seconds))
-        print(f"capacity: {capacity:.0f} calls/s of {args.images_per_call} images ({args.callers} closed-loop callers)")
-        print(f"{'load':>5} {'offered/s':>9} {'goodput/s':>9} {'ok':>6} {'shed':>6} {'other':>5} {'wrong':>5} "
-              f"{'p50 ms':>7} {'p99 ms':>7} {'shed p50/p99':>12} {'RSS MB start/max/end':>21} {'worker MB':>9}")
+        print(
+            f"capacity: {capacity:.0f} calls/s of {args.images_per_call} images ({args.callers} closed-loop callers)"
+        )
+        print(
+            f"{'load':>5} {'offered/s':>9} {'goodput/s':>9} {'ok':>6} {'shed':>6} {'other':>5} {'wrong':>5} "
+            f"{'p50 ms':>7} {'p99 ms':>7} {'shed p50/p99':>12} {'RSS MB start/max/end':>21} {'worker MB':>9}"
+        )
         results = []
         for factor in (float(f) for f in args.factors.split(",")):
-            result = asyncio.run(open_loop(server.target, calls, reference, factor * capacity, args.seconds,
-                                           server.proc.pid, factor))
+            result = asyncio.run(
+                open_loop(
+                    server.target,
+                    calls,
+                    reference,
+                    factor * capacity,
+                    args.seconds,
+                    server.proc.pid,
+                    factor,
+                )
+            )
             results.append(result)
-            print(f"{factor:>4g}x {result.offered_per_s:>9.0f} {result.goodput_per_s:>9.0f} {result.ok:>6} "
-                  f"{result.shed:>6} {result.other_errors:>5} {result.wrong:>5} {result.p50_ms:>7.1f} "
-                  f"{result.p99_ms:>7.1f} {result.shed_p50_ms:>5.1f}/{result.shed_p99_ms:<6.1f} "
-                  f"{result.rss_start_mb:>7.0f}/{result.rss_max_mb:.0f}/{result.rss_end_mb:.0f} "
-                  f"{result.worker_rss_max_mb:>9.0f}")
+            print(
+                f"{factor:>4g}x {result.offered_per_s:>9.0f} {result.goodput_per_s:>9.0f} {result.ok:>6} "
+                f"{result.shed:>6} {result.other_errors:>5} {result.wrong:>5} {result.p50_ms:>7.1f} "
+                f"{result.p99_ms:>7.1f} {result.shed_p50_ms:>5.1f}/{result.shed_p99_ms:<6.1f} "
+                f"{result.rss_start_mb:>7.0f}/{result.rss_max_mb:.0f}/{result.rss_end_mb:.0f} "
+                f"{result.worker_rss_max_mb:>9.0f}"
+            )
         processes = len(process_tree(server.proc.pid))
         print(f"RSS: summed over all {processes} server processes; worker MB: the largest one")
-    args.out.write_text(json.dumps({"capacity_per_s": capacity, "images_per_call": args.images_per_call,
-                                    "max_queue_size": args.max_queue_size, "server_processes": processes,
-                                    "results": [asdict(r) for r in results]}, indent=2))
-    plot(results, capacity, args.figure,
-         f"Classify, {args.images_per_call} images per call, --max-queue-size {args.max_queue_size}, "
-         f"--workers {args.workers or 'default (one per core)'}")
+    args.out.write_text(
+        json.dumps(
+            {
+                "capacity_per_s": capacity,
+                "images_per_call": args.images_per_call,
+                "max_queue_size": args.max_queue_size,
+                "server_processes": processes,
+                "results": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+    )
+    plot(
+        results,
+        capacity,
+        args.figure,
+        f"Classify, {args.images_per_call} images per call, --max-queue-size {args.max_queue_size}, "
+        f"--workers {args.workers or 'default (one per core)'}",
+    )
     print(f"wrote {args.out} and {args.figure}")
     return 0
 

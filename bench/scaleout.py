@@ -6,6 +6,7 @@ prints calls/s through one client with 1 replica and with 3, and the latency per
 of 3 replicas drains after SIGTERM. Replicas listen on 127.0.0.1, 127.0.0.2, ... (all loopback on
 Linux) on one port, the way pods behind a headless Service share a port on different IPs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,25 @@ class Replica:
 
     def requests_total(self, method: str = "Classify") -> float:
         """mnist_requests_total summed over the methods whose name contains `method`, all codes."""
-        text = urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=5).read().decode()
-        return sum(float(value) for labels, value in
-                   re.findall(r'^mnist_requests_total\{([^}]*)\} (\S+)$', text, re.MULTILINE) if method in labels)
+        text = (
+            urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        return sum(
+            float(value)
+            for labels, value in re.findall(
+                r"^mnist_requests_total\{([^}]*)\} (\S+)$", text, re.MULTILINE
+            )
+            if method in labels
+        )
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        return (
+            self.log_path.read_text(errors="replace")
+            if self.log_path and self.log_path.exists()
+            else ""
+        )
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
@@ -56,13 +70,35 @@ class Replica:
         return self.proc.wait(timeout)
 
 
-def launch_replica(repository: Path, host: str, port: int, *args: str, log_path: Path | None = None) -> Replica:
+def launch_replica(
+    repository: Path, host: str, port: int, *args: str, log_path: Path | None = None
+) -> Replica:
     """Start mnist-serve on host:port (HTTP off); it is SERVING once wait_until_ready returns."""
     metrics_port = free_port()
-    command = [sys.executable, "-m", "serving.cli", "--model-repository", str(repository), "--host", host,
-               "--port", str(port), "--metrics-port", str(metrics_port), "--http-port", "0", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "--model-repository",
+        str(repository),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--http-port",
+        "0",
+        *args,
+    ]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    return Replica(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), host, port, metrics_port, log_path)
+    return Replica(
+        subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT),
+        host,
+        port,
+        metrics_port,
+        log_path,
+    )
 
 
 def wait_until_ready(replicas: list[Replica], timeout: float = 90) -> None:
@@ -75,20 +111,30 @@ def wait_until_ready(replicas: list[Replica], timeout: float = 90) -> None:
         raise
 
 
-def start_replica(repository: Path, host: str, port: int, *args: str, log_path: Path | None = None) -> Replica:
+def start_replica(
+    repository: Path, host: str, port: int, *args: str, log_path: Path | None = None
+) -> Replica:
     """One replica, returned once SERVING."""
     replica = launch_replica(repository, host, port, *args, log_path=log_path)
     wait_until_ready([replica])
     return replica
 
 
-def start_replicas(repository: Path, count: int, *args: str, port: int | None = None,
-                   log_dir: Path | None = None) -> list[Replica]:
+def start_replicas(
+    repository: Path, count: int, *args: str, port: int | None = None, log_dir: Path | None = None
+) -> list[Replica]:
     """`count` replicas on 127.0.0.1, 127.0.0.2, ... and one port, started together, returned once SERVING."""
     port = port or free_port()
-    replicas = [launch_replica(repository, f"127.0.0.{index + 1}", port, *args,
-                               log_path=log_dir / f"replica-{index + 1}.log" if log_dir else None)
-                for index in range(count)]
+    replicas = [
+        launch_replica(
+            repository,
+            f"127.0.0.{index + 1}",
+            port,
+            *args,
+            log_path=log_dir / f"replica-{index + 1}.log" if log_dir else None,
+        )
+        for index in range(count)
+    ]
     wait_until_ready(replicas)
     return replicas
 
@@ -101,14 +147,20 @@ def ipv4_target(replicas: list[Replica]) -> str:
 @dataclass
 class LoadResult:
     seconds: float
-    samples: list[tuple[float, float]] = field(default_factory=list)  # (start, latency) of each successful call
-    failures: list[str] = field(default_factory=list)  # status code or wrong answer, per failed call
+    samples: list[tuple[float, float]] = field(
+        default_factory=list
+    )  # (start, latency) of each successful call
+    failures: list[str] = field(
+        default_factory=list
+    )  # status code or wrong answer, per failed call
 
     @property
     def calls_per_second(self) -> float:
         return len(self.samples) / self.seconds if self.seconds else 0.0
 
-    def percentile(self, q: float, since: float = float("-inf"), until: float = float("inf")) -> float:
+    def percentile(
+        self, q: float, since: float = float("-inf"), until: float = float("inf")
+    ) -> float:
         """Latency percentile (s) of the successful calls that started in [since, until) (perf_counter)."""
         latencies = [latency for start, latency in self.samples if since <= start < until]
         return percentile_ms(latencies, q) / 1000
@@ -117,11 +169,15 @@ class LoadResult:
 class Load:
     """`callers` threads calling Classify back to back through one shared client (one channel)."""
 
-    def __init__(self, client: ClassifierClient, images: np.ndarray, expected: np.ndarray, callers: int = 32) -> None:
+    def __init__(
+        self, client: ClassifierClient, images: np.ndarray, expected: np.ndarray, callers: int = 32
+    ) -> None:
         self._client, self._images, self._expected = client, images, expected
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._call, args=(i,), daemon=True) for i in range(callers)]
+        self._threads = [
+            threading.Thread(target=self._call, args=(i,), daemon=True) for i in range(callers)
+        ]
         self._started = 0.0
         self.result = LoadResult(0.0)
 
@@ -153,8 +209,10 @@ class Load:
             n += 1
             started = time.perf_counter()
             try:
-                label = int(self._client.classify(self._images[i:i + 1]).labels[0])
-                failure = None if label == self._expected[i] else f"wrong answer {label} for image {i}"
+                label = int(self._client.classify(self._images[i : i + 1]).labels[0])
+                failure = (
+                    None if label == self._expected[i] else f"wrong answer {label} for image {i}"
+                )
             except grpc.RpcError as error:
                 failure = f"{error.code().name}: {error.details()}"
             elapsed = time.perf_counter() - started
@@ -166,27 +224,42 @@ class Load:
 
 
 def _reference_labels(client: ClassifierClient, images: np.ndarray) -> np.ndarray:
-    return np.concatenate([client.classify(images[i:i + 64]).labels for i in range(0, len(images), 64)])
+    return np.concatenate(
+        [client.classify(images[i : i + 64]).labels for i in range(0, len(images), 64)]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scaleout", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
-    parser.add_argument("--callers", type=int, default=32, help="concurrent callers sharing one client")
+    parser.add_argument(
+        "--callers", type=int, default=32, help="concurrent callers sharing one client"
+    )
     parser.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DATA_DIR)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="mnist-serve --workers of each replica (1: one process per replica, as one pod per core)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="mnist-serve --workers of each replica (1: one process per replica, as one pod per core)",
+    )
     args = parser.parse_args(argv)
 
     from core.idx import find_data_dir, load_idx_dir
 
     folder = find_data_dir("mnist", args.data_dir)
     if folder is None:
-        print("error: the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR", file=sys.stderr)
+        print(
+            "error: the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR",
+            file=sys.stderr,
+        )
         return 1
     images = load_idx_dir(folder).test_images[:1000]
-    replicas = start_replicas(args.model_repository, 3, "--grace-period", "10", "--workers", str(args.workers))
+    replicas = start_replicas(
+        args.model_repository, 3, "--grace-period", "10", "--workers", str(args.workers)
+    )
     try:
         with ClassifierClient(replicas[0].address, timeout=30) as client:
             expected = _reference_labels(client, images)
@@ -195,9 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                 with Load(client, images, expected, args.callers) as load:
                     time.sleep(args.seconds)
                 result = load.stop()
-            print(f"{count} replica(s), {args.callers} callers: {result.calls_per_second:.0f} calls/s, "
-                  f"p50 {result.percentile(50) * 1e3:.1f} ms, p99 {result.percentile(99) * 1e3:.1f} ms, "
-                  f"{len(result.failures)} failed")
+            print(
+                f"{count} replica(s), {args.callers} callers: {result.calls_per_second:.0f} calls/s, "
+                f"p50 {result.percentile(50) * 1e3:.1f} ms, p99 {result.percentile(99) * 1e3:.1f} ms, "
+                f"{len(result.failures)} failed"
+            )
         with ClassifierClient(ipv4_target(replicas), timeout=30) as client:
             with Load(client, images, expected, args.callers) as load:
                 time.sleep(args.seconds / 2)
@@ -206,11 +281,13 @@ def main(argv: list[str] | None = None) -> int:
                 exited_at = time.perf_counter()
                 time.sleep(args.seconds / 2)
             result = load.stop()
-        print(f"SIGTERM to 1 of 3 replicas under load: it exited ({exit_code}) {exited_at - sigterm_at:.2f} s later; "
-              f"{len(result.failures)} failed of {len(result.samples) + len(result.failures)} calls; "
-              f"p99 before {result.percentile(99, until=sigterm_at) * 1e3:.1f} ms, "
-              f"while draining {result.percentile(99, sigterm_at, exited_at) * 1e3:.1f} ms, "
-              f"after {result.percentile(99, since=exited_at) * 1e3:.1f} ms")
+        print(
+            f"SIGTERM to 1 of 3 replicas under load: it exited ({exit_code}) {exited_at - sigterm_at:.2f} s later; "
+            f"{len(result.failures)} failed of {len(result.samples) + len(result.failures)} calls; "
+            f"p99 before {result.percentile(99, until=sigterm_at) * 1e3:.1f} ms, "
+            f"while draining {result.percentile(99, sigterm_at, exited_at) * 1e3:.1f} ms, "
+            f"after {result.percentile(99, since=exited_at) * 1e3:.1f} ms"
+        )
     finally:
         for replica in replicas:
             replica.stop()

@@ -12,6 +12,7 @@ calls/s and the server's RSS (read from /proc when the server runs on this machi
 summary and a plot (bench/results/soak.png). Exits 1 on any wrong answer, unexpected error, or
 RSS that grew more than --max-rss-growth after the first interval.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ from PIL import Image
 
 from core.idx import find_data_dir, load_idx_dir
 from serving.client import ClassifierClient
-from serving.memory import process_tree, tree_rss_by_process, tree_rss_bytes
 from serving.generated import mnist_classifier_pb2 as pb
+from serving.memory import process_tree, tree_rss_by_process, tree_rss_bytes
 from serving.process import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,11 +48,21 @@ class Tally:
     errors: int = 0
     wrong: int = 0
     hostile_refused: int = 0
-    shed: int = 0  # RESOURCE_EXHAUSTED: the server shedding load, retried after a pause (not an error)
+    shed: int = (
+        0  # RESOURCE_EXHAUSTED: the server shedding load, retried after a pause (not an error)
+    )
     last_error: str = ""
 
-    def add(self, *, calls: int = 0, errors: int = 0, wrong: int = 0, refused: int = 0, shed: int = 0,
-            error: str = "") -> None:
+    def add(
+        self,
+        *,
+        calls: int = 0,
+        errors: int = 0,
+        wrong: int = 0,
+        refused: int = 0,
+        shed: int = 0,
+        error: str = "",
+    ) -> None:
         with self.lock:
             self.calls += calls
             self.errors += errors
@@ -85,17 +96,21 @@ def hostile_call(channel: grpc.Channel, rng: random.Random) -> grpc.StatusCode:
     """One of the hostile shapes of issue 14; the answer must be a refusal, quickly."""
     kind = rng.randrange(3)
     if kind == 0:  # not protobuf at all
-        call = channel.unary_unary("/mnist.v1.Classifier/Classify", request_serializer=None,
-                                   response_deserializer=None)
+        call = channel.unary_unary(
+            "/mnist.v1.Classifier/Classify", request_serializer=None, response_deserializer=None
+        )
         request = b"\x0a\xff\xff\xff\xff\x0f"
     elif kind == 1:  # a 64 KiB model name
-        call = channel.unary_unary("/mnist.v1.Classifier/Classify", request_serializer=None,
-                                   response_deserializer=None)
-        request = pb.ClassifyRequest(model_name="x" * 65536,
-                                     images=[pb.Image(raw_pixels=bytes(784))]).SerializeToString()
+        call = channel.unary_unary(
+            "/mnist.v1.Classifier/Classify", request_serializer=None, response_deserializer=None
+        )
+        request = pb.ClassifyRequest(
+            model_name="x" * 65536, images=[pb.Image(raw_pixels=bytes(784))]
+        ).SerializeToString()
     else:  # raw pixels of the wrong size
-        call = channel.unary_unary("/mnist.v1.Classifier/Classify", request_serializer=None,
-                                   response_deserializer=None)
+        call = channel.unary_unary(
+            "/mnist.v1.Classifier/Classify", request_serializer=None, response_deserializer=None
+        )
         request = pb.ClassifyRequest(images=[pb.Image(raw_pixels=bytes(700))]).SerializeToString()
     try:
         call(request, timeout=10)
@@ -104,35 +119,53 @@ def hostile_call(channel: grpc.Channel, rng: random.Random) -> grpc.StatusCode:
         return error.code()
 
 
-def caller(target: str, images: np.ndarray, reference: np.ndarray, blobs: list[bytes], stop: threading.Event,
-           tally: Tally, seed: int) -> None:
+def caller(
+    target: str,
+    images: np.ndarray,
+    reference: np.ndarray,
+    blobs: list[bytes],
+    stop: threading.Event,
+    tally: Tally,
+    seed: int,
+) -> None:
     rng = random.Random(seed)
-    with ClassifierClient(target, timeout=30) as client, grpc.insecure_channel(target) as raw_channel:
+    with (
+        ClassifierClient(target, timeout=30) as client,
+        grpc.insecure_channel(target) as raw_channel,
+    ):
         while not stop.is_set():
             try:
                 if rng.random() < HOSTILE_SHARE:
                     code = hostile_call(raw_channel, rng)
                     ok = code in REFUSED
-                    tally.add(calls=1, refused=int(ok), errors=int(not ok),
-                              error="" if ok else f"hostile call answered {code.name}")
+                    tally.add(
+                        calls=1,
+                        refused=int(ok),
+                        errors=int(not ok),
+                        error="" if ok else f"hostile call answered {code.name}",
+                    )
                     continue
                 start = rng.randrange(len(images) - 16)
                 count = rng.choice((1, 4, 16))
                 kind = rng.randrange(3)
                 if kind == 0:
-                    labels = client.classify(images[start:start + count]).labels
+                    labels = client.classify(images[start : start + count]).labels
                 elif kind == 1:
-                    labels = client.infer_kserve(images[start:start + count]).argmax(axis=1)
+                    labels = client.infer_kserve(images[start : start + count]).argmax(axis=1)
                 else:
-                    labels = client.classify_encoded(blobs[start:start + count]).labels
-                expected = reference[int(kind == 2)][start:start + count]  # PNGs have their own idle answers
+                    labels = client.classify_encoded(blobs[start : start + count]).labels
+                expected = reference[int(kind == 2)][
+                    start : start + count
+                ]  # PNGs have their own idle answers
                 tally.add(calls=1, wrong=int((np.asarray(labels) != expected).sum()))
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # shed: back off, as it asks
                     tally.add(calls=1, shed=1)
                     stop.wait(0.05)
                     continue
-                tally.add(calls=1, errors=1, error=f"{error.code().name}: {(error.details() or '')[:200]}")
+                tally.add(
+                    calls=1, errors=1, error=f"{error.code().name}: {(error.details() or '')[:200]}"
+                )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -157,20 +190,40 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--callers", type=int, default=16)
-    parser.add_argument("--interval", type=float, default=10.0, help="seconds between two report lines")
+    parser.add_argument(
+        "--interval", type=float, default=10.0, help="seconds between two report lines"
+    )
     parser.add_argument("--target", help="a running server (default: start one on this machine)")
-    parser.add_argument("--server-pid", type=int, help="with --target: the server's pid, for its RSS")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="the server's --workers (0: its default, one per core); RSS is summed over them")
+    parser.add_argument(
+        "--server-pid", type=int, help="with --target: the server's pid, for its RSS"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="the server's --workers (0: its default, one per core); RSS is summed over them",
+    )
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
-    parser.add_argument("--data-dir", default=None, help="MNIST IDX folder (default: $MNIST_DATA_DIR)")
-    parser.add_argument("--max-shed", type=float, default=0.05,
-                        help="allowed share of calls shed with RESOURCE_EXHAUSTED (a loaded machine sheds some)")
-    parser.add_argument("--max-rss-growth", type=float, default=0.10,
-                        help="allowed RSS growth from the first interval to the end (fraction)")
+    parser.add_argument(
+        "--data-dir", default=None, help="MNIST IDX folder (default: $MNIST_DATA_DIR)"
+    )
+    parser.add_argument(
+        "--max-shed",
+        type=float,
+        default=0.05,
+        help="allowed share of calls shed with RESOURCE_EXHAUSTED (a loaded machine sheds some)",
+    )
+    parser.add_argument(
+        "--max-rss-growth",
+        type=float,
+        default=0.10,
+        help="allowed RSS growth from the first interval to the end (fraction)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.callers < 1:
@@ -182,65 +235,130 @@ def main(argv: list[str] | None = None) -> int:
     blobs = [png(image) for image in images]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    context = (nullcontext(None) if args.target else
-               start_server(args.model_repository, "--workers", str(args.workers),
-                            log_path=args.out.with_suffix(".log"), ready_timeout=300))
+    context = (
+        nullcontext(None)
+        if args.target
+        else start_server(
+            args.model_repository,
+            "--workers",
+            str(args.workers),
+            log_path=args.out.with_suffix(".log"),
+            ready_timeout=300,
+        )
+    )
     with context as server:
         target = args.target or server.target
         pid = args.server_pid if args.target else server.proc.pid
-        with ClassifierClient(target, timeout=60) as client:  # the idle answers every later one must equal
-            reference = np.stack([
-                np.concatenate([client.classify(images[i:i + 64]).labels for i in range(0, len(images), 64)]),
-                np.concatenate([client.classify_encoded(blobs[i:i + 64]).labels for i in range(0, len(images), 64)]),
-            ])
+        with ClassifierClient(
+            target, timeout=60
+        ) as client:  # the idle answers every later one must equal
+            reference = np.stack(
+                [
+                    np.concatenate(
+                        [
+                            client.classify(images[i : i + 64]).labels
+                            for i in range(0, len(images), 64)
+                        ]
+                    ),
+                    np.concatenate(
+                        [
+                            client.classify_encoded(blobs[i : i + 64]).labels
+                            for i in range(0, len(images), 64)
+                        ]
+                    ),
+                ]
+            )
         tally, stop = Tally(), threading.Event()
-        threads = [threading.Thread(target=caller, args=(target, images, reference, blobs, stop, tally, seed),
-                                    daemon=True) for seed in range(args.callers)]
+        threads = [
+            threading.Thread(
+                target=caller,
+                args=(target, images, reference, blobs, stop, tally, seed),
+                daemon=True,
+            )
+            for seed in range(args.callers)
+        ]
         for thread in threads:
             thread.start()
         rows: list[dict] = []
         started = time.monotonic()
         previous = 0
         print(f"soak: {args.callers} callers for {args.minutes:g} min against {target}")
-        print(f"{'t s':>6} {'calls':>9} {'calls/s':>8} {'errors':>6} {'wrong':>5} {'refused':>7} {'RSS MB':>7} "
-              f"{'worker MB':>9}  (RSS: all the server's processes; worker: the largest one)")
+        print(
+            f"{'t s':>6} {'calls':>9} {'calls/s':>8} {'errors':>6} {'wrong':>5} {'refused':>7} {'RSS MB':>7} "
+            f"{'worker MB':>9}  (RSS: all the server's processes; worker: the largest one)"
+        )
         try:
             while (elapsed := time.monotonic() - started) < args.minutes * 60:
                 time.sleep(min(args.interval, args.minutes * 60 - elapsed))
                 with tally.lock:
-                    calls, errors, wrong, refused = tally.calls, tally.errors, tally.wrong, tally.hostile_refused
+                    calls, errors, wrong, refused = (
+                        tally.calls,
+                        tally.errors,
+                        tally.wrong,
+                        tally.hostile_refused,
+                    )
                 now = time.monotonic() - started
-                row = {"t": now, "calls": calls, "calls_per_s": (calls - previous) / args.interval,
-                       "errors": errors, "wrong": wrong, "refused": refused, "rss_mb": rss_mb(pid),
-                       "worker_rss_mb": worker_rss_mb(pid),
-                       "processes": len(process_tree(pid)) if pid and Path(f"/proc/{pid}").exists() else 0}
+                row = {
+                    "t": now,
+                    "calls": calls,
+                    "calls_per_s": (calls - previous) / args.interval,
+                    "errors": errors,
+                    "wrong": wrong,
+                    "refused": refused,
+                    "rss_mb": rss_mb(pid),
+                    "worker_rss_mb": worker_rss_mb(pid),
+                    "processes": len(process_tree(pid))
+                    if pid and Path(f"/proc/{pid}").exists()
+                    else 0,
+                }
                 previous = calls
                 rows.append(row)
-                print(f"{now:>6.0f} {calls:>9} {row['calls_per_s']:>8.0f} {errors:>6} {wrong:>5} {refused:>7} "
-                      f"{row['rss_mb']:>7.0f} {row['worker_rss_mb']:>9.0f}", flush=True)
+                print(
+                    f"{now:>6.0f} {calls:>9} {row['calls_per_s']:>8.0f} {errors:>6} {wrong:>5} {refused:>7} "
+                    f"{row['rss_mb']:>7.0f} {row['worker_rss_mb']:>9.0f}",
+                    flush=True,
+                )
         finally:
             stop.set()
             for thread in threads:
                 thread.join(30)
     first, last = rows[0]["rss_mb"], rows[-1]["rss_mb"]
-    growth = (last - first) / first if first == first and first else 0.0  # NaN-safe: no RSS when remote
-    summary = {"minutes": args.minutes, "callers": args.callers, "calls": tally.calls, "errors": tally.errors,
-               "wrong": tally.wrong, "hostile_refused": tally.hostile_refused, "shed": tally.shed,
-               "rss_first_mb": first,
-               "rss_last_mb": last, "rss_max_mb": max(r["rss_mb"] for r in rows), "rss_growth": growth,
-               "worker_rss_max_mb": max(r["worker_rss_mb"] for r in rows),
-               "processes": max(r["processes"] for r in rows),
-               "last_error": tally.last_error, "rows": rows}
+    growth = (
+        (last - first) / first if first == first and first else 0.0
+    )  # NaN-safe: no RSS when remote
+    summary = {
+        "minutes": args.minutes,
+        "callers": args.callers,
+        "calls": tally.calls,
+        "errors": tally.errors,
+        "wrong": tally.wrong,
+        "hostile_refused": tally.hostile_refused,
+        "shed": tally.shed,
+        "rss_first_mb": first,
+        "rss_last_mb": last,
+        "rss_max_mb": max(r["rss_mb"] for r in rows),
+        "rss_growth": growth,
+        "worker_rss_max_mb": max(r["worker_rss_mb"] for r in rows),
+        "processes": max(r["processes"] for r in rows),
+        "last_error": tally.last_error,
+        "rows": rows,
+    }
     args.out.write_text(json.dumps(summary, indent=2))
     plot(rows, args.out.with_suffix(".png"))
-    print(f"{tally.calls} calls ({tally.hostile_refused} hostile, refused; {tally.shed} shed), {tally.errors} errors, "
-          f"{tally.wrong} wrong answers; RSS of all {summary['processes']} server processes {first:.0f} -> "
-          f"{last:.0f} MB ({growth:+.1%}, max {summary['rss_max_mb']:.0f}; largest worker "
-          f"{summary['worker_rss_max_mb']:.0f}); wrote {args.out} and {args.out.with_suffix('.png')}")
+    print(
+        f"{tally.calls} calls ({tally.hostile_refused} hostile, refused; {tally.shed} shed), {tally.errors} errors, "
+        f"{tally.wrong} wrong answers; RSS of all {summary['processes']} server processes {first:.0f} -> "
+        f"{last:.0f} MB ({growth:+.1%}, max {summary['rss_max_mb']:.0f}; largest worker "
+        f"{summary['worker_rss_max_mb']:.0f}); wrote {args.out} and {args.out.with_suffix('.png')}"
+    )
     if tally.last_error:
         print(f"last error: {tally.last_error}")
-    failed = (tally.errors or tally.wrong or growth > args.max_rss_growth
-              or tally.shed > args.max_shed * max(tally.calls, 1))
+    failed = (
+        tally.errors
+        or tally.wrong
+        or growth > args.max_rss_growth
+        or tally.shed > args.max_shed * max(tally.calls, 1)
+    )
     return 1 if failed else 0
 
 

@@ -15,6 +15,7 @@ with each other, not with other benchmarks.
 
     python -m bench.version_switch --model-repository model_repository
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,14 +59,18 @@ def publish_copy(repository: Path, name: str) -> int:
     return number
 
 
-async def grpc_caller(target: str, images: np.ndarray, calls: list[Call], stop: asyncio.Event, seed: int) -> None:
+async def grpc_caller(
+    target: str, images: np.ndarray, calls: list[Call], stop: asyncio.Event, seed: int
+) -> None:
     from serving.generated import grpc_predict_v2_pb2 as pb
 
     rng = np.random.default_rng(seed)
     async with grpc.aio.insecure_channel(target) as channel:
-        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                    request_serializer=pb.ModelInferRequest.SerializeToString,
-                                    response_deserializer=pb.ModelInferResponse.FromString)
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
         while not stop.is_set():
             request = pb.ModelInferRequest(model_name="mnist")
             request.inputs.add(name=INPUT_NAME, datatype="UINT8", shape=[1, *IMAGE_SHAPE])
@@ -79,20 +84,37 @@ async def grpc_caller(target: str, images: np.ndarray, calls: list[Call], stop: 
             calls.append(Call(started, time.monotonic() - started, version, "grpc"))
 
 
-async def rest_caller(http_url: str, images: np.ndarray, calls: list[Call], stop: asyncio.Event, seed: int) -> None:
+async def rest_caller(
+    http_url: str, images: np.ndarray, calls: list[Call], stop: asyncio.Event, seed: int
+) -> None:
     rng = np.random.default_rng(seed)
     async with aiohttp.ClientSession(http_url) as session:
         while not stop.is_set():
             raw = images[rng.integers(len(images))].tobytes()
-            header = json.dumps({"inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [1, *IMAGE_SHAPE],
-                                             "parameters": {"binary_data_size": len(raw)}}]}).encode()
+            header = json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": INPUT_NAME,
+                            "datatype": "UINT8",
+                            "shape": [1, *IMAGE_SHAPE],
+                            "parameters": {"binary_data_size": len(raw)},
+                        }
+                    ]
+                }
+            ).encode()
             started = time.monotonic()
             try:
-                async with session.post("/v2/models/mnist/infer", data=header + raw,
-                                        headers={"Inference-Header-Content-Length": str(len(header))}) as reply:
+                async with session.post(
+                    "/v2/models/mnist/infer",
+                    data=header + raw,
+                    headers={"Inference-Header-Content-Length": str(len(header))},
+                ) as reply:
                     body = await reply.read()
                     length = int(reply.headers.get("Inference-Header-Content-Length", len(body)))
-                    version = json.loads(body[:length])["model_version"] if reply.status == 200 else ""
+                    version = (
+                        json.loads(body[:length])["model_version"] if reply.status == 200 else ""
+                    )
             except aiohttp.ClientError:
                 version = ""
             calls.append(Call(started, time.monotonic() - started, version, "rest"))
@@ -104,17 +126,25 @@ def percentiles(calls: list[Call]) -> str:
     versions = sorted({c.version for c in calls if c.version})
     if not len(ok):
         return f"{len(calls):6d} calls, {failed} failed"
-    return (f"{len(calls):6d} calls, {failed} failed, p50 {percentile_ms(ok, 50):6.2f} ms, "
-            f"p99 {percentile_ms(ok, 99):6.2f} ms, versions {', '.join(versions)}")
+    return (
+        f"{len(calls):6d} calls, {failed} failed, p50 {percentile_ms(ok, 50):6.2f} ms, "
+        f"p99 {percentile_ms(ok, 99):6.2f} ms, versions {', '.join(versions)}"
+    )
 
 
-async def run(args: argparse.Namespace, target: str, http_url: str, repository: Path, images: np.ndarray,
-              log) -> None:
+async def run(
+    args: argparse.Namespace, target: str, http_url: str, repository: Path, images: np.ndarray, log
+) -> None:
     calls: list[Call] = []
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(grpc_caller(target, images, calls, stop, i) if i % 2 == 0
-                                 else rest_caller(http_url, images, calls, stop, i))
-             for i in range(args.callers)]
+    tasks = [
+        asyncio.create_task(
+            grpc_caller(target, images, calls, stop, i)
+            if i % 2 == 0
+            else rest_caller(http_url, images, calls, stop, i)
+        )
+        for i in range(args.callers)
+    ]
     await asyncio.sleep(args.warmup)
     window_start = time.monotonic()
     await asyncio.sleep(args.before)
@@ -134,23 +164,39 @@ async def run(args: argparse.Namespace, target: str, http_url: str, repository: 
     ended = time.monotonic()
     stop.set()
     await asyncio.gather(*tasks)
-    phases = {"before": (window_start, published), "during": (published, settled), "after": (settled, ended)}
-    print(f"{args.callers} callers (KServe gRPC and REST, 1 digit per call), poll every {args.poll} s:")
+    phases = {
+        "before": (window_start, published),
+        "during": (published, settled),
+        "after": (settled, ended),
+    }
+    print(
+        f"{args.callers} callers (KServe gRPC and REST, 1 digit per call), poll every {args.poll} s:"
+    )
     for phase, (start, end) in phases.items():
-        print(f"  {phase:7s} {end - start:5.1f} s: {percentiles([c for c in calls if start <= c.started < end])}")
-    print(f"  version {new_version} published -> first answer from it after {switched - published:.2f} s; "
-          f"all answers from it after {settled - published:.2f} s")
+        print(
+            f"  {phase:7s} {end - start:5.1f} s: {percentiles([c for c in calls if start <= c.started < end])}"
+        )
+    print(
+        f"  version {new_version} published -> first answer from it after {switched - published:.2f} s; "
+        f"all answers from it after {settled - published:.2f} s"
+    )
     log_text = log.read_text()
-    loaded = [line for line in log_text.splitlines() if f"version {new_version} passed its checks" in line]
+    loaded = [
+        line for line in log_text.splitlines() if f"version {new_version} passed its checks" in line
+    ]
     if loaded:
         print("  server: " + loaded[0].split("mnist-serve: ", 1)[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--callers", type=int, default=32)
-    parser.add_argument("--poll", type=float, default=1.0, help="the server's --repository-poll-secs")
+    parser.add_argument(
+        "--poll", type=float, default=1.0, help="the server's --repository-poll-secs"
+    )
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--before", type=float, default=8.0)
     parser.add_argument("--after", type=float, default=8.0)
@@ -161,8 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         repository = Path(tmp) / "repository"
         shutil.copytree(args.model_repository / "mnist", repository / "mnist")
         log = Path(tmp) / "server.log"
-        with start_server(repository, "--model-control-mode", "poll", "--repository-poll-secs", str(args.poll),
-                          *args.server_args.split(), log_path=log) as server:
+        with start_server(
+            repository,
+            "--model-control-mode",
+            "poll",
+            "--repository-poll-secs",
+            str(args.poll),
+            *args.server_args.split(),
+            log_path=log,
+        ) as server:
             asyncio.run(run(args, server.target, server.http_url, repository, images, log))
     return 0
 

@@ -5,6 +5,7 @@ The ONNX graph takes one input, `images`: float32 [N, 28, 28, 1] with pixels in 
 Training exports to these names; serving, the clients, the load tests and the benchmark
 read them from here.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,18 @@ KSERVE_DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype(np.uint8)}
 
 CLASS_NAMES = {
     "mnist": [str(digit) for digit in range(NUM_CLASSES)],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "fashion-mnist": [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ],
 }
 
 

@@ -6,6 +6,7 @@ sums below. Where a data set is looked for, in order: the folder given (--data-d
 data set's environment variable (MNIST_DATA_DIR, FASHION_MNIST_DATA_DIR), then the folder a
 Debian package installs. training.data adds Keras' download after these.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -70,14 +71,16 @@ class Dataset:
 def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     """Decode an IDX byte string (magic 0x0000 08 <ndim>, big-endian dims, uint8 payload)."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DatasetError(f"{name}: not an IDX file (bad magic number); replace it with the original file")
+        raise DatasetError(
+            f"{name}: not an IDX file (bad magic number); replace it with the original file"
+        )
     if data[2] != _IDX_UBYTE:
         raise DatasetError(f"{name}: IDX element type 0x{data[2]:02x} is not unsigned byte (0x08)")
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DatasetError(f"{name}: truncated IDX header; download the file again")
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(dims))
     if len(data) != expected:
         raise DatasetError(
@@ -90,7 +93,9 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
 def idx_bytes(array: np.ndarray) -> bytes:
     """An IDX file of unsigned bytes: magic 0x00 0x00 0x08 <ndim>, big-endian dimensions, the data."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + b"".join(int(dim).to_bytes(4, "big") for dim in array.shape)
+    header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + b"".join(
+        int(dim).to_bytes(4, "big") for dim in array.shape
+    )
     return header + array.tobytes()
 
 
@@ -98,9 +103,15 @@ def _read_file(directory: Path, stem: str, dataset: str) -> bytes:
     for candidate in (directory / f"{stem}.gz", directory / stem):
         if candidate.is_file():
             try:
-                return gzip.decompress(candidate.read_bytes()) if candidate.suffix == ".gz" else candidate.read_bytes()
+                return (
+                    gzip.decompress(candidate.read_bytes())
+                    if candidate.suffix == ".gz"
+                    else candidate.read_bytes()
+                )
             except (OSError, EOFError, gzip.BadGzipFile) as err:
-                raise DatasetError(f"{candidate}: cannot be decompressed ({err}); download it again") from err
+                raise DatasetError(
+                    f"{candidate}: cannot be decompressed ({err}); download it again"
+                ) from err
     raise DatasetError(
         f"{directory / stem}(.gz) is missing: put the four MNIST-format files in {directory} "
         f"or point --data-dir / {ENV_VARS.get(dataset, 'MNIST_DATA_DIR')} at the folder that holds them"
@@ -119,7 +130,9 @@ def load_idx_dir(directory: Path, dataset: str = "mnist") -> Dataset:
     """Read and checksum the four files of an MNIST-format data set from `directory`."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise DatasetError(f"data folder {directory} does not exist; pass --data-dir with the folder of the IDX files")
+        raise DatasetError(
+            f"data folder {directory} does not exist; pass --data-dir with the folder of the IDX files"
+        )
     expected = _expected_sums(directory, dataset)
     arrays = {}
     for key, stem in FILES.items():
@@ -133,15 +146,23 @@ def load_idx_dir(directory: Path, dataset: str = "mnist") -> Dataset:
         arrays[key] = parse_idx(raw, str(directory / stem))
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE) or labels.shape != (images.shape[0],):
+        if (
+            images.ndim != 3
+            or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE)
+            or labels.shape != (images.shape[0],)
+        ):
             raise DatasetError(
-                f"{directory}: {split} images {images.shape} and labels {labels.shape} do not pair up as [N,28,28] and [N]"
+                f"{directory}: {split} images {images.shape} and labels {labels.shape} "
+                "do not pair up as [N,28,28] and [N]"
             )
     return Dataset(dataset, CLASS_NAMES[dataset], source=str(directory), **arrays)
 
 
-def find_data_dir(dataset: str = "mnist", data_dir: str | os.PathLike | None = None,
-                  environ: Mapping[str, str] | None = None) -> Path | None:
+def find_data_dir(
+    dataset: str = "mnist",
+    data_dir: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Path | None:
     """The folder to read `dataset` from: `data_dir`, else its environment variable, else the
     Debian folder when it exists; None when there is no local copy to read."""
     if dataset not in CLASS_NAMES:

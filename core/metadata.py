@@ -5,6 +5,7 @@ shows its scalar fields in DescribeModel. `schema_version` says which layout a f
 files written before the field existed are version 1, the layout below. A reader refuses a
 version it does not know, naming the file, rather than guess at its fields.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,13 +71,18 @@ class ModelMetadata:
 
     def scalars(self) -> dict[str, str]:
         """The top-level numbers and strings, as text (DescribeModel's metadata map)."""
-        return {key: str(value) for key, value in self.to_dict().items()
-                if isinstance(value, (str, int, float, bool)) and value is not None}
+        return {
+            key: str(value)
+            for key, value in self.to_dict().items()
+            if isinstance(value, (str, int, float, bool)) and value is not None
+        }
 
     @classmethod
     def from_dict(cls, record: Any, source: str = "metadata.json") -> ModelMetadata:
         if not isinstance(record, dict):
-            raise MetadataError(f"{source}: expected a JSON object, found {type(record).__name__}; retrain or fix it")
+            raise MetadataError(
+                f"{source}: expected a JSON object, found {type(record).__name__}; retrain or fix it"
+            )
         record = dict(record)
         # Files written before the field existed have the version 1 layout.
         schema_version = record.pop("schema_version", 1)
@@ -87,14 +93,20 @@ class ModelMetadata:
             )
         missing = [name for name in REQUIRED_FIELDS if name not in record]
         if missing:
-            raise MetadataError(f"{source}: missing field(s) {', '.join(missing)}; "
-                                "the version was not published by mnist-train: retrain it")
+            raise MetadataError(
+                f"{source}: missing field(s) {', '.join(missing)}; "
+                "the version was not published by mnist-train: retrain it"
+            )
         known = {f.name for f in fields(cls)} - {"extra", "schema_version"}
         values = {key: value for key, value in record.items() if key in known}
         extra = {key: value for key, value in record.items() if key not in known}
         if not isinstance(values["version"], int) or not isinstance(values["model_sha256"], str):
-            raise MetadataError(f"{source}: 'version' must be an integer and 'model_sha256' a string")
-        if not isinstance(values["class_names"], list) or not all(isinstance(n, str) for n in values["class_names"]):
+            raise MetadataError(
+                f"{source}: 'version' must be an integer and 'model_sha256' a string"
+            )
+        if not isinstance(values["class_names"], list) or not all(
+            isinstance(n, str) for n in values["class_names"]
+        ):
             raise MetadataError(f"{source}: 'class_names' must be a list of strings")
         return cls(**values, extra=extra, schema_version=schema_version)
 

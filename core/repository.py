@@ -8,6 +8,7 @@ Layout (Triton's, so Triton serves it unchanged)::
 
 This module reads and writes that layout and nothing else.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +79,10 @@ def list_versions(repository: Path, model_name: str) -> list[int]:
 def no_versions_message(repository: Path, model_name: str | None = None) -> str:
     """What to say when there is nothing to serve: no versions of `model_name` (None: of any model)."""
     what = f"model '{model_name}'" if model_name else "models"
-    return (f"no versions of {what} under {repository}: run `mnist-train --out {repository}` first, "
-            "or point --model-repository at a trained one")
+    return (
+        f"no versions of {what} under {repository}: run `mnist-train --out {repository}` first, "
+        "or point --model-repository at a trained one"
+    )
 
 
 def load_version(repository: Path, model_name: str, version: int | None = None) -> ModelVersion:
@@ -111,7 +114,9 @@ def load_version(repository: Path, model_name: str, version: int | None = None) 
     return ModelVersion(model_name, version, directory, metadata)
 
 
-def triton_config(model_name: str, max_batch_size: int, preferred_batch_sizes: tuple[int, ...] = ()) -> str:
+def triton_config(
+    model_name: str, max_batch_size: int, preferred_batch_sizes: tuple[int, ...] = ()
+) -> str:
     """A Triton ModelConfig in protobuf text format for the ONNX classifier."""
     preferred = "".join(f"\n  preferred_batch_size: {size}" for size in preferred_batch_sizes)
     dims = ", ".join(str(d) for d in IMAGE_SHAPE)
@@ -158,13 +163,19 @@ def write_version(
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RepositoryError(f"cannot publish model '{model_name}' under {repository}: {_why(err)}") from err
+        raise RepositoryError(
+            f"cannot publish model '{model_name}' under {repository}: {_why(err)}"
+        ) from err
     existing = list_versions(repository, model_name)
     version = (existing[-1] + 1) if existing else 1
     staging = model_dir / f".staging-{version}-{os.getpid()}"
     config_staging = model_dir / f".{CONFIG_FILENAME}.{os.getpid()}.tmp"
-    full_metadata = dataclasses.replace(metadata, model_name=model_name, version=version,
-                                        model_sha256=hashlib.sha256(onnx_bytes).hexdigest())
+    full_metadata = dataclasses.replace(
+        metadata,
+        model_name=model_name,
+        version=version,
+        model_sha256=hashlib.sha256(onnx_bytes).hexdigest(),
+    )
     try:
         staging.mkdir()
         _write_flushed(staging / MODEL_FILENAME, onnx_bytes)
@@ -176,7 +187,8 @@ def write_version(
         config_staging.unlink(missing_ok=True)
         raise RepositoryError(
             f"cannot publish model '{model_name}' version {version} under {repository}: {_why(err)}; "
-            "nothing was published (the partial files were removed)") from err
+            "nothing was published (the partial files were removed)"
+        ) from err
     try:
         os.replace(config_staging, model_dir / CONFIG_FILENAME)
         _sync_directory(model_dir)
@@ -184,7 +196,8 @@ def write_version(
         config_staging.unlink(missing_ok=True)
         raise RepositoryError(
             f"model '{model_name}' version {version} was published under {repository}, but its "
-            f"{CONFIG_FILENAME} could not be rewritten: {_why(err)}") from err
+            f"{CONFIG_FILENAME} could not be rewritten: {_why(err)}"
+        ) from err
     return ModelVersion(model_name, version, model_dir / str(version), full_metadata)
 
 

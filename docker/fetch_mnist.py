@@ -6,6 +6,7 @@ docker/train-if-needed.sh runs it in the trainer container when the host mounts 
 so that the `mnist` volume then holds the same files for the trainer and the Locust workers. Each
 file is checked against MNIST's published SHA-256 sum before it is written.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,18 @@ def download_mnist() -> Dataset:
     try:
         (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
     except Exception as err:  # keras raises a bare Exception on a failed download
-        raise DatasetError(f"could not download MNIST ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from err
-    return Dataset("mnist", CLASS_NAMES["mnist"], x_train, y_train, x_test, y_test, source="keras.datasets download")
+        raise DatasetError(
+            f"could not download MNIST ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        ) from err
+    return Dataset(
+        "mnist",
+        CLASS_NAMES["mnist"],
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        source="keras.datasets download",
+    )
 
 
 def write_idx_dir(data: Dataset, directory: Path) -> None:
@@ -34,7 +45,9 @@ def write_idx_dir(data: Dataset, directory: Path) -> None:
     for name, content in contents.items():
         digest = hashlib.sha256(content).hexdigest()
         if digest != KNOWN_SHA256["mnist"][name]:
-            raise DatasetError(f"{name}: the download gives sha256 {digest[:12]}…, not MNIST's; try again")
+            raise DatasetError(
+                f"{name}: the download gives sha256 {digest[:12]}…, not MNIST's; try again"
+            )
     directory.mkdir(parents=True, exist_ok=True)
     for name in sorted(contents, key=lambda name: name == FILES["train_images"]):
         partial = directory / f".{name}.partial"
@@ -53,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, OSError) as err:
         print(f"fetch_mnist: error: {err}", file=sys.stderr)
         return 1
-    print(f"fetch_mnist: MNIST written to {argv[0]} "
-          f"({len(data.train_images):,} training + {len(data.test_images):,} test images)")
+    print(
+        f"fetch_mnist: MNIST written to {argv[0]} "
+        f"({len(data.train_images):,} training + {len(data.test_images):,} test images)"
+    )
     return 0
 
 

@@ -563,8 +563,15 @@ def services(cluster: Cluster) -> dict[str, tuple[int, int]]:
         # Not the REPLICAS column's count of running ones: it lags (it read 3/3 while a drain had
         # left one replica running). The tasks that should run, and run, are counted here.
         states = docker(
-            cluster.manager, "service", "ps", name, "--filter", "desired-state=running",
-            "--format", "{{.CurrentState}}", check=False,
+            cluster.manager,
+            "service",
+            "ps",
+            name,
+            "--filter",
+            "desired-state=running",
+            "--format",
+            "{{.CurrentState}}",
+            check=False,
         ).stdout.splitlines()
         running = sum(state.startswith("Running") for state in states)
         replicas[name] = (running if len(states) == wanted else min(running, wanted - 1), wanted)
@@ -661,8 +668,11 @@ def down(cluster: Cluster) -> None:
     if saved.exists():
         cluster = Cluster(**json.loads(saved.read_text()))
     say(f"removing cluster {cluster.name}")
-    running = [n for n in cluster.all_nodes()
-               if Path(f"/run/netns/{n.netns}").exists() or n.pidfile.exists()]
+    running = [
+        n
+        for n in cluster.all_nodes()
+        if Path(f"/run/netns/{n.netns}").exists() or n.pidfile.exists()
+    ]
     if running:
         say(f"stop {', '.join(n.hostname for n in running)}")
         with ThreadPoolExecutor(len(running)) as pool:  # each waits for its daemon to exit

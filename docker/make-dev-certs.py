@@ -14,6 +14,7 @@ For development only. Production brings its own certificates (an internal CA, ce
 and its own token, in the same file names, in the folder CERTS_DIR names.
 Needs the `cryptography` package (the project's dev extra: `make install`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,22 @@ class DevCertsConfig:
 
 def parse_args(argv: list[str] | None = None) -> DevCertsConfig:
     parser = argparse.ArgumentParser(prog="make-dev-certs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("certs"), help="folder to write (default: ./certs)")
-    parser.add_argument("--san", action="append", default=[], metavar="NAME",
-                        help="another DNS name or IP address for the server certificate (repeatable)")
-    parser.add_argument("--days", type=int, default=365, help="validity of the certificates (default: 365)")
-    parser.add_argument("--force", action="store_true", help="replace the files if the folder holds them")
+    parser.add_argument(
+        "--out", type=Path, default=Path("certs"), help="folder to write (default: ./certs)"
+    )
+    parser.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another DNS name or IP address for the server certificate (repeatable)",
+    )
+    parser.add_argument(
+        "--days", type=int, default=365, help="validity of the certificates (default: 365)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace the files if the folder holds them"
+    )
     args = parser.parse_args(argv)
     if args.days < 1:
         parser.error("--days must be at least 1")
@@ -77,40 +89,73 @@ def make_dev_certs(names: tuple[str, ...], days: int) -> dict[str, bytes]:
     start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=days)  # an hour of clock skew
 
     def key_pem(key) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def name(common_name: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (x509.CertificateBuilder().subject_name(name("mnist-cnn-serving dev CA"))
-               .issuer_name(name("mnist-cnn-serving dev CA")).public_key(ca_key.public_key())
-               .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                            content_commitment=False, key_encipherment=False,
-                                            data_encipherment=False, key_agreement=False, encipher_only=False,
-                                            decipher_only=False), critical=True)
-               .sign(ca_key, hashes.SHA256()))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("mnist-cnn-serving dev CA"))
+        .issuer_name(name("mnist-cnn-serving dev CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
 
     def leaf(common_name: str, usage, san) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(name(common_name)).issuer_name(ca_cert.subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(start).not_valid_after(end)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(common_name))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
         if san is not None:
             builder = builder.add_extension(san, critical=False)
-        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), key_pem(key)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(
+            serialization.Encoding.PEM
+        ), key_pem(key)
 
-    server_cert, server_key = leaf(names[0], ExtendedKeyUsageOID.SERVER_AUTH, _subject_alt_name(names))
+    server_cert, server_key = leaf(
+        names[0], ExtendedKeyUsageOID.SERVER_AUTH, _subject_alt_name(names)
+    )
     client_cert, client_key = leaf("mnist-client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
-    return {"ca.crt": ca_cert.public_bytes(serialization.Encoding.PEM),
-            "server.crt": server_cert, "server.key": server_key,
-            "client.crt": client_cert, "client.key": client_key,
-            "token": (secrets.token_urlsafe(32) + "\n").encode()}
+    return {
+        "ca.crt": ca_cert.public_bytes(serialization.Encoding.PEM),
+        "server.crt": server_cert,
+        "server.key": server_key,
+        "client.crt": client_cert,
+        "client.key": client_key,
+        "token": (secrets.token_urlsafe(32) + "\n").encode(),
+    }
 
 
 def write_files(out: Path, files: dict[str, bytes], force: bool) -> None:
@@ -131,14 +176,18 @@ def main(argv: list[str] | None = None) -> int:
         files = make_dev_certs(config.names, config.days)
         write_files(config.out, files, config.force)
     except ImportError:
-        print("make-dev-certs: error: needs the cryptography package (pip install cryptography, or make install)",
-              file=sys.stderr)
+        print(
+            "make-dev-certs: error: needs the cryptography package (pip install cryptography, or make install)",
+            file=sys.stderr,
+        )
         return 1
     except OSError as error:  # FileExistsError included: one line, not a traceback
         print(f"make-dev-certs: error: {error}", file=sys.stderr)
         return 1
-    print(f"make-dev-certs: wrote {', '.join(files)} to {config.out} "
-          f"(server certificate for {', '.join(config.names)}; valid {config.days} days)")
+    print(
+        f"make-dev-certs: wrote {', '.join(files)} to {config.out} "
+        f"(server certificate for {', '.join(config.names)}; valid {config.days} days)"
+    )
     return 0
 
 

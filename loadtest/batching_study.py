@@ -11,6 +11,7 @@ and p99 come from Locust's stats CSV; the mean batch the server actually ran com
 Writes reports/<name>.csv, reports/<name>.md and reports/<name>.png (throughput and p99 against
 users, one line per setting), plus each run's Locust CSVs under reports/<name>/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,27 +50,54 @@ def int_list(text: str) -> list[int]:
     except ValueError:
         values = []
     if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,8,32,64")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give positive integers separated by commas, e.g. 1,8,32,64"
+        )
     return values
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1].strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[1].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
-    parser.add_argument("--users", type=int_list, default=[1, 8, 32, 64], help="user counts, comma-separated")
-    parser.add_argument("--max-batch-sizes", type=int_list, default=[1, 64],
-                        help="mnist-serve --max-batch-size settings to compare; 1 turns batching off")
-    parser.add_argument("--run-time", "-t", default="15s", help="length of each run (Locust notation)")
-    parser.add_argument("--scenario", choices=SCENARIOS, default="single",
-                        help="the load; single-image calls are where batching matters (batch calls need "
-                             "--images-per-call <= every max batch size)")
+    parser.add_argument(
+        "--users", type=int_list, default=[1, 8, 32, 64], help="user counts, comma-separated"
+    )
+    parser.add_argument(
+        "--max-batch-sizes",
+        type=int_list,
+        default=[1, 64],
+        help="mnist-serve --max-batch-size settings to compare; 1 turns batching off",
+    )
+    parser.add_argument(
+        "--run-time", "-t", default="15s", help="length of each run (Locust notation)"
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="single",
+        help="the load; single-image calls are where batching matters (batch calls need "
+        "--images-per-call <= every max batch size)",
+    )
     parser.add_argument("--images-per-call", type=int, default=DEFAULTS.images_per_call)
     parser.add_argument("--mix-weights", default=DEFAULTS.mix_weights_text)
-    parser.add_argument("--pool-size", type=int, default=DEFAULTS.pool_size, help="test images screened for the load pool")
-    parser.add_argument("--processes", type=int, default=None, help="Locust worker processes (see run.py)")
-    parser.add_argument("--server-args", default="",
-                        help="further mnist-serve flags for both settings, e.g. --server-args='--max-queue-delay-us 500'")
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=DEFAULTS.pool_size,
+        help="test images screened for the load pool",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=None, help="Locust worker processes (see run.py)"
+    )
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help="further mnist-serve flags for both settings, e.g. --server-args='--max-queue-delay-us 500'",
+    )
     parser.add_argument("--reports-dir", type=Path, default=ROOT / "reports")
     parser.add_argument("--name", default="batching_study", help="file name stem of the outputs")
     args = parser.parse_args(argv)
@@ -80,8 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(error))
     batch_calls = args.scenario == "batch" or (args.scenario == "mix" and weights[1] > 0)
     if batch_calls and args.images_per_call > min(args.max_batch_sizes):
-        parser.error(f"--scenario {args.scenario} sends {args.images_per_call} images per call, more than a server "
-                     f"with --max-batch-size {min(args.max_batch_sizes)} accepts; use --scenario single or kserve")
+        parser.error(
+            f"--scenario {args.scenario} sends {args.images_per_call} images per call, more than a server "
+            f"with --max-batch-size {min(args.max_batch_sizes)} accepts; use --scenario single or kserve"
+        )
     if "--max-batch-size" in args.server_args:
         parser.error("set the batch sizes with --max-batch-sizes, not inside --server-args")
     return args
@@ -96,7 +126,9 @@ def scrape_batch_totals(metrics_url: str) -> dict[str, float]:
         return {}
     totals: dict[str, float] = {}
     for line in text.splitlines():
-        match = re.match(r"^(mnist_batch_(?:size|requests)_(?:sum|count))(?:\{[^}]*\})?\s+(\S+)", line)
+        match = re.match(
+            r"^(mnist_batch_(?:size|requests)_(?:sum|count))(?:\{[^}]*\})?\s+(\S+)", line
+        )
         if match:
             totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(2))
     return totals
@@ -113,42 +145,76 @@ def measure(args: argparse.Namespace) -> list[Point]:
     from serving.process import start_server
 
     if not args.model_repository.is_dir():
-        raise LoadTestError(f"model repository {args.model_repository} does not exist: train a model first "
-                            "(make train) or pass --model-repository")
+        raise LoadTestError(
+            f"model repository {args.model_repository} does not exist: train a model first "
+            "(make train) or pass --model-repository"
+        )
     runs_dir = args.reports_dir / args.name
     runs_dir.mkdir(parents=True, exist_ok=True)
     points = []
     for max_batch in args.max_batch_sizes:
         log_path = runs_dir / f"server-max-batch-{max_batch}.log"
         try:
-            server = start_server(args.model_repository, "--max-batch-size", str(max_batch),
-                                  *shlex.split(args.server_args), log_path=log_path)
+            server = start_server(
+                args.model_repository,
+                "--max-batch-size",
+                str(max_batch),
+                *shlex.split(args.server_args),
+                log_path=log_path,
+            )
         except (RuntimeError, TimeoutError, OSError) as error:
-            raise LoadTestError(f"mnist-serve --max-batch-size {max_batch} did not start: {error} "
-                                f"(log: {log_path})") from None
+            raise LoadTestError(
+                f"mnist-serve --max-batch-size {max_batch} did not start: {error} (log: {log_path})"
+            ) from None
         with server:
             for users in args.users:
                 label = f"max-batch-{max_batch}-users-{users}"
-                print(f"{PROG}: --max-batch-size {max_batch}, {users} users, {args.run_time} ...", flush=True)
+                print(
+                    f"{PROG}: --max-batch-size {max_batch}, {users} users, {args.run_time} ...",
+                    flush=True,
+                )
                 before: dict[str, float] = {}
 
                 def window_starts(url: str = server.metrics_url, into: dict = before) -> None:
-                    into.update(scrape_batch_totals(url))  # after the pool screening, as users start
+                    into.update(
+                        scrape_batch_totals(url)
+                    )  # after the pool screening, as users start
 
-                run = run_locust(server.target, scenario=args.scenario, users=users, spawn_rate=users,
-                                 run_time=args.run_time, csv_prefix=runs_dir / label,
-                                 log_path=runs_dir / f"{label}.log", processes=args.processes,
-                                 images_per_call=args.images_per_call, mix_weights=args.mix_weights,
-                                 reset_stats=True, extra=["--pool-size", str(args.pool_size)],
-                                 on_spawned=window_starts)
+                run = run_locust(
+                    server.target,
+                    scenario=args.scenario,
+                    users=users,
+                    spawn_rate=users,
+                    run_time=args.run_time,
+                    csv_prefix=runs_dir / label,
+                    log_path=runs_dir / f"{label}.log",
+                    processes=args.processes,
+                    images_per_call=args.images_per_call,
+                    mix_weights=args.mix_weights,
+                    reset_stats=True,
+                    extra=["--pool-size", str(args.pool_size)],
+                    on_spawned=window_starts,
+                )
                 after = scrape_batch_totals(server.metrics_url)
                 total = run.total
                 if total.requests == 0:
-                    raise LoadTestError(f"no call completed with {users} users against --max-batch-size "
-                                        f"{max_batch}; see {run.log_path}")
-                points.append(Point(max_batch, users, total.requests, total.failures, total.requests_per_s,
-                                    total.p50_ms, total.p99_ms, _mean(before, after, "mnist_batch_size"),
-                                    _mean(before, after, "mnist_batch_requests")))
+                    raise LoadTestError(
+                        f"no call completed with {users} users against --max-batch-size "
+                        f"{max_batch}; see {run.log_path}"
+                    )
+                points.append(
+                    Point(
+                        max_batch,
+                        users,
+                        total.requests,
+                        total.failures,
+                        total.requests_per_s,
+                        total.p50_ms,
+                        total.p99_ms,
+                        _mean(before, after, "mnist_batch_size"),
+                        _mean(before, after, "mnist_batch_requests"),
+                    )
+                )
     return points
 
 
@@ -168,9 +234,11 @@ def markdown_table(points: list[Point], args: argparse.Namespace) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in points:
-        lines.append(f"| {_setting(p.max_batch_size)} | {p.users} | {p.requests_per_s:.1f} | {p.p50_ms:.0f} | "
-                     f"{p.p99_ms:.0f} | {_fmt(p.mean_batch_requests)} | {_fmt(p.mean_batch_images)} | "
-                     f"{p.failures} |")
+        lines.append(
+            f"| {_setting(p.max_batch_size)} | {p.users} | {p.requests_per_s:.1f} | {p.p50_ms:.0f} | "
+            f"{p.p99_ms:.0f} | {_fmt(p.mean_batch_requests)} | {_fmt(p.mean_batch_images)} | "
+            f"{p.failures} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -192,7 +260,11 @@ def plot(points: list[Point], path: Path, title: str) -> None:
     for max_batch in sorted({p.max_batch_size for p in points}):
         series = sorted((p for p in points if p.max_batch_size == max_batch), key=lambda p: p.users)
         users = [p.users for p in series]
-        style = dict(marker="o", linestyle="--" if max_batch == 1 else "-", label=f"batching {_setting(max_batch)}")
+        style = dict(
+            marker="o",
+            linestyle="--" if max_batch == 1 else "-",
+            label=f"batching {_setting(max_batch)}",
+        )
         left.plot(users, [p.requests_per_s for p in series], **style)
         right.plot(users, [p.p99_ms for p in series], **style)
     all_users = sorted({p.users for p in points})
@@ -226,17 +298,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     stem = args.reports_dir / args.name
     table = markdown_table(points, args)
-    Path(f"{stem}.md").write_text(f"# Dynamic batching study\n\n{table}\n![throughput and p99]({args.name}.png)\n")
+    Path(f"{stem}.md").write_text(
+        f"# Dynamic batching study\n\n{table}\n![throughput and p99]({args.name}.png)\n"
+    )
     write_csv(points, Path(f"{stem}.csv"))
-    plot(points, Path(f"{stem}.png"),
-         f"mnist-serve, batching off vs on: Locust '{args.scenario}' load, {args.run_time} per point")
+    plot(
+        points,
+        Path(f"{stem}.png"),
+        f"mnist-serve, batching off vs on: Locust '{args.scenario}' load, {args.run_time} per point",
+    )
     print()
     print(table)
     print(f"{PROG}: wrote {stem}.md, {stem}.csv, {stem}.png")
     failures = sum(p.failures for p in points)
     if failures:
-        print(f"{PROG}: FAILED: {failures} calls failed across the runs; see the _failures.csv files in "
-              f"{args.reports_dir / args.name}", file=sys.stderr)
+        print(
+            f"{PROG}: FAILED: {failures} calls failed across the runs; see the _failures.csv files in "
+            f"{args.reports_dir / args.name}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

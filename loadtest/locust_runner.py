@@ -6,6 +6,7 @@ from the `<prefix>_stats.csv` file it writes, so what we print is what its HTML 
 
 Only the standard library is imported at module level: the locustfile imports this module too.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,6 +32,7 @@ class LoadTestError(Exception):
 
 # --- what the locustfile calls each request (and what the CSV rows are named) ---------------
 
+
 def single_request_name() -> str:
     return "Classify x1"
 
@@ -49,8 +51,12 @@ def rest_request_name() -> str:
 
 def request_names(scenario: str, images_per_call: int) -> list[str]:
     """The request names a scenario produces (the rows of the stats CSV, besides Aggregated)."""
-    names = {"single": [single_request_name()], "batch": [batch_request_name(images_per_call)],
-             "kserve": [kserve_request_name()], "rest": [rest_request_name()]}
+    names = {
+        "single": [single_request_name()],
+        "batch": [batch_request_name(images_per_call)],
+        "kserve": [kserve_request_name()],
+        "rest": [rest_request_name()],
+    }
     if scenario == "mix":
         return [name for key in ("single", "batch", "kserve") for name in names[key]]
     return names[scenario]
@@ -64,8 +70,10 @@ def parse_mix_weights(text: str) -> tuple[int, ...]:
     except ValueError:
         weights = ()
     if len(weights) not in (3, 4) or any(w < 0 for w in weights) or sum(weights) == 0:
-        raise LoadTestError(f"--mix-weights {text!r}: give three non-negative integers for single,batch,kserve "
-                            "(or four, with rest) with at least one above zero, e.g. 6,3,1 or 6,3,1,2")
+        raise LoadTestError(
+            f"--mix-weights {text!r}: give three non-negative integers for single,batch,kserve "
+            "(or four, with rest) with at least one above zero, e.g. 6,3,1 or 6,3,1,2"
+        )
     return weights  # type: ignore[return-value]
 
 
@@ -77,11 +85,13 @@ def normalize_target(host: str) -> str:
     if target.startswith(("dns:", "ipv4:", "ipv6:")):
         return target
     if target.startswith("grpc://"):
-        target = target[len("grpc://"):]
+        target = target[len("grpc://") :]
     if not target or "://" in target or "/" in target or ":" not in target:
-        raise LoadTestError(f"--host {host!r}: give the server as host:port (e.g. 127.0.0.1:8500), "
-                            "optionally with grpc://, or replicas as dns:///host:port or ipv4:a:port,b:port; "
-                            "not an HTTP URL")
+        raise LoadTestError(
+            f"--host {host!r}: give the server as host:port (e.g. 127.0.0.1:8500), "
+            "optionally with grpc://, or replicas as dns:///host:port or ipv4:a:port,b:port; "
+            "not an HTTP URL"
+        )
     return target
 
 
@@ -92,12 +102,15 @@ def parse_seconds(span: str | int | float) -> float:
         return float(text)
     match = re.fullmatch(r"(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?", text)
     if not text or not match:
-        raise LoadTestError(f"run time {span!r}: use seconds or Locust's notation, e.g. 60, 60s, 1m30s")
+        raise LoadTestError(
+            f"run time {span!r}: use seconds or Locust's notation, e.g. 60, 60s, 1m30s"
+        )
     hours, minutes, seconds = (int(g or 0) for g in match.groups())
     return float(hours * 3600 + minutes * 60 + seconds)
 
 
 # --- reading Locust's CSV --------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -158,11 +171,15 @@ def read_failures_csv(path: Path) -> list[tuple[str, str, int]]:
     if not path.exists():
         return []
     with open(path, newline="") as handle:
-        rows = [(row["Name"], row["Error"], int(row["Occurrences"] or 0)) for row in csv.DictReader(handle)]
+        rows = [
+            (row["Name"], row["Error"], int(row["Occurrences"] or 0))
+            for row in csv.DictReader(handle)
+        ]
     return sorted(rows, key=lambda r: -r[2])
 
 
 # --- running Locust --------------------------------------------------------------------------
+
 
 @dataclass
 class LocustRun:
@@ -195,15 +212,47 @@ def check_reachable(target: str, timeout: float = 5.0) -> None:
             raise LoadTestError(str(error)) from None
 
 
-def locust_command(target: str, *, scenario: str, users: int, spawn_rate: float, run_time: str,
-                   csv_prefix: Path, html_path: Path | None = None, processes: int | None = None,
-                   images_per_call: int = DEFAULTS.images_per_call, mix_weights: str | None = None,
-                   stop_timeout: float = DEFAULTS.stop_timeout, reset_stats: bool = False,
-                   extra: list[str] | None = None) -> list[str]:
-    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-               "--host", target, "-u", str(users), "-r", f"{spawn_rate:g}", "-t", str(run_time),
-               "--stop-timeout", f"{stop_timeout:g}", "--csv", str(csv_prefix), "--only-summary",
-               "--scenario", scenario, "--images-per-call", str(images_per_call)]
+def locust_command(
+    target: str,
+    *,
+    scenario: str,
+    users: int,
+    spawn_rate: float,
+    run_time: str,
+    csv_prefix: Path,
+    html_path: Path | None = None,
+    processes: int | None = None,
+    images_per_call: int = DEFAULTS.images_per_call,
+    mix_weights: str | None = None,
+    stop_timeout: float = DEFAULTS.stop_timeout,
+    reset_stats: bool = False,
+    extra: list[str] | None = None,
+) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        target,
+        "-u",
+        str(users),
+        "-r",
+        f"{spawn_rate:g}",
+        "-t",
+        str(run_time),
+        "--stop-timeout",
+        f"{stop_timeout:g}",
+        "--csv",
+        str(csv_prefix),
+        "--only-summary",
+        "--scenario",
+        scenario,
+        "--images-per-call",
+        str(images_per_call),
+    ]
     if mix_weights:
         command += ["--mix-weights", mix_weights]
     if html_path is not None:
@@ -215,13 +264,25 @@ def locust_command(target: str, *, scenario: str, users: int, spawn_rate: float,
     return command + list(extra or [])
 
 
-def run_locust(target: str, *, scenario: str = DEFAULTS.scenario, users: int = DEFAULTS.users,
-               spawn_rate: float = DEFAULTS.spawn_rate, run_time: str = DEFAULTS.run_time, csv_prefix: Path,
-               html_path: Path | None = None, log_path: Path | None = None, processes: int | None = None,
-               images_per_call: int = DEFAULTS.images_per_call, mix_weights: str | None = None,
-               stop_timeout: float = DEFAULTS.stop_timeout, reset_stats: bool = False,
-               extra: list[str] | None = None, stream: bool = False,
-               on_spawned: Callable[[], None] | None = None) -> LocustRun:
+def run_locust(
+    target: str,
+    *,
+    scenario: str = DEFAULTS.scenario,
+    users: int = DEFAULTS.users,
+    spawn_rate: float = DEFAULTS.spawn_rate,
+    run_time: str = DEFAULTS.run_time,
+    csv_prefix: Path,
+    html_path: Path | None = None,
+    log_path: Path | None = None,
+    processes: int | None = None,
+    images_per_call: int = DEFAULTS.images_per_call,
+    mix_weights: str | None = None,
+    stop_timeout: float = DEFAULTS.stop_timeout,
+    reset_stats: bool = False,
+    extra: list[str] | None = None,
+    stream: bool = False,
+    on_spawned: Callable[[], None] | None = None,
+) -> LocustRun:
     """Run Locust headless against `target`; return its statistics once it has finished.
 
     Locust's output goes to `log_path` (or to this terminal when `stream`). The run is killed
@@ -232,25 +293,45 @@ def run_locust(target: str, *, scenario: str = DEFAULTS.scenario, users: int = D
     csv_prefix = Path(csv_prefix)
     csv_prefix.parent.mkdir(parents=True, exist_ok=True)
     for suffix in ("_stats.csv", "_failures.csv", "_exceptions.csv", "_stats_history.csv"):
-        Path(f"{csv_prefix}{suffix}").unlink(missing_ok=True)  # never report a previous run's numbers
-    command = locust_command(target, scenario=scenario, users=users, spawn_rate=spawn_rate, run_time=run_time,
-                             csv_prefix=csv_prefix, html_path=html_path, processes=processes,
-                             images_per_call=images_per_call, mix_weights=mix_weights,
-                             stop_timeout=stop_timeout, reset_stats=reset_stats, extra=extra)
+        Path(f"{csv_prefix}{suffix}").unlink(
+            missing_ok=True
+        )  # never report a previous run's numbers
+    command = locust_command(
+        target,
+        scenario=scenario,
+        users=users,
+        spawn_rate=spawn_rate,
+        run_time=run_time,
+        csv_prefix=csv_prefix,
+        html_path=html_path,
+        processes=processes,
+        images_per_call=images_per_call,
+        mix_weights=mix_weights,
+        stop_timeout=stop_timeout,
+        reset_stats=reset_stats,
+        extra=extra,
+    )
     deadline = parse_seconds(run_time) + stop_timeout + 90.0  # start-up, load pool, report writing
     log = None if stream or log_path is None else open(log_path, "wb")
     try:
         started = time.monotonic()
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT if log else None,
+            start_new_session=True,
+        )
         try:
             if on_spawned is not None and log is not None:
                 _wait_for_spawn(proc, Path(log_path), started + deadline, on_spawned)
             returncode = proc.wait(max(0.1, started + deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            raise LoadTestError(f"Locust did not finish within {deadline:.0f} s and was stopped"
-                                + (f"; see {log_path}" if log else "")) from None
+            raise LoadTestError(
+                f"Locust did not finish within {deadline:.0f} s and was stopped"
+                + (f"; see {log_path}" if log else "")
+            ) from None
         except BaseException:  # Ctrl-C: take Locust (and its --processes children) down too
             _kill_group(proc)
             raise
@@ -260,13 +341,24 @@ def run_locust(target: str, *, scenario: str = DEFAULTS.scenario, users: int = D
     stats_path = Path(f"{csv_prefix}_stats.csv")
     if not stats_path.exists():
         tail = locust_problem(log_path) if log else ""
-        raise LoadTestError(f"Locust exited with status {returncode} and wrote no statistics"
-                            + (f": {tail}" if tail else "") + (f" (log: {log_path})" if log else ""))
-    return LocustRun(returncode, read_stats_csv(stats_path), csv_prefix, html_path, log_path if log else None,
-                     read_failures_csv(Path(f"{csv_prefix}_failures.csv")))
+        raise LoadTestError(
+            f"Locust exited with status {returncode} and wrote no statistics"
+            + (f": {tail}" if tail else "")
+            + (f" (log: {log_path})" if log else "")
+        )
+    return LocustRun(
+        returncode,
+        read_stats_csv(stats_path),
+        csv_prefix,
+        html_path,
+        log_path if log else None,
+        read_failures_csv(Path(f"{csv_prefix}_failures.csv")),
+    )
 
 
-def _wait_for_spawn(proc: subprocess.Popen, log_path: Path, end: float, callback: Callable[[], None]) -> None:
+def _wait_for_spawn(
+    proc: subprocess.Popen, log_path: Path, end: float, callback: Callable[[], None]
+) -> None:
     """Poll Locust's log until it says every user runs (or Locust ends); then call `callback`."""
     while proc.poll() is None and time.monotonic() < end:
         if log_path.exists() and _SPAWNED_MARK in log_path.read_text(errors="replace"):
@@ -290,7 +382,11 @@ def locust_problem(log_path: Path | None) -> str:
     """The reason a Locust run did not get going, from its log: our locustfile's own error first."""
     if not log_path or not Path(log_path).exists():
         return ""
-    lines = [line.strip() for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
+    lines = [
+        line.strip()
+        for line in Path(log_path).read_text(errors="replace").splitlines()
+        if line.strip()
+    ]
     for line in lines:
         if "/ERROR/mnist-loadtest:" in line:
             return line.split("/ERROR/mnist-loadtest:", 1)[1].strip()
@@ -300,7 +396,11 @@ def locust_problem(log_path: Path | None) -> str:
 def _last_error_line(log_path: Path | None) -> str:
     if not log_path or not Path(log_path).exists():
         return ""
-    lines = [line.strip() for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
+    lines = [
+        line.strip()
+        for line in Path(log_path).read_text(errors="replace").splitlines()
+        if line.strip()
+    ]
     for line in reversed(lines):
         if "error" in line.lower() or "exception" in line.lower():
             return line[-300:]
@@ -314,6 +414,8 @@ def format_stats_table(stats: dict[str, Stats]) -> str:
     names = sorted(n for n in stats if n != "Aggregated") + ["Aggregated"]
     for name in names:
         s = stats[name]
-        lines.append(f"{name:<24} {s.requests:>8} {s.failures:>6} {s.requests_per_s:>8.1f} "
-                     f"{s.p50_ms:>7.0f} {s.p95_ms:>7.0f} {s.p99_ms:>7.0f}")
+        lines.append(
+            f"{name:<24} {s.requests:>8} {s.failures:>6} {s.requests_per_s:>8.1f} "
+            f"{s.p50_ms:>7.0f} {s.p95_ms:>7.0f} {s.p99_ms:>7.0f}"
+        )
     return "\n".join(lines)

@@ -17,6 +17,7 @@ as `trace_id`, and logged for a failed call); `--traceparent <value>` sends one 
 (python -m loadtest.run) starts a server and runs this file headless. The `loadtest` and
 `core` packages must be importable (installed, or Locust started from the project's root).
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,11 +28,6 @@ import time
 from pathlib import Path
 
 import gevent
-from gevent.lock import BoundedSemaphore
-from gevent.pool import Pool
-from locust import User, constant, events, task
-from locust.exception import StopUser
-from locust.runners import MasterRunner, WorkerRunner
 
 # grpcio's own threads block the gevent loop unless grpc cooperates with gevent: without this,
 # one user waiting on a reply stalls every other user in the process (8 users then keep a single
@@ -39,6 +35,11 @@ from locust.runners import MasterRunner, WorkerRunner
 # before any channel is created, so here, at import, before Locust starts a single user.
 import grpc  # noqa: E402  (after locust, which monkey-patches the interpreter)
 import grpc.experimental.gevent as grpc_gevent  # noqa: E402
+from gevent.lock import BoundedSemaphore
+from gevent.pool import Pool
+from locust import User, constant, events, task
+from locust.exception import StopUser
+from locust.runners import MasterRunner, WorkerRunner
 
 grpc_gevent.init_gevent()
 
@@ -65,52 +66,120 @@ log = logging.getLogger("mnist-loadtest")
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     # On the parser itself: Locust's include_in_web_ui works there, not on argument groups.
-    parser.add_argument("--scenario", choices=SCENARIOS, default=DEFAULTS.scenario, include_in_web_ui=True,
-                       help="single: 1 image per Classify call; batch: --images-per-call per Classify call; "
-                            f"kserve: KServe v2 ModelInfer; mix: all three by --mix-weights (default: {DEFAULTS.scenario})")
-    parser.add_argument("--images-per-call", type=int, default=DEFAULTS.images_per_call, include_in_web_ui=True,
-                       help=f"images in each call of the batch scenario (default: {DEFAULTS.images_per_call})")
-    parser.add_argument("--mix-weights", default=DEFAULTS.mix_weights_text, include_in_web_ui=True,
-                       help="relative weights of single,batch,kserve calls in the mix scenario "
-                            f"(default: {DEFAULTS.mix_weights_text})")
-    parser.add_argument("--pool-size", type=int, default=DEFAULTS.pool_size, include_in_web_ui=True,
-                       help="how many of the first MNIST test images to screen for the load pool "
-                            f"(default: {DEFAULTS.pool_size})")
-    parser.add_argument("--rpc-timeout", type=float, default=DEFAULTS.rpc_timeout, include_in_web_ui=True,
-                       help=f"deadline of each gRPC call in seconds (default: {DEFAULTS.rpc_timeout:g})")
-    parser.add_argument("--http-host", default="", include_in_web_ui=True,
-                       help="host:port of the server's KServe v2 REST API for the rest scenario "
-                            "(default: --host's host, port 8000)")
-    parser.add_argument("--model-name", default="", include_in_web_ui=True,
-                       help="the model every call asks for (default: the server's default model)")
-    parser.add_argument("--model-version", default="", include_in_web_ui=True,
-                       help="the version every call asks for (default: the newest ready one, which may change "
-                            "under load; each answer is judged against the version that computed it)")
-    parser.add_argument("--mnist-dir", default=os.environ.get("MNIST_DATA_DIR", ""), include_in_web_ui=False,
-                       help="folder of the MNIST IDX files (default: $MNIST_DATA_DIR, else ../shared/datasets/mnist)")
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default=DEFAULTS.scenario,
+        include_in_web_ui=True,
+        help="single: 1 image per Classify call; batch: --images-per-call per Classify call; "
+        f"kserve: KServe v2 ModelInfer; mix: all three by --mix-weights (default: {DEFAULTS.scenario})",
+    )
+    parser.add_argument(
+        "--images-per-call",
+        type=int,
+        default=DEFAULTS.images_per_call,
+        include_in_web_ui=True,
+        help=f"images in each call of the batch scenario (default: {DEFAULTS.images_per_call})",
+    )
+    parser.add_argument(
+        "--mix-weights",
+        default=DEFAULTS.mix_weights_text,
+        include_in_web_ui=True,
+        help="relative weights of single,batch,kserve calls in the mix scenario "
+        f"(default: {DEFAULTS.mix_weights_text})",
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=DEFAULTS.pool_size,
+        include_in_web_ui=True,
+        help="how many of the first MNIST test images to screen for the load pool "
+        f"(default: {DEFAULTS.pool_size})",
+    )
+    parser.add_argument(
+        "--rpc-timeout",
+        type=float,
+        default=DEFAULTS.rpc_timeout,
+        include_in_web_ui=True,
+        help=f"deadline of each gRPC call in seconds (default: {DEFAULTS.rpc_timeout:g})",
+    )
+    parser.add_argument(
+        "--http-host",
+        default="",
+        include_in_web_ui=True,
+        help="host:port of the server's KServe v2 REST API for the rest scenario "
+        "(default: --host's host, port 8000)",
+    )
+    parser.add_argument(
+        "--model-name",
+        default="",
+        include_in_web_ui=True,
+        help="the model every call asks for (default: the server's default model)",
+    )
+    parser.add_argument(
+        "--model-version",
+        default="",
+        include_in_web_ui=True,
+        help="the version every call asks for (default: the newest ready one, which may change "
+        "under load; each answer is judged against the version that computed it)",
+    )
+    parser.add_argument(
+        "--mnist-dir",
+        default=os.environ.get("MNIST_DATA_DIR", ""),
+        include_in_web_ui=False,
+        help="folder of the MNIST IDX files (default: $MNIST_DATA_DIR, else ../shared/datasets/mnist)",
+    )
     # Servers with --tls-cert, --tls-client-ca or --auth-token-file (every scenario, rest included).
-    parser.add_argument("--tls", action="store_true", default=False, include_in_web_ui=False,
-                       help="connect with TLS, trusting the system's CAs")
-    parser.add_argument("--tls-ca", default="", include_in_web_ui=False,
-                       help="PEM CA of the server's certificate (implies --tls)")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=False,
+        include_in_web_ui=False,
+        help="connect with TLS, trusting the system's CAs",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default="",
+        include_in_web_ui=False,
+        help="PEM CA of the server's certificate (implies --tls)",
+    )
     # Not --tls-cert/--tls-key: Locust has those already (HTTPS for its web UI), and a second definition
     # makes this whole handler fail, so none of these options would exist.
-    parser.add_argument("--client-tls-cert", default="", include_in_web_ui=False, help="PEM client certificate (mTLS)")
-    parser.add_argument("--client-tls-key", default="", include_in_web_ui=False, help="PEM key of --client-tls-cert")
-    parser.add_argument("--auth-token-file", default="", include_in_web_ui=False,
-                       help="file holding the server's bearer token")
-    parser.add_argument("--traceparent", default="", include_in_web_ui=False,
-                       help="W3C trace context for servers that trace: per-call (a new sampled trace "
-                            "for every call, its id logged when the call fails) or one traceparent "
-                            "for every call; empty: none")
+    parser.add_argument(
+        "--client-tls-cert",
+        default="",
+        include_in_web_ui=False,
+        help="PEM client certificate (mTLS)",
+    )
+    parser.add_argument(
+        "--client-tls-key", default="", include_in_web_ui=False, help="PEM key of --client-tls-cert"
+    )
+    parser.add_argument(
+        "--auth-token-file",
+        default="",
+        include_in_web_ui=False,
+        help="file holding the server's bearer token",
+    )
+    parser.add_argument(
+        "--traceparent",
+        default="",
+        include_in_web_ui=False,
+        help="W3C trace context for servers that trace: per-call (a new sampled trace "
+        "for every call, its id logged when the call fails) or one traceparent "
+        "for every call; empty: none",
+    )
 
 
 def _security(options) -> dict:
     """The clients' tls and token (ClassifierClient's and RestClient's) from the TLS and token options
     (absent options: plaintext)."""
-    tls, token = client_security(getattr(options, "tls", False), getattr(options, "tls_ca", ""),
-                                 getattr(options, "client_tls_cert", ""), getattr(options, "client_tls_key", ""),
-                                 getattr(options, "auth_token_file", ""))
+    tls, token = client_security(
+        getattr(options, "tls", False),
+        getattr(options, "tls_ca", ""),
+        getattr(options, "client_tls_cert", ""),
+        getattr(options, "client_tls_key", ""),
+        getattr(options, "auth_token_file", ""),
+    )
     return {"tls": tls, "token": token}
 
 
@@ -128,10 +197,15 @@ def _security(options) -> dict:
 # judged against that version's own answers for the pool: a version met for the first time is
 # screened once (the whole pool, naming the version), and its answers become its reference.
 
+
 class LoadPool:
     images: np.ndarray | None = None  # uint8 [P, 28, 28]
-    labels: np.ndarray | None = None  # int64 [P]: the true label, which the idle server also answered
-    key: tuple | None = None  # (target, pool size, MNIST folder, model, version) the pool was built for
+    labels: np.ndarray | None = (
+        None  # int64 [P]: the true label, which the idle server also answered
+    )
+    key: tuple | None = (
+        None  # (target, pool size, MNIST folder, model, version) the pool was built for
+    )
     max_batch_size: int = 0  # the most images the server accepts per call
     model_name: str = ""  # what the calls ask for: --model-name, else the server's default model
     model_version: str = ""  # --model-version; empty: the newest ready one
@@ -146,26 +220,38 @@ _SCREEN_CONCURRENCY = 8
 
 def _mnist_dir(configured: str) -> Path:
     """--mnist-dir, else $MNIST_DATA_DIR, else the shared copy beside the project."""
-    return find_data_dir("mnist", configured) or Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+    return (
+        find_data_dir("mnist", configured)
+        or Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+    )
 
 
-def screen(client: ClassifierClient, images: np.ndarray, model_name: str, model_version: str,
-           limit: int) -> np.ndarray:
+def screen(
+    client: ClassifierClient, images: np.ndarray, model_name: str, model_version: str, limit: int
+) -> np.ndarray:
     """The labels that (model_name, model_version) gives `images`, in calls of at most `limit` images."""
     served = np.empty(len(images), dtype=np.int64)
     step = min(_SCREEN_BATCH, limit)
 
     def one_call(start: int) -> None:
-        served[start:start + step] = client.classify(images[start:start + step], model_name, model_version).labels
+        served[start : start + step] = client.classify(
+            images[start : start + step], model_name, model_version
+        ).labels
 
     # Several calls in flight (greenlets), so that a server with batching off screens quickly too.
     Pool(_SCREEN_CONCURRENCY).map(one_call, range(0, len(images), step))
     return served
 
 
-def build_pool(target: str, mnist_dir: Path, pool_size: int, timeout: float,
-               security: dict | None = None, model_name: str = "",
-               model_version: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+def build_pool(
+    target: str,
+    mnist_dir: Path,
+    pool_size: int,
+    timeout: float,
+    security: dict | None = None,
+    model_name: str = "",
+    model_version: str = "",
+) -> tuple[np.ndarray, np.ndarray, int]:
     """The pool images, their labels and the server's per-call image limit; records the model's answers."""
     data = load_idx_dir(mnist_dir)
     images = np.ascontiguousarray(data.test_images[:pool_size], dtype=np.uint8)
@@ -173,17 +259,29 @@ def build_pool(target: str, mnist_dir: Path, pool_size: int, timeout: float,
     with ClassifierClient(target, timeout=timeout, **(security or {})) as client:
         model = client.describe(model_name, model_version)
         limit = model.max_batch_size or _SCREEN_BATCH  # the server refuses calls with more images
-        log.info("server: model %s version %s on %s, at most %d images per call", model.model_name,
-                 model.model_version, model.execution_provider or "?", limit)
+        log.info(
+            "server: model %s version %s on %s, at most %d images per call",
+            model.model_name,
+            model.model_version,
+            model.execution_provider or "?",
+            limit,
+        )
         served = screen(client, images, model.model_name, model.model_version, limit)
     LoadPool.model_name, LoadPool.model_version = model.model_name, model_version
     keep = served == truth
     LoadPool.answers = {(model.model_name, model.model_version): truth[keep]}
     if not keep.any():
-        raise LoadTestError(f"the server got none of the first {len(images)} test images right; "
-                            "is the model in the repository trained?")
-    log.info("load pool: %d of the first %d MNIST test images, the ones the idle server classifies correctly "
-             "(%.1f %%)", int(keep.sum()), len(images), 100.0 * keep.mean())
+        raise LoadTestError(
+            f"the server got none of the first {len(images)} test images right; "
+            "is the model in the repository trained?"
+        )
+    log.info(
+        "load pool: %d of the first %d MNIST test images, the ones the idle server classifies correctly "
+        "(%.1f %%)",
+        int(keep.sum()),
+        len(images),
+        100.0 * keep.mean(),
+    )
     return images[keep], truth[keep], limit
 
 
@@ -196,20 +294,31 @@ def prepare(environment) -> None:
         raise LoadTestError("--images-per-call and --pool-size must be at least 1")
     if getattr(options, "traceparent", "") not in ("", "per-call"):
         tracing.check_traceparent(options.traceparent)  # ValueError: reported, and nothing runs
-    model_name, model_version = getattr(options, "model_name", ""), getattr(options, "model_version", "")
+    model_name, model_version = (
+        getattr(options, "model_name", ""),
+        getattr(options, "model_version", ""),
+    )
     key = (target, options.pool_size, options.mnist_dir, model_name, model_version)
     with LoadPool.lock:
         if LoadPool.images is None or LoadPool.key != key:
             LoadPool.images = None
             images, labels, LoadPool.max_batch_size = build_pool(
-                target, _mnist_dir(options.mnist_dir), options.pool_size, options.rpc_timeout, _security(options),
-                model_name, model_version)
+                target,
+                _mnist_dir(options.mnist_dir),
+                options.pool_size,
+                options.rpc_timeout,
+                _security(options),
+                model_name,
+                model_version,
+            )
             LoadPool.images, LoadPool.labels, LoadPool.key = images, labels, key
     batch_calls = options.scenario == "batch" or (weights is not None and weights[1] > 0)
     if batch_calls and options.images_per_call > LoadPool.max_batch_size:
-        raise LoadTestError(f"--images-per-call {options.images_per_call} is more than the server accepts per "
-                            f"call (its max batch size is {LoadPool.max_batch_size}); lower it or use "
-                            "--scenario single")
+        raise LoadTestError(
+            f"--images-per-call {options.images_per_call} is more than the server accepts per "
+            f"call (its max batch size is {LoadPool.max_batch_size}); lower it or use "
+            "--scenario single"
+        )
 
 
 def _prepare_or_report(environment) -> bool:
@@ -217,7 +326,11 @@ def _prepare_or_report(environment) -> bool:
         prepare(environment)
         return True
     except (LoadTestError, OSError, ValueError, grpc.RpcError) as error:
-        message = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
+        message = (
+            f"{error.code().name}: {error.details()}"
+            if isinstance(error, grpc.RpcError)
+            else str(error)
+        )
         log.error("cannot start the load test against %s: %s", environment.host, message)
         LoadPool.images = None
         return False
@@ -228,8 +341,12 @@ def _on_init(environment, **_kwargs) -> None:
     # Headless, the host is known now: build the pool before Locust's --run-time clock starts, so
     # that screening does not eat into the measured window (test_start then reuses it).
     options = environment.parsed_options
-    if options is not None and options.headless and environment.host \
-            and not isinstance(environment.runner, MasterRunner):
+    if (
+        options is not None
+        and options.headless
+        and environment.host
+        and not isinstance(environment.runner, MasterRunner)
+    ):
         _prepare_or_report(environment)
 
 
@@ -256,7 +373,10 @@ def _write_final_csv(environment, **_kwargs) -> None:
     from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
     writer = StatsCSV(environment, PERCENTILES_TO_REPORT)
-    for suffix, write in (("_stats.csv", writer.requests_csv), ("_failures.csv", writer.failures_csv)):
+    for suffix, write in (
+        ("_stats.csv", writer.requests_csv),
+        ("_failures.csv", writer.failures_csv),
+    ):
         with open(f"{prefix}{suffix}", "w", newline="") as handle:
             write(csv.writer(handle))
 
@@ -265,8 +385,9 @@ class WrongPrediction(Exception):
     """The server answered a pool image with a label other than the one it gave when idle."""
 
 
-def expected_labels(client: ClassifierClient, model_name: str, model_version: str,
-                    index: np.ndarray) -> np.ndarray | None:
+def expected_labels(
+    client: ClassifierClient, model_name: str, model_version: str, index: np.ndarray
+) -> np.ndarray | None:
     """What (model_name, model_version) answers for the pool images `index`; None: it cannot be known.
 
     A version met for the first time is screened once; one that left before it could be (a short
@@ -277,13 +398,22 @@ def expected_labels(client: ClassifierClient, model_name: str, model_version: st
         with LoadPool.screening:
             if key not in LoadPool.answers:
                 try:
-                    LoadPool.answers[key] = screen(client, LoadPool.images, model_name, model_version,
-                                                   LoadPool.max_batch_size)
+                    LoadPool.answers[key] = screen(
+                        client, LoadPool.images, model_name, model_version, LoadPool.max_batch_size
+                    )
                 except grpc.RpcError as error:
-                    log.warning("cannot screen %s version %s (%s): its answers go unjudged", model_name,
-                                model_version, error.code().name)
+                    log.warning(
+                        "cannot screen %s version %s (%s): its answers go unjudged",
+                        model_name,
+                        model_version,
+                        error.code().name,
+                    )
                     return None
-                log.info("screened %s version %s: its answers are judged against its own", model_name, model_version)
+                log.info(
+                    "screened %s version %s: its answers are judged against its own",
+                    model_name,
+                    model_version,
+                )
     return LoadPool.answers[key][index]
 
 
@@ -295,8 +425,10 @@ def _check(name: str, served: np.ndarray, expected: np.ndarray | None) -> Except
     if np.array_equal(served, expected):
         return None
     # One message per request name, so that Locust's failure table groups them into one row.
-    return WrongPrediction(f"{name}: wrong prediction under load: a digit other than the one the server "
-                           "answered for the same image when idle")
+    return WrongPrediction(
+        f"{name}: wrong prediction under load: a digit other than the one the server "
+        "answered for the same image when idle"
+    )
 
 
 class MnistGrpcUser(User):
@@ -312,16 +444,29 @@ class MnistGrpcUser(User):
         self.target = normalize_target(self.environment.host or "")
         self.traceparent = ""  # the last one sent (--traceparent)
         trace = self._trace_headers(getattr(options, "traceparent", ""))
-        self.client = ClassifierClient(self.target, timeout=options.rpc_timeout, **_security(options),
-                                       **trace)
+        self.client = ClassifierClient(
+            self.target, timeout=options.rpc_timeout, **_security(options), **trace
+        )
         self.images_per_call = max(1, int(options.images_per_call))
-        calls = {"single": self.call_single, "batch": self.call_batch, "kserve": self.call_kserve,
-                 "rest": self.call_rest}
-        self.rest = RestClient(_http_host(options.http_host, self.target), timeout=options.rpc_timeout,
-                               **_security(options), **trace)
+        calls = {
+            "single": self.call_single,
+            "batch": self.call_batch,
+            "kserve": self.call_kserve,
+            "rest": self.call_rest,
+        }
+        self.rest = RestClient(
+            _http_host(options.http_host, self.target),
+            timeout=options.rpc_timeout,
+            **_security(options),
+            **trace,
+        )
         if options.scenario == "mix":
             weights = parse_mix_weights(options.mix_weights)
-            self.plan = [(calls[key], w) for key, w in zip(("single", "batch", "kserve", "rest"), weights) if w > 0]
+            self.plan = [
+                (calls[key], w)
+                for key, w in zip(("single", "batch", "kserve", "rest"), weights)
+                if w > 0
+            ]
         else:
             self.plan = [(calls[options.scenario], 1)]
         self.plan_calls = [call for call, _ in self.plan]
@@ -360,7 +505,9 @@ class MnistGrpcUser(User):
         index = np.random.randint(0, len(LoadPool.images), size=count)
         return LoadPool.images[index], index
 
-    def _expected(self, model_name: str, model_version: str, index: np.ndarray) -> np.ndarray | None:
+    def _expected(
+        self, model_name: str, model_version: str, index: np.ndarray
+    ) -> np.ndarray | None:
         return expected_labels(self.client, model_name, model_version, index)
 
     def call_single(self) -> None:
@@ -376,7 +523,9 @@ class MnistGrpcUser(User):
         try:
             result = self.client.classify(images, LoadPool.model_name, LoadPool.model_version)
             length = result.response_bytes
-            error = _check(name, result.labels, self._expected(result.model_name, result.model_version, index))
+            error = _check(
+                name, result.labels, self._expected(result.model_name, result.model_version, index)
+            )
         except grpc.RpcError as rpc_error:
             error = _rpc_failure(rpc_error)
         self._report(name, start, length, error)
@@ -387,10 +536,15 @@ class MnistGrpcUser(User):
         start = time.perf_counter()
         length, error = 0, None
         try:
-            answer = self.client.infer_kserve_answer(images, LoadPool.model_name, LoadPool.model_version)
+            answer = self.client.infer_kserve_answer(
+                images, LoadPool.model_name, LoadPool.model_version
+            )
             length = answer.probabilities.nbytes
-            error = _check(name, answer.probabilities.argmax(axis=-1),
-                           self._expected(answer.model_name, answer.model_version, index))
+            error = _check(
+                name,
+                answer.probabilities.argmax(axis=-1),
+                self._expected(answer.model_name, answer.model_version, index),
+            )
         except grpc.RpcError as rpc_error:
             error = _rpc_failure(rpc_error)
         except ValueError as bad_reply:  # e.g. an output of the wrong type or shape
@@ -404,15 +558,30 @@ class MnistGrpcUser(User):
         length, error = 0, None
         try:
             probabilities, model_name, model_version = self.rest.infer_answer(
-                images, LoadPool.model_name, LoadPool.model_version)
+                images, LoadPool.model_name, LoadPool.model_version
+            )
             length = probabilities.nbytes
-            error = _check(name, probabilities.argmax(axis=-1), self._expected(model_name, model_version, index))
-        except (RestError, OSError, ValueError) as failure:  # an HTTP error, a dropped connection, a bad reply
+            error = _check(
+                name,
+                probabilities.argmax(axis=-1),
+                self._expected(model_name, model_version, index),
+            )
+        except (
+            RestError,
+            OSError,
+            ValueError,
+        ) as failure:  # an HTTP error, a dropped connection, a bad reply
             error = failure
         self._report(name, start, length, error, request_type="http")
 
-    def _report(self, name: str, start: float, length: int, error: Exception | None,
-                request_type: str = "grpc") -> None:
+    def _report(
+        self,
+        name: str,
+        start: float,
+        length: int,
+        error: Exception | None,
+        request_type: str = "grpc",
+    ) -> None:
         context = {"target": self.target}
         if self.traceparent:
             context["trace_id"] = self.traceparent.split("-")[1]

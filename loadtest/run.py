@@ -23,7 +23,6 @@ from pathlib import Path
 
 from loadtest import server_view
 from loadtest.ceiling import ceiling_scenario, run_against_canned, verdict
-
 from loadtest.locust_runner import (
     ROOT,
     LoadTestError,

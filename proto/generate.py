@@ -1,7 +1,7 @@
 """Regenerate the Python gRPC stubs in serving/generated/ from proto/*.proto.
 
-    python proto/generate.py           # write the stubs
-    python proto/generate.py --check   # exit 1 if the committed stubs are stale
+python proto/generate.py           # write the stubs
+python proto/generate.py --check   # exit 1 if the committed stubs are stale
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def generate(out_root: Path) -> None:
         *(f"{PACKAGE_PATH}/{proto.name}" for proto in proto_files()),
     ]
     if protoc.main(args) != 0:
-        raise SystemExit(f"protoc failed on {[p.name for p in proto_files()]}; see its message above")
+        raise SystemExit(
+            f"protoc failed on {[p.name for p in proto_files()]}; see its message above"
+        )
 
 
 def generated_names(directory: Path) -> set[str]:
@@ -66,13 +68,21 @@ def stale_files() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="compare with the committed stubs instead of writing")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the committed stubs instead of writing"
+    )
     options = parser.parse_args(argv)
     if options.check:
         stale = stale_files()
         if stale:
-            print("stale generated stubs (run `make proto` and commit the result):", *stale, sep="\n  ")
+            print(
+                "stale generated stubs (run `make proto` and commit the result):",
+                *stale,
+                sep="\n  ",
+            )
             return 1
         print("generated stubs are up to date")
         return 0

@@ -1,4 +1,5 @@
 """`mnist-serve`: the gRPC prediction server."""
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so that --help answers without loading onnxruntime and grpc.
     from core.repository import RepositoryError
     from serving.inference.runtime import DeviceUnavailable
-    from serving.server import serve
     from serving.memory import fit_to_memory_limit
+    from serving.server import serve
     from serving.workers import resolve, run_workers
 
     try:
@@ -37,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist-serve: error: {err}", file=sys.stderr)
         return 2
     # Under a container memory limit, default workers and queue sizes that fit it (serving.memory).
-    config, memory_line = fit_to_memory_limit(config, workers_auto, not _given(argv, "max-queue-size"))
+    config, memory_line = fit_to_memory_limit(
+        config, workers_auto, not _given(argv, "max-queue-size")
+    )
     log_setup.configure(config.log_level, config.log_format, lone=config.workers == 1)
     if memory_line:
         logging.getLogger("mnist-serve").info("%s", memory_line)
@@ -57,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 def _given(argv: list[str] | None, flag: str) -> bool:
     """Whether --<flag> is on the command line or MNIST_SERVE_<FLAG> in the environment."""
     args = sys.argv[1:] if argv is None else argv
-    return (any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in args)
-            or f"MNIST_SERVE_{flag.upper().replace('-', '_')}" in os.environ)
+    return (
+        any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in args)
+        or f"MNIST_SERVE_{flag.upper().replace('-', '_')}" in os.environ
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from core.contract import IMAGE_SHAPE, IMAGE_SIDE, INPUT_NAME, KSERVE_DTYPES, OUTPUT_DATATYPE, PIXELS
+from core.contract import (
+    IMAGE_SHAPE,
+    IMAGE_SIDE,
+    INPUT_NAME,
+    KSERVE_DTYPES,
+    OUTPUT_DATATYPE,
+    PIXELS,
+)
 from serving import tracing
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
@@ -72,9 +79,13 @@ class ClientTls:
     """How the client speaks TLS: the CA it trusts (None: the system's) and, for mTLS, its own certificate."""
 
     ca: Path | None = None
-    cert: Path | None = None  # with key: present this certificate (servers with --tls-client-ca ask for one)
+    cert: Path | None = (
+        None  # with key: present this certificate (servers with --tls-client-ca ask for one)
+    )
     key: Path | None = None
-    server_name: str | None = None  # the name to check in the server's certificate, when not the target's host
+    server_name: str | None = (
+        None  # the name to check in the server's certificate, when not the target's host
+    )
 
     def credentials(self) -> grpc.ChannelCredentials:
         if (self.cert is None) != (self.key is None):
@@ -93,13 +104,20 @@ def read_token(path: Path | str | None) -> str | None:
     return token
 
 
-def client_security(tls: bool = False, ca: str | None = None, cert: str | None = None, key: str | None = None,
-                    token_file: str | None = None) -> tuple[ClientTls | None, str | None]:
+def client_security(
+    tls: bool = False,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    token_file: str | None = None,
+) -> tuple[ClientTls | None, str | None]:
     """The CLIs' and load tests' flags (--tls, --tls-ca, --tls-cert, --tls-key, --auth-token-file) as
     the client's `tls` and `token`; naming any TLS file turns TLS on."""
     wants_tls = tls or any((ca, cert, key))
     as_path = lambda text: Path(text) if text else None  # noqa: E731
-    return (ClientTls(as_path(ca), as_path(cert), as_path(key)) if wants_tls else None), read_token(token_file)
+    return (ClientTls(as_path(ca), as_path(cert), as_path(key)) if wants_tls else None), read_token(
+        token_file
+    )
 
 
 @dataclass(frozen=True)
@@ -129,10 +147,12 @@ class InferenceClient(Protocol):
     gRPC (ClassifierClient) and REST (serving.rest_client.RestClient), so a caller picks the
     transport and nothing else changes."""
 
-    def infer_kserve(self, images: np.ndarray, model_name: str = "mnist",
-                     model_version: str = "") -> np.ndarray: ...
-    def infer_kserve_answer(self, images: np.ndarray, model_name: str = "mnist",
-                            model_version: str = "") -> KServeAnswer: ...
+    def infer_kserve(
+        self, images: np.ndarray, model_name: str = "mnist", model_version: str = ""
+    ) -> np.ndarray: ...
+    def infer_kserve_answer(
+        self, images: np.ndarray, model_name: str = "mnist", model_version: str = ""
+    ) -> KServeAnswer: ...
     def wait_until_ready(self, timeout: float) -> None: ...
     def close(self) -> None: ...
 
@@ -141,9 +161,15 @@ class ClassifierClient:
     """A synchronous channel to the service's mnist.v1.Classifier and KServe v2 APIs."""
 
     def __init__(
-        self, target: str = "localhost:8500", timeout: float = 10.0, max_message_bytes: int = 64 * 1024 * 1024,
-        min_resolution_interval: float | None = None, tls: ClientTls | None = None, token: str | None = None,
-        traceparent: tracing.TraceHeader = None, tracestate: str | None = None,
+        self,
+        target: str = "localhost:8500",
+        timeout: float = 10.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        min_resolution_interval: float | None = None,
+        tls: ClientTls | None = None,
+        token: str | None = None,
+        traceparent: tracing.TraceHeader = None,
+        tracestate: str | None = None,
     ) -> None:
         """`min_resolution_interval`: the fewest seconds between two DNS lookups of a `dns:` target
         (gRPC's default, 30 s, when None); a lookup follows every lost or aged connection."""
@@ -153,61 +179,87 @@ class ClassifierClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", service_config(health_check=target.startswith(MULTI_ADDRESS_SCHEMES))),
+            (
+                "grpc.service_config",
+                service_config(health_check=target.startswith(MULTI_ADDRESS_SCHEMES)),
+            ),
         ]
         if min_resolution_interval is not None:
-            options.append(("grpc.dns_min_time_between_resolutions_ms", round(min_resolution_interval * 1000)))
+            options.append(
+                ("grpc.dns_min_time_between_resolutions_ms", round(min_resolution_interval * 1000))
+            )
         if tls is not None and tls.server_name:
             options.append(("grpc.ssl_target_name_override", tls.server_name))
-        self._channel = (grpc.secure_channel(target, tls.credentials(), options=options) if tls is not None
-                         else grpc.insecure_channel(target, options=options))
+        self._channel = (
+            grpc.secure_channel(target, tls.credentials(), options=options)
+            if tls is not None
+            else grpc.insecure_channel(target, options=options)
+        )
         # Sent with every call; servers without --auth-token-file ignore it.
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._trace_headers = tracing.outgoing(traceparent, tracestate)  # ValueError: malformed
         self._classifier = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._model_infer: grpc.UnaryUnaryMultiCallable | None = None  # built on first use: see _kserve_message_types
+        self._model_infer: grpc.UnaryUnaryMultiCallable | None = (
+            None  # built on first use: see _kserve_message_types
+        )
 
     def __enter__(self) -> ClassifierClient:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
     def close(self) -> None:
         self._channel.close()
 
-    def classify(self, images: np.ndarray, model_name: str = "", model_version: str = "") -> ClassifyResult:
+    def classify(
+        self, images: np.ndarray, model_name: str = "", model_version: str = ""
+    ) -> ClassifyResult:
         """Classify uint8 images (sent as raw_pixels) or float images in [0, 1] (sent as float_pixels)."""
         pixels = _as_batch(images).reshape(-1, PIXELS)
         if pixels.dtype == np.uint8:
             messages = [pb.Image(raw_pixels=row.tobytes()) for row in pixels]
         elif np.issubdtype(pixels.dtype, np.floating):
-            messages = [pb.Image(float_pixels=pb.FloatPixels(values=row.tolist())) for row in pixels.astype(np.float32)]
+            messages = [
+                pb.Image(float_pixels=pb.FloatPixels(values=row.tolist()))
+                for row in pixels.astype(np.float32)
+            ]
         else:
-            raise ValueError(f"images have dtype {pixels.dtype}; send uint8 (0..255) or floats in [0, 1]")
+            raise ValueError(
+                f"images have dtype {pixels.dtype}; send uint8 (0..255) or floats in [0, 1]"
+            )
         return self._classify(messages, model_name, model_version)
 
-    def classify_encoded(self, blobs: Sequence[bytes], model_name: str = "", model_version: str = "") -> ClassifyResult:
+    def classify_encoded(
+        self, blobs: Sequence[bytes], model_name: str = "", model_version: str = ""
+    ) -> ClassifyResult:
         """Classify PNG or JPEG files; the server frames each digit the way MNIST was made."""
         return self._classify([pb.Image(encoded=blob) for blob in blobs], model_name, model_version)
 
     def describe(self, model_name: str = "", model_version: str = "") -> pb.ModelDescription:
         request = pb.DescribeModelRequest(model_name=model_name, model_version=model_version)
-        return self._classifier.DescribeModel(request, timeout=self.timeout,
-                                              metadata=self._call_metadata())
+        return self._classifier.DescribeModel(
+            request, timeout=self.timeout, metadata=self._call_metadata()
+        )
 
-    def infer_kserve(self, images: np.ndarray, model_name: str = "mnist", model_version: str = "") -> np.ndarray:
+    def infer_kserve(
+        self, images: np.ndarray, model_name: str = "mnist", model_version: str = ""
+    ) -> np.ndarray:
         """Probabilities [N, classes] through KServe v2 ModelInfer (UINT8 when given uint8, else FP32).
 
         `model_version` empty: the newest ready version of the model.
         """
         return self.infer_kserve_answer(images, model_name, model_version).probabilities
 
-    def infer_kserve_answer(self, images: np.ndarray, model_name: str = "mnist",
-                            model_version: str = "") -> KServeAnswer:
+    def infer_kserve_answer(
+        self, images: np.ndarray, model_name: str = "mnist", model_version: str = ""
+    ) -> KServeAnswer:
         """ModelInfer's probabilities with the model and version that computed them."""
         batch = _as_batch(images)
         datatype = "UINT8" if batch.dtype == np.uint8 else "FP32"
@@ -231,7 +283,9 @@ class ClassifierClient:
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 reply = self._health.Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=min(remaining, 1.0), wait_for_ready=True
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=min(remaining, 1.0),
+                    wait_for_ready=True,
                 )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -249,10 +303,15 @@ class ClassifierClient:
             return self._metadata
         return (*(self._metadata or ()), *self._trace_headers())
 
-    def _classify(self, images: list[pb.Image], model_name: str, model_version: str) -> ClassifyResult:
-        request = pb.ClassifyRequest(images=images, model_name=model_name, model_version=model_version)
-        response = self._classifier.Classify(request, timeout=self.timeout,
-                                             metadata=self._call_metadata())
+    def _classify(
+        self, images: list[pb.Image], model_name: str, model_version: str
+    ) -> ClassifyResult:
+        request = pb.ClassifyRequest(
+            images=images, model_name=model_name, model_version=model_version
+        )
+        response = self._classifier.Classify(
+            request, timeout=self.timeout, metadata=self._call_metadata()
+        )
         predictions = response.predictions
         return ClassifyResult(
             labels=np.array([p.label for p in predictions], dtype=np.int64),
@@ -269,7 +328,9 @@ def _as_batch(images: np.ndarray) -> np.ndarray:
     if batch.ndim == 4 and batch.shape[-1] == 1:
         batch = batch[..., 0]
     if batch.ndim != 3 or batch.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE) or len(batch) == 0:
-        raise ValueError(f"images have shape {batch.shape}; expected [N, 28, 28] or [N, 28, 28, 1] with N >= 1")
+        raise ValueError(
+            f"images have shape {batch.shape}; expected [N, 28, 28] or [N, 28, 28, 1] with N >= 1"
+        )
     return batch
 
 
@@ -295,9 +356,13 @@ def _kserve_message_types() -> tuple[Any, Any]:
 def _first_output(response: Any) -> np.ndarray:
     output = response.outputs[0]
     if output.datatype != OUTPUT_DATATYPE:
-        raise ValueError(f"the server answered with a {output.datatype} output; expected FP32 probabilities")
+        raise ValueError(
+            f"the server answered with a {output.datatype} output; expected FP32 probabilities"
+        )
     if response.raw_output_contents:
-        values = np.frombuffer(response.raw_output_contents[0], dtype=KSERVE_DTYPES[OUTPUT_DATATYPE])
+        values = np.frombuffer(
+            response.raw_output_contents[0], dtype=KSERVE_DTYPES[OUTPUT_DATATYPE]
+        )
     else:
         values = np.asarray(output.contents.fp32_contents, dtype=np.float32)
     return values.astype(np.float32).reshape(tuple(output.shape))

@@ -6,10 +6,12 @@ this project's 2-core machine (32 callers x 1 image, `make bench`'s calls): mnis
 4 % more calls per second and a lone caller's p50 fell by 0.08 ms. uvloop is a dependency on Linux
 and macOS; elsewhere (Windows) asyncio's loop serves, with the same behaviour.
 """
+
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

@@ -3,6 +3,7 @@
 For events a client can cause on every call (a malformed request, say): one line per call would
 let any caller fill the log and spend the server's time writing it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,5 +28,9 @@ class OncePerInterval:
                 self._unlogged += 1
                 return
             unlogged, self._unlogged, self._next = self._unlogged, 0, now + self.interval
-        self._log.warning("%s (%d more since the last such line; logged at most once per %.0f s)",
-                          text, unlogged, self.interval)
+        self._log.warning(
+            "%s (%d more since the last such line; logged at most once per %.0f s)",
+            text,
+            unlogged,
+            self.interval,
+        )

@@ -16,6 +16,7 @@ Also the one place that hands freed memory back on purpose (release_memory, afte
 version is unloaded; the trimmer, after large requests) and that reads a process's resident
 memory from /proc (rss_bytes), for the trimmer and for what measures a server from outside.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -26,7 +27,9 @@ import time
 from collections.abc import Callable
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
-MMAP_THRESHOLD_BYTES = 1024 * 1024  # fixed: over every ordinary call's blocks, under any absurd one's
+MMAP_THRESHOLD_BYTES = (
+    1024 * 1024
+)  # fixed: over every ordinary call's blocks, under any absurd one's
 
 
 def keep_large_blocks_mmapped(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -106,6 +109,7 @@ def start_trimmer(interval: float = 1.0, growth: float = 0.05) -> bool:
 
 # ---- measuring a server from outside: every process of it (with --workers, the parent loads no
 # model; the workers hold the memory), by /proc (Linux) ----
+
 
 def process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants that are alive now."""
@@ -211,10 +215,16 @@ def fit_to_memory_limit(config, workers_auto: bool, queue_auto: bool, limit: int
     if workers_auto:
         fits = int((0.8 * limit - PARENT_BYTES) // (WORKER_BYTES + 2 * MIN_QUEUE * per_call))
         workers = max(1, min(workers, fits))
-    queue = queue_size_for(limit, workers, config.max_batch_size) if queue_auto else config.max_queue_size
+    queue = (
+        queue_size_for(limit, workers, config.max_batch_size)
+        if queue_auto
+        else config.max_queue_size
+    )
     if (workers, queue) == (config.workers, config.max_queue_size):
         return config, None
-    line = (f"memory limit {limit / 2**20:.0f} MiB: {workers} worker(s), --max-queue-size {queue} each "
-            f"(a queued call of {config.max_batch_size} images holds up to {per_call / 2**20:.1f} MiB); "
-            "set --workers / --max-queue-size to choose")
+    line = (
+        f"memory limit {limit / 2**20:.0f} MiB: {workers} worker(s), --max-queue-size {queue} each "
+        f"(a queued call of {config.max_batch_size} images holds up to {per_call / 2**20:.1f} MiB); "
+        "set --workers / --max-queue-size to choose"
+    )
     return dataclasses.replace(config, workers=workers, max_queue_size=queue), line

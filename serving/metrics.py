@@ -3,6 +3,7 @@
 Each metric's documentation string is its reference (docs/monitoring.md lists them); the names
 are stable, and the per-call and per-batch metrics carry the `model` and `version` that answered.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,56 +28,84 @@ REQUESTS = Counter(
     "Calls answered, gRPC and REST: by method (gRPC's name, or 'POST /v2/models/{model}/infer'), "
     "status code (gRPC's name or the HTTP number), and the model and version that answered "
     "(empty when none did)",
-    ["method", "code", *ANSWERED])
+    ["method", "code", *ANSWERED],
+)
 LATENCY = Histogram(
     "mnist_request_latency_seconds",
     "Time from receiving a call to answering it, by method and the model and version that answered",
-    ["method", *ANSWERED], buckets=LATENCY_BUCKETS)
+    ["method", *ANSWERED],
+    buckets=LATENCY_BUCKETS,
+)
 QUEUE_WAIT = Histogram(
-    "mnist_queue_wait_seconds", "Time a request waited in its version's batching queue",
-    ANSWERED, buckets=WAIT_BUCKETS)
+    "mnist_queue_wait_seconds",
+    "Time a request waited in its version's batching queue",
+    ANSWERED,
+    buckets=WAIT_BUCKETS,
+)
 BATCH_SIZE = Histogram(
-    "mnist_batch_size", "Images per onnxruntime call", ANSWERED, buckets=SIZE_BUCKETS)
+    "mnist_batch_size", "Images per onnxruntime call", ANSWERED, buckets=SIZE_BUCKETS
+)
 BATCH_REQUESTS = Histogram(
-    "mnist_batch_requests", "Requests coalesced into one onnxruntime call", ANSWERED,
-    buckets=SIZE_BUCKETS)
+    "mnist_batch_requests",
+    "Requests coalesced into one onnxruntime call",
+    ANSWERED,
+    buckets=SIZE_BUCKETS,
+)
 INFERENCE = Histogram(
-    "mnist_inference_seconds", "onnxruntime time per batch", ANSWERED, buckets=RUN_BUCKETS)
+    "mnist_inference_seconds", "onnxruntime time per batch", ANSWERED, buckets=RUN_BUCKETS
+)
 IMAGES = Counter("mnist_images_total", "Images classified", ANSWERED)
 # With --workers, gauges are combined over the worker processes (Prometheus multiprocess mode):
 # queue depths and capacities add up (each worker has a queue per version); the model info is the
 # same in each; images per worker keep a pid label.
 QUEUE_DEPTH = Gauge(
-    "mnist_queue_depth", "Requests waiting in the version's batching queue(s)", ANSWERED,
-    multiprocess_mode="livesum")
+    "mnist_queue_depth",
+    "Requests waiting in the version's batching queue(s)",
+    ANSWERED,
+    multiprocess_mode="livesum",
+)
 QUEUE_CAPACITY = Gauge(
     "mnist_queue_capacity",
     "Requests the version's batching queue(s) hold before new calls are shed (--max-queue-size "
     "per worker)",
-    ANSWERED, multiprocess_mode="livesum")
+    ANSWERED,
+    multiprocess_mode="livesum",
+)
 WORKER_IMAGES = Gauge(
-    "mnist_worker_images", "Images classified by this worker process (pid label with --workers)",
-    multiprocess_mode="liveall")
+    "mnist_worker_images",
+    "Images classified by this worker process (pid label with --workers)",
+    multiprocess_mode="liveall",
+)
 DROPPED = Counter(
     "mnist_dropped_requests_total",
     "Requests dropped before inference, by version and reason: queue_full (shed), deadline "
     "(expired while queued), cancelled (the caller went away)",
-    [*ANSWERED, "reason"])
+    [*ANSWERED, "reason"],
+)
 MODEL = Gauge(
-    "mnist_model_info", "The served model versions and their execution provider (value 1)",
-    ["model", "version", "provider"], multiprocess_mode="livemax")
+    "mnist_model_info",
+    "The served model versions and their execution provider (value 1)",
+    ["model", "version", "provider"],
+    multiprocess_mode="livemax",
+)
 # Model lifecycle (serving.inference.registry): versions refused by their checks, versions loaded.
 LOAD_FAILURES = Counter(
-    "mnist_model_load_failures_total", "Model versions refused when loading, by model and reason",
-    ["model", "reason"])
+    "mnist_model_load_failures_total",
+    "Model versions refused when loading, by model and reason",
+    ["model", "reason"],
+)
 VERSION_LOADS = Counter(
-    "mnist_model_version_loads_total", "Model versions that passed their checks and took traffic",
-    ["model"])
+    "mnist_model_version_loads_total",
+    "Model versions that passed their checks and took traffic",
+    ["model"],
+)
 # Sampled payload logging (serving.payload_log): records written, dropped (its queue was full) or
 # failed (the file or endpoint refused them). A dropped record never costs its call anything.
-PAYLOAD_RECORDS = Counter("mnist_payload_log_records_total",
-                          "Payload-log records of sampled calls, by outcome: written, dropped, failed",
-                          ["outcome"])
+PAYLOAD_RECORDS = Counter(
+    "mnist_payload_log_records_total",
+    "Payload-log records of sampled calls, by outcome: written, dropped, failed",
+    ["outcome"],
+)
 
 
 def count_payload_records(outcome: str, records: int) -> None:
@@ -190,7 +219,8 @@ def timed(handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHan
             calls.record(code, time.perf_counter() - started)
 
     return grpc.unary_unary_rpc_method_handler(
-        counted, request_deserializer=handler.request_deserializer,
+        counted,
+        request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -207,8 +237,9 @@ class PrometheusLifecycleObserver:
         # and swapped in, and the old copy's unload must not take the new copy's series away.
         self._copies: dict[tuple[str, str, str], int] = {}
 
-    def batch_observer(self, name: str = "", version: int | None = None,
-                       queue_capacity: int = 0) -> PrometheusBatchObserver:
+    def batch_observer(
+        self, name: str = "", version: int | None = None, queue_capacity: int = 0
+    ) -> PrometheusBatchObserver:
         label = "" if version is None else str(version)
         return PrometheusBatchObserver(name, label, queue_capacity)
 

@@ -11,6 +11,7 @@ the record, counted (`mnist_payload_log_records_total{outcome="dropped"}`), neve
 Each worker process has its own queue and thread; file records from several workers interleave
 by whole lines (one O_APPEND write per group of lines).
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,9 +24,10 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -46,7 +48,9 @@ class PayloadLogSettings:
 
     destination: str  # a file path (JSON lines), or an http:// or https:// URL (CloudEvents)
     sample_rate: float = 1.0  # share of calls recorded; KServe's logger records every call
-    include_pixels: bool = False  # add the input as 8-bit pixels (base64): personal data, off by default
+    include_pixels: bool = (
+        False  # add the input as 8-bit pixels (base64): personal data, off by default
+    )
     queue_size: int = 1024  # records waiting for the sink; beyond it records are dropped
 
     def __post_init__(self) -> None:
@@ -82,8 +86,11 @@ def payload_record(sample: CallSample, include_pixels: bool) -> dict:
         "time": datetime.fromtimestamp(sample.unix_time, timezone.utc).isoformat(),
         "model": sample.model,
         "version": sample.version,
-        "input": {"shape": list(images.shape), "datatype": "FP32",
-                  "sha256": hashlib.sha256(images.tobytes()).hexdigest()},
+        "input": {
+            "shape": list(images.shape),
+            "datatype": "FP32",
+            "sha256": hashlib.sha256(images.tobytes()).hexdigest(),
+        },
         "latency_ms": round(sample.latency_s * 1000, 3),
         "status": sample.outcome,
         "worker": os.getpid(),
@@ -92,7 +99,9 @@ def payload_record(sample: CallSample, include_pixels: bool) -> dict:
         predicted = sample.probabilities.argmax(axis=1)
         record["output"] = {
             "labels": predicted.tolist(),
-            "classes": [sample.class_names[i] if i < len(sample.class_names) else str(i) for i in predicted],
+            "classes": [
+                sample.class_names[i] if i < len(sample.class_names) else str(i) for i in predicted
+            ],
             "probabilities": np.round(sample.probabilities.astype(np.float64), 6).tolist(),
         }
     if include_pixels:
@@ -108,8 +117,10 @@ class FileSink:
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as error:
-            raise OSError(f"cannot open the payload log {path} ({error.strerror}); "
-                          "create its folder or choose another --payload-log") from None
+            raise OSError(
+                f"cannot open the payload log {path} ({error.strerror}); "
+                "create its folder or choose another --payload-log"
+            ) from None
 
     def write(self, records: list[dict]) -> None:
         os.write(self._fd, b"".join(orjson.dumps(r) + b"\n" for r in records))
@@ -139,9 +150,16 @@ class CloudEventsSink:
 
     def write(self, records: list[dict]) -> None:
         for record in records:
-            event = self._event({"type": EVENT_TYPE, "source": f"{self._source}/{record['model']}",
-                                 "id": record["id"], "subject": f"{record['model']}/{record['version']}",
-                                 "datacontenttype": "application/json"}, record)
+            event = self._event(
+                {
+                    "type": EVENT_TYPE,
+                    "source": f"{self._source}/{record['model']}",
+                    "id": record["id"],
+                    "subject": f"{record['model']}/{record['version']}",
+                    "datacontenttype": "application/json",
+                },
+                record,
+            )
             message = self._to_binary(event, self._format)
             connection = self._connect()
             try:
@@ -163,7 +181,11 @@ class PayloadLogger:
         self.settings = settings
         self._count = count  # serving.metrics.count_payload_records: no Prometheus import here
         self._queue: queue.Queue[CallSample | None] = queue.Queue(settings.queue_size)
-        self._sink = CloudEventsSink(settings.destination) if settings.is_http else FileSink(settings.destination)
+        self._sink = (
+            CloudEventsSink(settings.destination)
+            if settings.is_http
+            else FileSink(settings.destination)
+        )
         self._random = random.Random()
         self._thread = threading.Thread(target=self._run, name="payload-log", daemon=True)
         self._thread.start()
@@ -209,8 +231,12 @@ class PayloadLogger:
             now = time.monotonic()
             if now - self._last_failure_log > 10:  # one line per 10 s, not one per record
                 self._last_failure_log = now
-                log.warning("payload log: %d record(s) not written to %s: %s",
-                            len(records), self.settings.destination, error)
+                log.warning(
+                    "payload log: %d record(s) not written to %s: %s",
+                    len(records),
+                    self.settings.destination,
+                    error,
+                )
             return
         self._count("written", len(records))
 
@@ -224,8 +250,12 @@ def install(settings: PayloadLogSettings | None, count: RecordCounter) -> Payloa
     global active
     active = PayloadLogger(settings, count) if settings is not None else None
     if active is not None:
-        log.info("payload log: %.4g of calls to %s%s", settings.sample_rate, settings.destination,
-                 " with pixels" if settings.include_pixels else "")
+        log.info(
+            "payload log: %.4g of calls to %s%s",
+            settings.sample_rate,
+            settings.destination,
+            " with pixels" if settings.include_pixels else "",
+        )
     return active
 
 

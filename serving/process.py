@@ -3,6 +3,7 @@
 Shared by the tests, `make loadtest` and the benchmark, so that all of them run
 the real server the same way.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import IO
 
 from serving.client import ClassifierClient, ClientTls
-
 
 # Ports handed out by free_port(), each held by an open, locked file for this process's lifetime.
 _reserved: dict[int, IO[str]] = {}
@@ -65,14 +65,17 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {low}-{high - 1} after 500 tries")
 
 
-def wait_until_serving(target: str, timeout: float, proc: subprocess.Popen | None = None,
-                       tls: ClientTls | None = None) -> None:
+def wait_until_serving(
+    target: str, timeout: float, proc: subprocess.Popen | None = None, tls: ClientTls | None = None
+) -> None:
     """The client's health polling, in short slices so that a server that died fails at once."""
     deadline = time.monotonic() + timeout
     with ClassifierClient(target, tls=tls) as client:
         while True:
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
+                raise RuntimeError(
+                    f"the server exited with status {proc.returncode} before it was ready"
+                )
             remaining = deadline - time.monotonic()
             try:
                 client.wait_until_ready(min(0.5, max(remaining, 0.01)))
@@ -90,7 +93,9 @@ class ServerProcess:
     log_path: Path | None = None
     args: list[str] = field(default_factory=list)
     http_port: int = 0  # KServe v2 REST and the page (0: off)
-    temporary_log: bool = False  # start_server made log_path itself: removed once the server stopped
+    temporary_log: bool = (
+        False  # start_server made log_path itself: removed once the server stopped
+    )
 
     @property
     def target(self) -> str:
@@ -105,7 +110,11 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        return (
+            self.log_path.read_text(errors="replace")
+            if self.log_path and self.log_path.exists()
+            else ""
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -119,20 +128,39 @@ class ServerProcess:
             self.log_path.unlink(missing_ok=True)
         return self.proc.returncode
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def start_server(repository: Path | str, *extra_args: str, log_path: Path | None = None,
-                 ready_timeout: float = 60.0, env: dict[str, str] | None = None,
-                 tls: ClientTls | None = None) -> ServerProcess:
+def start_server(
+    repository: Path | str,
+    *extra_args: str,
+    log_path: Path | None = None,
+    ready_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    tls: ClientTls | None = None,
+) -> ServerProcess:
     """Run `mnist-serve` on free loopback ports; return once it reports SERVING (over TLS with `tls`)."""
     port, metrics_port, http_port = free_port(), free_port(), free_port()
-    args = [sys.executable, "-m", "serving.cli", "--model-repository", str(repository), "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", str(metrics_port), "--http-port", str(http_port), *extra_args]
+    args = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "--model-repository",
+        str(repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--http-port",
+        str(http_port),
+        *extra_args,
+    ]
     # Without a log path the output still goes to a file, so that a server that fails to start says why.
     temporary_log = log_path is None
     if log_path is None:
@@ -140,7 +168,9 @@ def start_server(repository: Path | str, *extra_args: str, log_path: Path | None
         os.close(handle)
         log_path = Path(name)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     server = ServerProcess(proc, port, metrics_port, log_path, args, http_port, temporary_log)
     try:
         wait_until_serving(server.target, ready_timeout, proc, tls)

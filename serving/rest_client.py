@@ -13,15 +13,16 @@ every call carries "Authorization: Bearer <token>": the same ClientTls and token
 client (serving.client), for servers run with --tls-cert, --tls-client-ca and --auth-token-file.
 With `traceparent` (and `tracestate`) every call carries W3C trace context, as the gRPC client's do.
 """
+
 from __future__ import annotations
 
 import http.client
 import json
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -44,7 +45,9 @@ class RestError(Exception):
 @dataclass
 class RestReply:
     status: int
-    headers: Mapping[str, str]  # case-insensitive, as HTTP's names are (a proxy such as Envoy lowercases them)
+    headers: Mapping[
+        str, str
+    ]  # case-insensitive, as HTTP's names are (a proxy such as Envoy lowercases them)
     body: bytes
 
 
@@ -61,7 +64,9 @@ def ssl_context(tls: ClientTls) -> ssl.SSLContext:
 class _HttpsConnection(http.client.HTTPSConnection):
     """HTTPS that checks the certificate against `server_name` rather than the host connected to."""
 
-    def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext, server_name: str) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float, context: ssl.SSLContext, server_name: str
+    ) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self._server_name = server_name
 
@@ -71,21 +76,33 @@ class _HttpsConnection(http.client.HTTPSConnection):
 
 
 class RestClient:
-    def __init__(self, address: str, timeout: float = 10.0, tls: ClientTls | None = None,
-                 token: str | None = None, traceparent: tracing.TraceHeader = None,
-                 tracestate: str | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 10.0,
+        tls: ClientTls | None = None,
+        token: str | None = None,
+        traceparent: tracing.TraceHeader = None,
+        tracestate: str | None = None,
+    ) -> None:
         """`address` is host:port of the server's HTTP port (mnist-serve --http-port, default 8000);
         an https:// prefix, or `tls`, makes it HTTPS."""
         if address.startswith("https://") and tls is None:
             tls = ClientTls()  # the system's CAs
-        host, _, port = address.removeprefix("http://").removeprefix("https://").rstrip("/").rpartition(":")
+        host, _, port = (
+            address.removeprefix("http://").removeprefix("https://").rstrip("/").rpartition(":")
+        )
         if not host or not port.isdigit():
             raise ValueError(f"expected host:port for the REST API, not {address!r}")
         self.address = f"{host}:{port}"
         host = host.strip("[]")  # an IPv6 literal: [::1]:8000
         self._connection: http.client.HTTPConnection = (
-            http.client.HTTPConnection(host, int(port), timeout=timeout) if tls is None
-            else _HttpsConnection(host, int(port), timeout, ssl_context(tls), tls.server_name or host))
+            http.client.HTTPConnection(host, int(port), timeout=timeout)
+            if tls is None
+            else _HttpsConnection(
+                host, int(port), timeout, ssl_context(tls), tls.server_name or host
+            )
+        )
         # Sent with every call; servers without --auth-token-file ignore it.
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._trace_headers = tracing.outgoing(traceparent, tracestate)
@@ -99,8 +116,13 @@ class RestClient:
     def close(self) -> None:
         self._connection.close()
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> RestReply:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> RestReply:
         """One call; a dropped keep-alive connection is reopened once (the server may close idle ones)."""
         sent = {**self._auth, **(headers or {})}
         if self._trace_headers is not None:
@@ -135,45 +157,75 @@ class RestClient:
             time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
         raise TimeoutError(
             f"the server at {self.address} was not ready within {timeout:g}s (last: {last}); "
-            "check that it is running, serving REST on that port (--http-port) and that its model loaded")
+            "check that it is running, serving REST on that port (--http-port) and that its model loaded"
+        )
 
     # KServe v2 inference under the gRPC client's names and answers (serving.client.InferenceClient).
-    def infer_kserve(self, images: np.ndarray, model_name: str = "mnist",
-                     model_version: str = "") -> np.ndarray:
+    def infer_kserve(
+        self, images: np.ndarray, model_name: str = "mnist", model_version: str = ""
+    ) -> np.ndarray:
         """Probabilities [N, classes] for uint8 images [N, 28, 28] through POST .../infer."""
         return self.infer_kserve_answer(images, model_name, model_version).probabilities
 
-    def infer(self, images: np.ndarray, model_name: str = "mnist", model_version: str = "",
-              binary: bool = True) -> np.ndarray:
+    def infer(
+        self,
+        images: np.ndarray,
+        model_name: str = "mnist",
+        model_version: str = "",
+        binary: bool = True,
+    ) -> np.ndarray:
         """infer_kserve, choosing JSON (`binary=False`) or binary tensor data."""
         return self.infer_kserve_answer(images, model_name, model_version, binary).probabilities
 
-    def infer_answer(self, images: np.ndarray, model_name: str = "mnist", model_version: str = "",
-                     binary: bool = True) -> tuple[np.ndarray, str, str]:
+    def infer_answer(
+        self,
+        images: np.ndarray,
+        model_name: str = "mnist",
+        model_version: str = "",
+        binary: bool = True,
+    ) -> tuple[np.ndarray, str, str]:
         """infer_kserve_answer as a tuple: (probabilities, model name, model version)."""
         answer = self.infer_kserve_answer(images, model_name, model_version, binary)
         return answer.probabilities, answer.model_name, answer.model_version
 
-    def infer_kserve_answer(self, images: np.ndarray, model_name: str = "mnist",
-                            model_version: str = "", binary: bool = True) -> KServeAnswer:
+    def infer_kserve_answer(
+        self,
+        images: np.ndarray,
+        model_name: str = "mnist",
+        model_version: str = "",
+        binary: bool = True,
+    ) -> KServeAnswer:
         """The probabilities, and the model name and version that computed them (empty version: the newest)."""
-        pixels = np.ascontiguousarray(images, dtype=np.uint8).reshape(-1, contract.IMAGE_SIDE, contract.IMAGE_SIDE, 1)
+        pixels = np.ascontiguousarray(images, dtype=np.uint8).reshape(
+            -1, contract.IMAGE_SIDE, contract.IMAGE_SIDE, 1
+        )
         tensor = {"name": contract.INPUT_NAME, "datatype": "UINT8", "shape": list(pixels.shape)}
-        request = {"inputs": [tensor], "outputs": [{"name": contract.OUTPUT_NAME,
-                                                    "parameters": {"binary_data": binary}}]}
+        request = {
+            "inputs": [tensor],
+            "outputs": [{"name": contract.OUTPUT_NAME, "parameters": {"binary_data": binary}}],
+        }
         if binary:
             tensor["parameters"] = {"binary_data_size": pixels.nbytes}
             header = json.dumps(request).encode()
-            body, headers = header + pixels.tobytes(), {HEADER_LENGTH: str(len(header)),
-                                                        "Content-Type": "application/octet-stream"}
+            body, headers = (
+                header + pixels.tobytes(),
+                {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"},
+            )
         else:
             tensor["data"] = pixels.ravel().tolist()
             body, headers = json.dumps(request).encode(), {"Content-Type": "application/json"}
-        path = f"/v2/models/{model_name}" + (f"/versions/{model_version}" if model_version else "") + "/infer"
+        path = (
+            f"/v2/models/{model_name}"
+            + (f"/versions/{model_version}" if model_version else "")
+            + "/infer"
+        )
         reply = self._checked(self.request("POST", path, body, headers))
         header = _header(reply)
-        return KServeAnswer(_probabilities(reply), str(header.get("model_name", "")),
-                            str(header.get("model_version", "")))
+        return KServeAnswer(
+            _probabilities(reply),
+            str(header.get("model_name", "")),
+            str(header.get("model_version", "")),
+        )
 
     def json_call(self, method: str, path: str, body: bytes | None = None):
         """A call answered with JSON (e.g. POST /v2/repository/index): the parsed answer, else RestError."""
@@ -181,8 +233,13 @@ class RestClient:
 
     def classify_encoded(self, blob: bytes) -> dict:
         """One PNG or JPEG through the page's POST /api/classify: label, probabilities, framed pixels."""
-        return json.loads(self._checked(self.request("POST", "/api/classify", blob,
-                                                     {"Content-Type": "application/octet-stream"})).body)
+        return json.loads(
+            self._checked(
+                self.request(
+                    "POST", "/api/classify", blob, {"Content-Type": "application/octet-stream"}
+                )
+            ).body
+        )
 
     def _checked(self, reply: RestReply) -> RestReply:
         if reply.status != 200:
@@ -204,11 +261,13 @@ def _probabilities(reply: RestReply) -> np.ndarray:
     """The `probabilities` output of an infer response, JSON data or binary data after the header."""
     length = reply.headers.get(HEADER_LENGTH)
     header = _header(reply)
-    output = next((o for o in header.get("outputs", []) if o.get("name") == contract.OUTPUT_NAME), None)
+    output = next(
+        (o for o in header.get("outputs", []) if o.get("name") == contract.OUTPUT_NAME), None
+    )
     if output is None:
         raise ValueError(f"the response has no '{contract.OUTPUT_NAME}' output")
     if "data" in output:
         values = np.asarray(output["data"], dtype=np.float32)
     else:
-        values = np.frombuffer(reply.body[int(length):], dtype="<f4")
+        values = np.frombuffer(reply.body[int(length) :], dtype="<f4")
     return values.reshape(output["shape"])

@@ -16,6 +16,7 @@ Every file is watched the same way (WatchedFiles). Each transport's side lives b
 serving.grpc_api.security (certificate fetcher, the token check of each method) and
 serving.http_api.security (the HTTPS context, the token middleware).
 """
+
 from __future__ import annotations
 
 import hmac
@@ -74,15 +75,18 @@ class WatchedFiles(Generic[T]):
     fetches certificates from its own threads.
     """
 
-    def __init__(self, paths: Sequence[Path], load: Callable[[], T], what: str,
-                 recheck_seconds: float = 0.0) -> None:
+    def __init__(
+        self, paths: Sequence[Path], load: Callable[[], T], what: str, recheck_seconds: float = 0.0
+    ) -> None:
         self.paths = tuple(paths)
         self.what = what  # for the log: "TLS certificate", "auth token", ...
         self.reloads = 0
         self._load = load
         self._recheck = recheck_seconds  # 0: look at the files' state on every call
         self._lock = threading.Lock()
-        self._state = file_state(self.paths)  # before loading: a change during the load is seen next
+        self._state = file_state(
+            self.paths
+        )  # before loading: a change during the load is seen next
         self._value = load()
         self._looked = time.monotonic()
 
@@ -100,8 +104,11 @@ class WatchedFiles(Generic[T]):
             try:
                 value = self._load()
             except SecurityConfigError as error:
-                log.warning("%s files changed but cannot be used yet; keeping the previous one: %s",
-                            self.what, error)
+                log.warning(
+                    "%s files changed but cannot be used yet; keeping the previous one: %s",
+                    self.what,
+                    error,
+                )
                 return self._value, False
             self._value, self._state = value, state
             self.reloads += 1
@@ -131,7 +138,8 @@ class TlsFiles:
         except (ssl.SSLError, OSError) as error:
             raise SecurityConfigError(
                 f"--tls-cert {self.cert} / --tls-key {self.key} / --tls-client-ca {self.client_ca}: "
-                f"not a usable PEM certificate, key and CA ({error})") from None
+                f"not a usable PEM certificate, key and CA ({error})"
+            ) from None
         return context
 
     def load(self) -> tuple[bytes, bytes, bytes | None]:
@@ -153,7 +161,9 @@ class TokenFile:
     def _load(self) -> bytes:
         token = read_file(self.path, "--auth-token-file").strip()
         if len(token.split()) != 1:
-            raise SecurityConfigError(f"--auth-token-file {self.path} must hold one token (no spaces)")
+            raise SecurityConfigError(
+                f"--auth-token-file {self.path} must hold one token (no spaces)"
+            )
         return token
 
     def current(self) -> bytes:
@@ -167,8 +177,10 @@ class TokenFile:
         """Raise Unauthenticated unless `presented` is the token; `how_to_send`: the transport's
         words for where it goes ("the metadata 'authorization: Bearer <token>'")."""
         if presented is None:
-            raise Unauthenticated(f"this call needs a bearer token: send {how_to_send} "
-                                  "(the server runs with --auth-token-file)")
+            raise Unauthenticated(
+                f"this call needs a bearer token: send {how_to_send} "
+                "(the server runs with --auth-token-file)"
+            )
         if not self.accepts(presented):
             raise Unauthenticated("the bearer token is not valid for this server")
 

@@ -4,6 +4,7 @@
 read from it, so they can never disagree: NOT_SERVING while it loads and warms up, SERVING
 once warm, NOT_SERVING again from the moment it drains.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,15 +20,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving import draining, metrics, payload_log, security
-from serving.memory import keep_large_blocks_mmapped, start_trimmer
 from serving.config import ServeConfig
 from serving.connection_limits import slow_client_limits
-from serving.generated import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from serving.generated import mnist_classifier_pb2, mnist_classifier_pb2_grpc
+from serving.generated import (
+    grpc_predict_v2_pb2,
+    grpc_predict_v2_pb2_grpc,
+    mnist_classifier_pb2,
+    mnist_classifier_pb2_grpc,
+)
 from serving.grpc_api import security as grpc_security
 from serving.grpc_api.classifier import ClassifierServicer
-from serving.grpc_api.kserve import KServeServicer
 from serving.grpc_api.handlers import WrappingRegistrar, server_wrap
+from serving.grpc_api.kserve import KServeServicer
 from serving.http_api import security as http_security
 from serving.http_api.app import HttpServer, build_app
 from serving.inference.poller import RepositoryPoller
@@ -35,6 +39,7 @@ from serving.inference.registry import ModelRegistry, RegistryOptions
 from serving.inference.runtime import RuntimeOptions
 from serving.inputs.framing import set_pillow_limit
 from serving.inputs.pool import DecodePool
+from serving.memory import keep_large_blocks_mmapped, start_trimmer
 
 log = logging.getLogger("mnist-serve")
 
@@ -67,8 +72,10 @@ def ensure_port_free(host: str, port: int, flag: str) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise PortInUse(f"cannot listen on {host}:{port} ({err.strerror}); "
-                            f"is another server running? choose another {flag}") from err
+            raise PortInUse(
+                f"cannot listen on {host}:{port} ({err.strerror}); "
+                f"is another server running? choose another {flag}"
+            ) from err
 
 
 def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -93,8 +100,12 @@ def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
 def payload_log_settings(config: ServeConfig) -> payload_log.PayloadLogSettings | None:
     if not config.payload_log:
         return None
-    return payload_log.PayloadLogSettings(config.payload_log, config.payload_log_sample_rate,
-                                          config.payload_log_pixels, config.payload_log_queue_size)
+    return payload_log.PayloadLogSettings(
+        config.payload_log,
+        config.payload_log_sample_rate,
+        config.payload_log_pixels,
+        config.payload_log_queue_size,
+    )
 
 
 class Server:
@@ -130,15 +141,24 @@ class Server:
         keep_large_blocks_mmapped()  # large bad requests must not leave RSS high (serving.memory)
         start_trimmer()
         # TLS files and token first: a bad file is one clear line before anything loads.
-        tls = (security.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
-               if config.tls_cert and config.tls_key else None)
+        tls = (
+            security.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert and config.tls_key
+            else None
+        )
         credentials = grpc_security.server_credentials(tls) if tls else None
         token = security.TokenFile(config.auth_token_file) if config.auth_token_file else None
         set_pillow_limit(config.max_decoded_pixels)
-        self.registry = ModelRegistry(registry_options(config), metrics.PrometheusLifecycleObserver())
-        await self.registry.start()  # every model passes its checks and warms up, or one clear error
+        self.registry = ModelRegistry(
+            registry_options(config), metrics.PrometheusLifecycleObserver()
+        )
+        await (
+            self.registry.start()
+        )  # every model passes its checks and warms up, or one clear error
         # Ports are checked before gRPC binds, so a taken port is one clear line, not gRPC's own log.
-        if config.workers <= 1:  # with --workers, the parent checked them and the siblings hold them now
+        if (
+            config.workers <= 1
+        ):  # with --workers, the parent checked them and the siblings hold them now
             ensure_port_free(config.host, config.port, "--port")
             if config.http_port:
                 ensure_port_free(config.host, config.http_port, "--http-port")
@@ -146,19 +166,26 @@ class Server:
             try:
                 self._metrics_httpd = metrics.serve_metrics(config.metrics_port, config.host)
             except OSError as err:
-                raise PortInUse(f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
-                                f"choose another --metrics-port, or 0 to turn metrics off") from err
+                raise PortInUse(
+                    f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
+                    f"choose another --metrics-port, or 0 to turn metrics off"
+                ) from err
         self._decoder = DecodePool(config.decode_threads, config.max_decoded_pixels)
         payload_log.install(payload_log_settings(config), metrics.count_payload_records)
         self._grpc = grpc.aio.server(options=channel_options(config))
-        services = WrappingRegistrar(self._grpc, server_wrap(token))  # metrics, errors, token: once per method
+        services = WrappingRegistrar(
+            self._grpc, server_wrap(token)
+        )  # metrics, errors, token: once per method
         mnist_classifier_pb2_grpc.add_ClassifierServicer_to_server(
-            ClassifierServicer(self.registry, self._decoder), services)
+            ClassifierServicer(self.registry, self._decoder), services
+        )
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.registry, self.is_ready), services)
+            KServeServicer(self.registry, self.is_ready), services
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, services)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), services)
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), services
+        )
         await self._set_readiness(Readiness.STARTING)
         try:
             if credentials is not None:
@@ -166,26 +193,43 @@ class Server:
             else:
                 self._grpc.add_insecure_port(self.address)
         except RuntimeError as err:
-            raise PortInUse(f"cannot listen on {self.address} ({err}); "
-                            "is another server running? choose --port") from err
+            raise PortInUse(
+                f"cannot listen on {self.address} ({err}); is another server running? choose --port"
+            ) from err
         await self._grpc.start()
         if config.http_port:
             app = build_app(self.registry, self.is_ready, config.max_message_bytes)
             if token is not None:
-                app.middlewares.append(http_security.token_middleware(token))  # inside the error answers
-            self._http = HttpServer(app, config.host, config.http_port, config.grace_period,
-                                    http_security.ssl_context(tls) if tls else None,
-                                    reuse_port=config.workers > 1, idle_timeout=config.http_idle_timeout,
-                                    body_timeout=config.http_body_timeout)
+                app.middlewares.append(
+                    http_security.token_middleware(token)
+                )  # inside the error answers
+            self._http = HttpServer(
+                app,
+                config.host,
+                config.http_port,
+                config.grace_period,
+                http_security.ssl_context(tls) if tls else None,
+                reuse_port=config.workers > 1,
+                idle_timeout=config.http_idle_timeout,
+                body_timeout=config.http_body_timeout,
+            )
             await self._http.start()
         await self._set_readiness(Readiness.SERVING)
         if config.model_control_mode == "poll":
             self._poller = RepositoryPoller(self.registry, config.repository_poll_secs)
             self._poller.start()
-        served = ", ".join(f"{m.name} {m.version_label}" for m in self.registry.served()) or "none yet"
-        log.info("serving %s (model control %s) on %s; HTTP on :%s; metrics on :%s; event loop %s", served,
-                 config.model_control_mode, self.address, config.http_port or "off", config.metrics_port or "off",
-                 type(asyncio.get_running_loop()).__module__.split(".")[0])
+        served = (
+            ", ".join(f"{m.name} {m.version_label}" for m in self.registry.served()) or "none yet"
+        )
+        log.info(
+            "serving %s (model control %s) on %s; HTTP on :%s; metrics on :%s; event loop %s",
+            served,
+            config.model_control_mode,
+            self.address,
+            config.http_port or "off",
+            config.metrics_port or "off",
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
+        )
 
     async def drain(self) -> None:
         """NOT_SERVING, refuse new predictions, finish accepted ones (within --grace-period).
@@ -196,10 +240,14 @@ class Server:
         """
         loop = asyncio.get_running_loop()
         self._grace_deadline = loop.time() + self.config.grace_period
-        log.info("draining: NOT_SERVING, refusing new calls, finishing accepted ones (grace %.1f s)",
-                 self.config.grace_period)
+        log.info(
+            "draining: NOT_SERVING, refusing new calls, finishing accepted ones (grace %.1f s)",
+            self.config.grace_period,
+        )
         await self._set_readiness(Readiness.DRAINING)
-        draining.plan_stop(time.monotonic() + REFUSAL_WINDOW)  # refusals from now on say when to retry
+        draining.plan_stop(
+            time.monotonic() + REFUSAL_WINDOW
+        )  # refusals from now on say when to retry
         if self._poller is not None:
             await self._poller.stop()  # no version comes or goes while draining
         if self.registry is not None:
@@ -216,8 +264,10 @@ class Server:
         if self._grace_deadline is None:  # stopped without draining: the whole grace period
             self._grace_deadline = asyncio.get_running_loop().time() + self.config.grace_period
         # Both ports close at once: the refused callers were told to come back after this moment.
-        await asyncio.gather(*([self._grpc.stop(self._grace_left())] if self._grpc is not None else []),
-                             *([self._http.stop()] if self._http is not None else []))
+        await asyncio.gather(
+            *([self._grpc.stop(self._grace_left())] if self._grpc is not None else []),
+            *([self._http.stop()] if self._http is not None else []),
+        )
         if self._decoder is not None:
             self._decoder.close()
         payload_log.uninstall()  # what is queued is written first (a few seconds at most)
@@ -236,22 +286,33 @@ class Server:
         if readiness is Readiness.DRAINING:
             await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
             return
-        status = (health_pb2.HealthCheckResponse.SERVING if readiness is Readiness.SERVING
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if readiness is Readiness.SERVING
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, status)
 
 
 def registry_options(config: ServeConfig) -> RegistryOptions:
     return RegistryOptions(
-        repository=config.model_repository, model_names=config.model_names, pinned_version=config.model_version,
-        control_mode=config.model_control_mode, max_batch_size=config.max_batch_size,
-        max_queue_delay=config.max_queue_delay_us / 1e6, max_queue_size=config.max_queue_size,
+        repository=config.model_repository,
+        model_names=config.model_names,
+        pinned_version=config.model_version,
+        control_mode=config.model_control_mode,
+        max_batch_size=config.max_batch_size,
+        max_queue_delay=config.max_queue_delay_us / 1e6,
+        max_queue_size=config.max_queue_size,
         runtime=RuntimeOptions(
-            device=config.device, intra_op_threads=config.intra_op_threads,
-            inter_op_threads=config.inter_op_threads, graph_optimization=config.graph_optimization,
-            warmup_runs=config.warmup_runs, max_batch_size=config.max_batch_size,
-            allow_spinning=config.allow_spinning, multi_thread_min_batch=config.multi_thread_min_batch,
+            device=config.device,
+            intra_op_threads=config.intra_op_threads,
+            inter_op_threads=config.inter_op_threads,
+            graph_optimization=config.graph_optimization,
+            warmup_runs=config.warmup_runs,
+            max_batch_size=config.max_batch_size,
+            allow_spinning=config.allow_spinning,
+            multi_thread_min_batch=config.multi_thread_min_batch,
         ),
     )
 

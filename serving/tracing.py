@@ -37,8 +37,9 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 log = logging.getLogger("mnist-serve")
 

@@ -20,6 +20,7 @@ health answers and its calls always come from the same process.
   CRASH_LOOP_SECONDS), or a worker whose start-up fails, stops the server with one line and exit 1.
 - HTTP (REST and the page) is served by every worker on one shared port (SO_REUSEPORT), as gRPC is.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,8 +34,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
-from typing import Callable
 
 from serving import event_loop
 from serving.config import ServeConfig
@@ -63,8 +64,10 @@ def resolve(config: ServeConfig, cores: int | None = None) -> ServeConfig:
     explicit = config.model_control_mode == "explicit"
     if explicit and config.workers > 1:
         # A load or unload call reaches the one worker its connection landed on; the others would differ.
-        raise ValueError("--model-control-mode explicit needs --workers 1 (a load/unload call reaches one worker "
-                         "only); use --model-control-mode poll with several workers")
+        raise ValueError(
+            "--model-control-mode explicit needs --workers 1 (a load/unload call reaches one worker "
+            "only); use --model-control-mode poll with several workers"
+        )
     workers = config.workers or (1 if explicit or _gpu_likely(config.device) else cores)
     threads = config.intra_op_threads or cores
     return dataclasses.replace(config, workers=workers, intra_op_threads=threads)
@@ -125,7 +128,9 @@ def _drain_when_the_parent_dies() -> None:
     pr_set_pdeathsig = 1  # <linux/prctl.h>
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
     parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it died before prctl: no signal will come
+    if (
+        parent is not None and os.getppid() != parent.pid
+    ):  # it died before prctl: no signal will come
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -192,9 +197,13 @@ def run_workers(config: ServeConfig) -> int:
             try:
                 httpd = _serve_summed_metrics(config.metrics_port, config.host)
             except OSError as err:
-                raise PortInUse(f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
-                                f"choose another --metrics-port, or 0 to turn metrics off") from err
-        context = multiprocessing.get_context("spawn")  # no gRPC or onnxruntime state crosses a fork
+                raise PortInUse(
+                    f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
+                    f"choose another --metrics-port, or 0 to turn metrics off"
+                ) from err
+        context = multiprocessing.get_context(
+            "spawn"
+        )  # no gRPC or onnxruntime state crosses a fork
         from serving.inference.activity import new_board
 
         board = new_board(context, config.workers)
@@ -203,14 +212,21 @@ def run_workers(config: ServeConfig) -> int:
             if stopping:
                 break
             settings[index] = (worker_config(config, index), index, board)
-            worker = context.Process(target=_worker_main, args=settings[index],
-                                     name=f"mnist-serve-worker-{index}")
+            worker = context.Process(
+                target=_worker_main, args=settings[index], name=f"mnist-serve-worker-{index}"
+            )
             worker.start()
             workers.append(worker)
-        log.info("%d workers on %s:%d (SO_REUSEPORT), %d onnxruntime thread(s) for a large batch while "
-                 "the other workers idle, else 1; "
-                 "metrics on :%s", config.workers, config.host, config.port, config.intra_op_threads,
-                 config.metrics_port or "off")
+        log.info(
+            "%d workers on %s:%d (SO_REUSEPORT), %d onnxruntime thread(s) for a large batch while "
+            "the other workers idle, else 1; "
+            "metrics on :%s",
+            config.workers,
+            config.host,
+            config.port,
+            config.intra_op_threads,
+            config.metrics_port or "off",
+        )
 
         def replace(index: int, dead: multiprocessing.Process) -> multiprocessing.Process:
             """A fresh worker in the dead one's slot, with the same settings."""
@@ -227,8 +243,12 @@ def run_workers(config: ServeConfig) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _supervise(workers: list[multiprocessing.Process], stopping: Callable[[], bool], stop_all: Callable[[], None],
-               replace: Callable[[int, multiprocessing.Process], multiprocessing.Process]) -> int:
+def _supervise(
+    workers: list[multiprocessing.Process],
+    stopping: Callable[[], bool],
+    stop_all: Callable[[], None],
+    replace: Callable[[int, multiprocessing.Process], multiprocessing.Process],
+) -> int:
     """Wait for the workers, replacing any that dies while the server serves; the exit status.
 
     0 when every worker drained and exited 0 after SIGTERM/SIGINT. 1 when a worker's start-up
@@ -239,7 +259,9 @@ def _supervise(workers: list[multiprocessing.Process], stopping: Callable[[], bo
 
     failed = False
     loop = CrashLoop()
-    running = dict(enumerate(workers))  # slot -> its process (a replacement takes the dead one's slot)
+    running = dict(
+        enumerate(workers)
+    )  # slot -> its process (a replacement takes the dead one's slot)
     while running:
         wait([worker.sentinel for worker in running.values()], timeout=0.5)
         for index, worker in list(running.items()):
@@ -254,20 +276,31 @@ def _supervise(workers: list[multiprocessing.Process], stopping: Callable[[], bo
                 failed |= worker.exitcode not in (0, -signal.SIGTERM)
                 continue
             if worker.exitcode == START_UP_FAILED:
-                log.error("worker %s exited with status %s; stopping the others", worker.name, worker.exitcode)
+                log.error(
+                    "worker %s exited with status %s; stopping the others",
+                    worker.name,
+                    worker.exitcode,
+                )
                 failed = True
                 stop_all()
                 continue
             why = _exit_reason(worker.exitcode)
             if loop.died(time.monotonic()):
-                print(f"mnist-serve: error: {loop.describe()} (the last, {worker.name}, {why}); stopping: "
-                      "a worker that keeps dying is not served around, see the lines above for why",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"mnist-serve: error: {loop.describe()} (the last, {worker.name}, {why}); stopping: "
+                    "a worker that keeps dying is not served around, see the lines above for why",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 failed = True
                 stop_all()
                 continue
-            log.warning("worker %s (pid %s) died (%s); starting a fresh one, the others go on serving",
-                        worker.name, worker.pid, why)
+            log.warning(
+                "worker %s (pid %s) died (%s); starting a fresh one, the others go on serving",
+                worker.name,
+                worker.pid,
+                why,
+            )
             running[index] = replace(index, worker)
     return 1 if failed else 0
 

@@ -1,4 +1,5 @@
 """Shared fixtures: the real MNIST files, a small model trained for the tests, a running server."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,10 +25,25 @@ except ImportError:  # tests that need it say so themselves
 # `make test-fast` runs `-m fast`: the unit tier plus FAST_INTEGRATION, which share the session's
 # one trained model and one server; `make test` (CI) runs every tier.
 TIERS = {
-    "unit": {"test_architecture", "test_batcher", "test_core", "test_decoding", "test_docs",
-             "test_proto_stubs", "test_security"},
-    "system": {"test_containers", "test_compose", "test_page", "test_manifests", "test_swarm",
-               "test_memory_limit", "test_monitoring"},
+    "unit": {
+        "test_architecture",
+        "test_batcher",
+        "test_core",
+        "test_decoding",
+        "test_docs",
+        "test_lint",
+        "test_proto_stubs",
+        "test_security",
+    },
+    "system": {
+        "test_containers",
+        "test_compose",
+        "test_page",
+        "test_manifests",
+        "test_swarm",
+        "test_memory_limit",
+        "test_monitoring",
+    },
 }
 FAST_INTEGRATION = {"test_serving", "test_predict_cli"}
 
@@ -62,10 +78,17 @@ def mnist_test_set(mnist_path) -> tuple[np.ndarray, np.ndarray]:
 def trained_repository(tmp_path_factory) -> Path:
     """A model repository holding one small but competent model, trained once per session."""
     root = tmp_path_factory.mktemp("trained")
-    result = run_train(*QUICK_TRAIN_ARGS, "--out", str(root / "model_repository"),
-                       "--artifacts", str(root / "artifacts"))
+    result = run_train(
+        *QUICK_TRAIN_ARGS,
+        "--out",
+        str(root / "model_repository"),
+        "--artifacts",
+        str(root / "artifacts"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    (root / "summary.txt").write_text(result.stdout)  # mnist-train's summary, read by the INT8 tests
+    (root / "summary.txt").write_text(
+        result.stdout
+    )  # mnist-train's summary, read by the INT8 tests
     return root / "model_repository"
 
 
@@ -75,6 +98,7 @@ def server(trained_repository, tmp_path_factory):
     from serving.process import start_server
 
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with start_server(trained_repository, "--device", "auto", "--max-batch-size", "64",
-                      log_path=log) as running:
+    with start_server(
+        trained_repository, "--device", "auto", "--max-batch-size", "64", log_path=log
+    ) as running:
         yield running

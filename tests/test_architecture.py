@@ -4,6 +4,7 @@ core imports numpy only; training and serving never import each other; the load 
 benchmark and the docker helpers use core, never training; the model core and the input
 checks import no grpc; importing the server loads neither TensorFlow nor Keras.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,19 +33,38 @@ def imported_packages(folder: Path) -> dict[str, set[str]]:
     return found
 
 
-@pytest.mark.parametrize("folder, forbidden", [
-    ("core", {"serving", "training", "loadtest", "bench", "grpc", "tensorflow", "keras", "onnxruntime", "PIL"}),
-    ("serving", {"training", "tensorflow", "keras", "loadtest", "bench"}),
-    ("training", {"serving", "loadtest", "bench"}),
-    ("loadtest", {"training", "tensorflow", "keras"}),
-    ("bench", {"training", "tensorflow", "keras"}),
-    ("docker", {"training", "serving"}),
-    ("serving/inference", {"grpc", "grpc_health", "grpc_reflection"}),
-    ("serving/inputs", {"grpc", "grpc_health", "grpc_reflection"}),
-])
+@pytest.mark.parametrize(
+    "folder, forbidden",
+    [
+        (
+            "core",
+            {
+                "serving",
+                "training",
+                "loadtest",
+                "bench",
+                "grpc",
+                "tensorflow",
+                "keras",
+                "onnxruntime",
+                "PIL",
+            },
+        ),
+        ("serving", {"training", "tensorflow", "keras", "loadtest", "bench"}),
+        ("training", {"serving", "loadtest", "bench"}),
+        ("loadtest", {"training", "tensorflow", "keras"}),
+        ("bench", {"training", "tensorflow", "keras"}),
+        ("docker", {"training", "serving"}),
+        ("serving/inference", {"grpc", "grpc_health", "grpc_reflection"}),
+        ("serving/inputs", {"grpc", "grpc_health", "grpc_reflection"}),
+    ],
+)
 def test_import_boundaries(folder, forbidden):
-    offenders = {path: sorted(names & forbidden) for path, names in imported_packages(ROOT / folder).items()
-                 if names & forbidden}
+    offenders = {
+        path: sorted(names & forbidden)
+        for path, names in imported_packages(ROOT / folder).items()
+        if names & forbidden
+    }
     assert not offenders, f"{folder} must not import {sorted(forbidden)}: {offenders}"
 
 
@@ -56,13 +76,16 @@ def test_transport_free_modules_import_no_transport():
 
 
 def run_probe(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_importing_the_server_loads_neither_tensorflow_nor_keras():
     result = run_probe(
         "import sys\n"
-        "import serving.server, serving.cli, serving.client, serving.predict_cli, serving.health_probe, serving.process\n"
+        "import serving.server, serving.cli, serving.client, serving.predict_cli\n"
+        "import serving.health_probe, serving.process\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx', 'training'))\n"
         "assert not loaded, loaded\n"
         "assert 'onnxruntime' in sys.modules and 'grpc' in sys.modules  # the probe did import the server\n"
@@ -89,12 +112,22 @@ def tensor_name_literals(tree: ast.AST) -> list[str]:
             candidates = [node.value]
         elif isinstance(node, ast.Compare):
             candidates = [node.left, *node.comparators]
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "run":
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "run"
+        ):
             candidates = [key for arg in node.args if isinstance(arg, ast.Dict) for key in arg.keys]
-            candidates += [elt for arg in node.args if isinstance(arg, ast.List) for elt in arg.elts]
+            candidates += [
+                elt for arg in node.args if isinstance(arg, ast.List) for elt in arg.elts
+            ]
         else:
             continue
-        found += [c.value for c in candidates if isinstance(c, ast.Constant) and c.value in ("images", "probabilities")]
+        found += [
+            c.value
+            for c in candidates
+            if isinstance(c, ast.Constant) and c.value in ("images", "probabilities")
+        ]
     return found
 
 
@@ -103,10 +136,14 @@ def test_the_tensor_contract_is_written_once():
     offenders = {}
     for folder in ("serving", "training", "loadtest", "bench", "docker"):
         for path in (ROOT / folder).rglob("*.py"):
-            if "generated" not in path.parts and (names := tensor_name_literals(ast.parse(path.read_text()))):
+            if "generated" not in path.parts and (
+                names := tensor_name_literals(ast.parse(path.read_text()))
+            ):
                 offenders[str(path.relative_to(ROOT))] = names
     assert not offenders, f"tensor names written outside core/contract.py: {offenders}"
-    seen = tensor_name_literals(ast.parse('session.run(["probabilities"], {"images": x}); f(name="images")'))
+    seen = tensor_name_literals(
+        ast.parse('session.run(["probabilities"], {"images": x}); f(name="images")')
+    )
     assert sorted(seen) == ["images", "images", "probabilities"]  # the check does see such uses
 
 
@@ -145,7 +182,9 @@ def test_every_domain_error_has_one_row_for_both_transports():
     assert "serving.inference.errors.QueueFull" in found, found  # the walk does see the hierarchy
     rows = {f"{cls.__module__}.{cls.__qualname__}" for cls in errors.STATUS_CODES}
     missing = sorted(found - rows)
-    assert not missing, f"domain errors without a row in serving.inference.errors.STATUS_CODES: {missing}"
+    assert not missing, (
+        f"domain errors without a row in serving.inference.errors.STATUS_CODES: {missing}"
+    )
     assert rows == found, "a row for a class that is no domain error"
     for cls, codes in errors.STATUS_CODES.items():
         error = cls("x")
@@ -160,7 +199,11 @@ def test_every_domain_error_has_one_row_for_both_transports():
     class OtherTrouble(errors.ServingError):
         pass
 
-    assert grpc_status.status_for(NewKindOfTrouble("x")) == grpc.StatusCode.UNAVAILABLE  # its base's row
+    assert (
+        grpc_status.status_for(NewKindOfTrouble("x")) == grpc.StatusCode.UNAVAILABLE
+    )  # its base's row
     assert http_status.status_for(NewKindOfTrouble("x")) == 503
-    assert grpc_status.status_for(OtherTrouble("x")) == grpc.StatusCode.INTERNAL  # never OK, never hidden
+    assert (
+        grpc_status.status_for(OtherTrouble("x")) == grpc.StatusCode.INTERNAL
+    )  # never OK, never hidden
     assert http_status.status_for(OtherTrouble("x")) == 500

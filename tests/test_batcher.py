@@ -3,6 +3,7 @@
 No sleeps and no clocks: each test waits for the state it needs (a batch blocked inside the
 model, requests in the queue) through the model's and the observer's own signals.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -116,7 +117,9 @@ def test_a_lone_request_behind_a_running_batch_queues_and_joins_the_next_one():
         model = RecordingModel(gate)
         batcher = DynamicBatcher(model, max_batch_size=64)
         batcher.start()
-        running = asyncio.ensure_future(batcher.submit(batch_of(1.0, count=2)))  # 2 images: the thread
+        running = asyncio.ensure_future(
+            batcher.submit(batch_of(1.0, count=2))
+        )  # 2 images: the thread
         await model.running()
         lone = [asyncio.ensure_future(batcher.submit(batch_of(2.0))) for _ in range(3)]
         await queued(*lone)  # the batcher is busy: no fast path, they wait in the queue
@@ -148,19 +151,25 @@ def test_a_partial_batch_waits_for_company_until_it_fills():
     async def scenario():
         model = RecordingModel()
         observer = RecordingObserver()
-        batcher = DynamicBatcher(model, max_batch_size=3, max_queue_delay=10 * HANG, observer=observer)
+        batcher = DynamicBatcher(
+            model, max_batch_size=3, max_queue_delay=10 * HANG, observer=observer
+        )
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(batch_of(1.0)))
         await queued(first)
         await asyncio.sleep(0)  # the worker is now holding the partial batch for company
         assert not first.done() and model.batches == []
-        second = asyncio.ensure_future(batcher.submit(batch_of(2.0, count=2)))  # fills it: 1 + 2 = 3
+        second = asyncio.ensure_future(
+            batcher.submit(batch_of(2.0, count=2))
+        )  # fills it: 1 + 2 = 3
         outs = await asyncio.gather(first, second)
         await batcher.close()
         return model, observer, outs
 
     model, observer, (first, second) = run(scenario())
-    assert [len(b) for b in model.batches] == [3]  # the first request waited and took the second along
+    assert [len(b) for b in model.batches] == [
+        3
+    ]  # the first request waited and took the second along
     assert observer.batches == [(3, 2)]
     assert first[0, 0] == 784.0 and second[:, 0].tolist() == [2 * 784.0] * 2
 
@@ -170,7 +179,9 @@ def test_a_partial_batch_waits_no_longer_than_the_cap():
         model = RecordingModel()
         batcher = DynamicBatcher(model, max_batch_size=64, max_queue_delay=0.05)
         batcher.start()
-        out = await batcher.submit(batch_of(1.0))  # nobody comes: the cap, not a full batch, ends the wait
+        out = await batcher.submit(
+            batch_of(1.0)
+        )  # nobody comes: the cap, not a full batch, ends the wait
         await batcher.close()
         return model, out
 
@@ -187,7 +198,10 @@ def test_requests_queued_during_a_batch_are_coalesced_and_answered_in_order():
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(batch_of(0.0, count=2)))
         await model.running()  # the first batch is blocked inside the model, in the worker thread
-        rest = [asyncio.ensure_future(batcher.submit(batch_of(i / 100, count=i % 3 + 1))) for i in range(1, 21)]
+        rest = [
+            asyncio.ensure_future(batcher.submit(batch_of(i / 100, count=i % 3 + 1)))
+            for i in range(1, 21)
+        ]
         await queued(*rest)
         assert observer.depths[-1] == 20
         gate.set()
@@ -200,7 +214,9 @@ def test_requests_queued_during_a_batch_are_coalesced_and_answered_in_order():
     assert [requests for _, requests in observer.batches] == [1, 20]
     for i, out in enumerate(results[1:], start=1):
         assert out.shape == (i % 3 + 1, 10)
-        np.testing.assert_allclose(out[:, 0], 784 * i / 100, rtol=1e-5)  # each caller gets its own rows
+        np.testing.assert_allclose(
+            out[:, 0], 784 * i / 100, rtol=1e-5
+        )  # each caller gets its own rows
 
 
 def test_batches_never_exceed_the_limit():
@@ -229,9 +245,13 @@ def test_a_full_queue_sheds_load_at_once():
         batcher.start()
         running = asyncio.ensure_future(batcher.submit(batch_of(1.0, count=2)))
         await model.running()
-        queued_calls = [asyncio.ensure_future(batcher.submit(batch_of(1.0, count=2))) for _ in range(2)]
+        queued_calls = [
+            asyncio.ensure_future(batcher.submit(batch_of(1.0, count=2))) for _ in range(2)
+        ]
         await queued(*queued_calls)
-        with pytest.raises(QueueFull, match=r"the request queue is full \(2 requests waiting\); retry with backoff"):
+        with pytest.raises(
+            QueueFull, match=r"the request queue is full \(2 requests waiting\); retry with backoff"
+        ):
             await batcher.submit(batch_of(1.0, count=2))
         gate.set()
         await asyncio.gather(running, *queued_calls)
@@ -250,14 +270,20 @@ def test_expired_and_cancelled_requests_are_dropped_not_computed():
         batcher.start()
         blocker = asyncio.ensure_future(batcher.submit(batch_of(0.0, count=2)))
         await model.running()
-        expired = asyncio.ensure_future(batcher.submit(batch_of(5.0), deadline=time.monotonic() - 1))
+        expired = asyncio.ensure_future(
+            batcher.submit(batch_of(5.0), deadline=time.monotonic() - 1)
+        )
         cancelled = asyncio.ensure_future(batcher.submit(batch_of(7.0)))
-        alive = asyncio.ensure_future(batcher.submit(batch_of(9.0), deadline=time.monotonic() + 10 * HANG))
+        alive = asyncio.ensure_future(
+            batcher.submit(batch_of(9.0), deadline=time.monotonic() + 10 * HANG)
+        )
         await queued(expired, cancelled, alive)
         cancelled.cancel()
         gate.set()
         await blocker
-        with pytest.raises(DeadlinePassed, match="the deadline passed while the request was queued"):
+        with pytest.raises(
+            DeadlinePassed, match="the deadline passed while the request was queued"
+        ):
             await expired
         assert (await alive)[0, 0] == pytest.approx(784 * 9.0)
         await batcher.close()
@@ -310,7 +336,9 @@ def test_close_answers_everything_queued_and_running_before_it_returns():
         model = RecordingModel(gate=gate)
         batcher = DynamicBatcher(model, max_batch_size=4)
         batcher.start()
-        calls = [asyncio.ensure_future(batcher.submit(batch_of(float(i), count=2))) for i in range(6)]
+        calls = [
+            asyncio.ensure_future(batcher.submit(batch_of(float(i), count=2))) for i in range(6)
+        ]
         await model.running()  # the first batch is running, the rest are queued
         closing = asyncio.ensure_future(batcher.close())
         await asyncio.sleep(0)  # close() has begun: new work is refused from here on

@@ -34,6 +34,7 @@ the tests pass or fail alone in any order. The images are built once (fixture `i
 projects; `-k tls` runs the build and the TLS project alone. Figures (build time, sizes, Locust
 calls/s, up times): `pytest -s`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -82,6 +83,7 @@ pytestmark = pytest.mark.timeout(2400)
 
 # --- the engine ------------------------------------------------------------------------------------
 
+
 def _compose_command() -> list[str] | None:
     if _ok(["docker", "compose", "version"]):
         return ["docker", "compose"]
@@ -101,8 +103,12 @@ def _engine_problem() -> str | None:
     if shutil.which("docker") is None:
         return "no docker client on PATH"
     try:
-        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True,
-                              text=True, timeout=30)
+        info = subprocess.run(
+            ["docker", "info", "--format", "{{.ServerVersion}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except subprocess.TimeoutExpired:
         return "`docker info` got no answer in 30 s"
     if info.returncode != 0:
@@ -112,17 +118,28 @@ def _engine_problem() -> str | None:
     return None
 
 
-def _docker(*args: str, timeout: float = 120, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+def _docker(
+    *args: str, timeout: float = 120, check: bool = True, **kwargs
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"docker {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}"
+        )
     return result
 
 
 def _logs(container: str) -> str:
     """A container's stdout and stderr, interleaved as it wrote them."""
-    return subprocess.run(["docker", "logs", container], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=60).stdout
+    return subprocess.run(
+        ["docker", "logs", container],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=60,
+    ).stdout
 
 
 def _inspect(container: str) -> dict:
@@ -130,6 +147,7 @@ def _inspect(container: str) -> dict:
 
 
 # --- the stack -------------------------------------------------------------------------------------
+
 
 @dataclass
 class Stack:
@@ -142,7 +160,9 @@ class Stack:
     env: dict[str, str]
     grpc_port: int
     figures: dict[str, str] = field(default_factory=dict)
-    files: tuple[str, ...] = ("docker-compose.yml",)  # the compose files, in the checkout, in -f order
+    files: tuple[str, ...] = (
+        "docker-compose.yml",
+    )  # the compose files, in the checkout, in -f order
     seen: dict[str, object] = field(default_factory=dict)  # what each step of the scenario observed
     errors: dict[str, str] = field(default_factory=dict)  # step -> why it could not finish
 
@@ -160,21 +180,41 @@ class Stack:
     def image(self, target: str) -> str:
         return f"{IMAGES[target]}:{self.tag}"
 
-    def run_compose(self, *args: str, timeout: float = 600, check: bool = True,
-                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run_compose(
+        self,
+        *args: str,
+        timeout: float = 600,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
         files = [arg for name in self.files for arg in ("-f", str(self.checkout / name))]
         argv = [*self.compose, "-p", self.project, *files, *args]
-        result = subprocess.run(argv, cwd=self.checkout, env={**self.env, **(env or {})}, capture_output=True,
-                                text=True, timeout=timeout)
+        result = subprocess.run(
+            argv,
+            cwd=self.checkout,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr[-4000:]}"
-                                 f"\ntrainer:\n{self.logs('trainer')[-2000:]}\nserver:\n{self.logs('server')[-2000:]}")
+            raise AssertionError(
+                f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr[-4000:]}"
+                f"\ntrainer:\n{self.logs('trainer')[-2000:]}\nserver:\n{self.logs('server')[-2000:]}"
+            )
         return result
 
     def containers(self, service: str) -> list[str]:
         """The service's containers, running or not (by compose's labels, as v1 and v2 both set them)."""
-        out = _docker("ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={self.project}",
-                      "--filter", f"label=com.docker.compose.service={service}").stdout
+        out = _docker(
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            f"label=com.docker.compose.project={self.project}",
+            "--filter",
+            f"label=com.docker.compose.service={service}",
+        ).stdout
         return out.split()
 
     def container(self, service: str) -> str:
@@ -200,19 +240,39 @@ class Images:
 
 
 def _build(images: Images) -> None:
-    env = {**os.environ, "DOCKER_BUILDKIT": "0"}  # the classic builder: BuildKit may reach for a registry
-    base = subprocess.run(["sh", "docker/build-standin-base.sh"], cwd=images.checkout, capture_output=True,
-                          text=True, timeout=900)
+    env = {
+        **os.environ,
+        "DOCKER_BUILDKIT": "0",
+    }  # the classic builder: BuildKit may reach for a registry
+    base = subprocess.run(
+        ["sh", "docker/build-standin-base.sh"],
+        cwd=images.checkout,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert base.returncode == 0, f"docker/build-standin-base.sh: {base.stderr[-3000:]}"
     started = time.monotonic()
     for target in CPU_TARGETS:
-        build = subprocess.run(["docker", "build", "-q", "--target", target, "-t", images.image(target), "."],
-                               cwd=images.checkout, env=env, capture_output=True, text=True, timeout=1800)
+        build = subprocess.run(
+            ["docker", "build", "-q", "--target", target, "-t", images.image(target), "."],
+            cwd=images.checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         assert build.returncode == 0, f"docker build --target {target}:\n{build.stderr[-4000:]}"
     images.figures["build_cpu_s"] = f"{time.monotonic() - started:.0f}"
     started = time.monotonic()
-    build = subprocess.run(["docker", "build", "-q", "-f", "Dockerfile.gpu", "-t", images.image("server-gpu"), "."],
-                           cwd=images.checkout, env=env, capture_output=True, text=True, timeout=1800)
+    build = subprocess.run(
+        ["docker", "build", "-q", "-f", "Dockerfile.gpu", "-t", images.image("server-gpu"), "."],
+        cwd=images.checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert build.returncode == 0, f"docker build -f Dockerfile.gpu:\n{build.stderr[-4000:]}"
     images.figures["build_gpu_s"] = f"{time.monotonic() - started:.0f}"
 
@@ -220,20 +280,33 @@ def _build(images: Images) -> None:
 def _remove_project(stack: Stack) -> None:
     for suffix in ("gpu-auto", "gpu-cuda"):  # first: they hold the models volume
         _docker("rm", "-f", "-v", f"{stack.project}-{suffix}", check=False)
-    stack.run_compose("--profile", "gpu", "down", "-v", "--remove-orphans", "-t", "20", check=False, timeout=300)
+    stack.run_compose(
+        "--profile", "gpu", "down", "-v", "--remove-orphans", "-t", "20", check=False, timeout=300
+    )
 
 
 def _project_env(images: Images, mnist_path: Path) -> dict[str, str]:
     """The host environment for one compose project: this module's images, MNIST, and free host ports."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("COMPOSE_", "LOCUST_"))
-           and key not in ("RETRAIN", "TRAIN_ARGS", "IMAGE_TAG", "CERTS_DIR")}
-    env.update({
-        "IMAGE_TAG": images.tag, "MNIST_DATA_DIR": str(Path(mnist_path).resolve()), "TRAIN_ARGS": TRAIN_ARGS,
-        "GRPC_PORT": str(free_port()), "METRICS_PORT": str(free_port()), "HTTP_PORT": str(free_port()),
-        "LOCUST_PORT": str(free_port()), "ENVOY_ADMIN_PORT": str(free_port()),
-        "GPU_GRPC_PORT": str(free_port()), "GPU_METRICS_PORT": str(free_port()),
-    })
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("COMPOSE_", "LOCUST_"))
+        and key not in ("RETRAIN", "TRAIN_ARGS", "IMAGE_TAG", "CERTS_DIR")
+    }
+    env.update(
+        {
+            "IMAGE_TAG": images.tag,
+            "MNIST_DATA_DIR": str(Path(mnist_path).resolve()),
+            "TRAIN_ARGS": TRAIN_ARGS,
+            "GRPC_PORT": str(free_port()),
+            "METRICS_PORT": str(free_port()),
+            "HTTP_PORT": str(free_port()),
+            "LOCUST_PORT": str(free_port()),
+            "ENVOY_ADMIN_PORT": str(free_port()),
+            "GPU_GRPC_PORT": str(free_port()),
+            "GPU_METRICS_PORT": str(free_port()),
+        }
+    )
     return env
 
 
@@ -242,8 +315,10 @@ def images(mnist_path):
     """Every image built from HEAD, once for the module; untagged at the end (the layer cache stays)."""
     problem = _engine_problem()
     if problem:
-        message = (f"{problem}: the container tests need a Docker engine (Debian: apt-get install docker.io "
-                   f"docker-compose debootstrap; then start dockerd, as .ci/run does)")
+        message = (
+            f"{problem}: the container tests need a Docker engine (Debian: apt-get install docker.io "
+            f"docker-compose debootstrap; then start dockerd, as .ci/run does)"
+        )
         if CI:
             pytest.fail(message + "; under CI=true they must run")
         pytest.skip(message)
@@ -259,31 +334,63 @@ def images(mnist_path):
         else:
             reports.chmod(0o777)
         _build(images)
-        for target, image in (*((target, images.image(target)) for target in IMAGES), ("base", BASE_IMAGE)):
+        for target, image in (
+            *((target, images.image(target)) for target in IMAGES),
+            ("base", BASE_IMAGE),
+        ):
             size = int(_docker("image", "inspect", "-f", "{{.Size}}", image).stdout)
             images.figures[f"size_{target}_mb"] = f"{size / 1e6:.0f}"
         yield images
     finally:
-        _docker("rmi", "--no-prune", *[images.image(target) for target in IMAGES], check=False, timeout=300)
+        _docker(
+            "rmi",
+            "--no-prune",
+            *[images.image(target) for target in IMAGES],
+            check=False,
+            timeout=300,
+        )
         shutil.rmtree(checkout, ignore_errors=True)
-        print("\ncontainer figures: " + ", ".join(f"{key}={value}" for key, value in images.figures.items()))
+        print(
+            "\ncontainer figures: "
+            + ", ".join(f"{key}={value}" for key, value in images.figures.items())
+        )
 
 
 @pytest.fixture(scope="module")
 def stack(images, mnist_path):
     env = _project_env(images, mnist_path)
-    env.update({
-        "LOCUST_HEADLESS": "true", "LOCUST_RUN_TIME": f"{LOCUST_RUN_TIME_S}s", "LOCUST_USERS": "8",
-        "LOCUST_SPAWN_RATE": "8", "LOCUST_EXPECT_WORKERS": str(LOCUST_WORKERS),
-    })
+    env.update(
+        {
+            "LOCUST_HEADLESS": "true",
+            "LOCUST_RUN_TIME": f"{LOCUST_RUN_TIME_S}s",
+            "LOCUST_USERS": "8",
+            "LOCUST_SPAWN_RATE": "8",
+            "LOCUST_EXPECT_WORKERS": str(LOCUST_WORKERS),
+        }
+    )
     # The project is named as the images are tagged (the GPU step names its volume after it).
-    stack = Stack(images.tag, images.tag, images.checkout, images.compose, env, int(env["GRPC_PORT"]),
-                  figures=images.figures)
+    stack = Stack(
+        images.tag,
+        images.tag,
+        images.checkout,
+        images.compose,
+        env,
+        int(env["GRPC_PORT"]),
+        figures=images.figures,
+    )
     try:
         started = time.monotonic()
         # Compose waits for the trainer to succeed and the server to turn healthy before Locust starts.
-        stack.run_compose("up", "-d", "--no-build", "--scale", f"server={SERVERS}",
-                          "--scale", f"locust-worker={LOCUST_WORKERS}", timeout=900)
+        stack.run_compose(
+            "up",
+            "-d",
+            "--no-build",
+            "--scale",
+            f"server={SERVERS}",
+            "--scale",
+            f"locust-worker={LOCUST_WORKERS}",
+            timeout=900,
+        )
         stack.figures["up_s"] = f"{time.monotonic() - started:.0f}"
         # The scenario runs once, in this order; the tests below check what it saw, in any order
         # (pytest-randomly shuffles them).
@@ -296,28 +403,41 @@ def stack(images, mnist_path):
 
 # --- the scenario: steps in compose order, each recording what it saw -------------------------------
 
+
 def _up(stack: Stack) -> None:
     stack.seen["trainer"] = _inspect(stack.container("trainer"))
     stack.seen["trainer_log"] = stack.logs("trainer")
-    stack.seen["server_health"] = _wait_healthy([*stack.containers("server"), stack.container("envoy")])
+    stack.seen["server_health"] = _wait_healthy(
+        [*stack.containers("server"), stack.container("envoy")]
+    )
     stack.seen["server_log"] = stack.logs("server")
     stack.seen["envoy_log"] = stack.logs("envoy")
 
 
 def _users(stack: Stack) -> None:
     # Locust's containers first: they exit when the bounded run ends.
-    running = [*stack.containers("server"), stack.container("envoy"), stack.container("locust"),
-               *stack.containers("locust-worker")]
-    stack.seen["uids"] = {_inspect(cid)["Name"]: _docker("exec", cid, "id", "-u").stdout.strip() for cid in running}
+    running = [
+        *stack.containers("server"),
+        stack.container("envoy"),
+        stack.container("locust"),
+        *stack.containers("locust-worker"),
+    ]
+    stack.seen["uids"] = {
+        _inspect(cid)["Name"]: _docker("exec", cid, "id", "-u").stdout.strip() for cid in running
+    }
     stack.seen["trainer_user"] = _inspect(stack.container("trainer"))["Config"]["User"]
     # The trainer has exited; what it wrote into the models volume is owned by the user it ran as.
-    stack.seen["model_owners"] = _docker("exec", stack.containers("server")[0], "sh", "-c",
-                                         "stat -c %u /models/*/*/model.onnx").stdout.split()
-    probe = ("import importlib.metadata as m, importlib.util as u; "
-             "print(u.find_spec('tensorflow'), u.find_spec('training'), "
-             "sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].startswith('onnxruntime')))")
-    stack.seen["server_packages"] = _docker("exec", stack.containers("server")[0], "python", "-c",
-                                            probe).stdout.strip()
+    stack.seen["model_owners"] = _docker(
+        "exec", stack.containers("server")[0], "sh", "-c", "stat -c %u /models/*/*/model.onnx"
+    ).stdout.split()
+    probe = (
+        "import importlib.metadata as m, importlib.util as u; "
+        "print(u.find_spec('tensorflow'), u.find_spec('training'), "
+        "sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].startswith('onnxruntime')))"
+    )
+    stack.seen["server_packages"] = _docker(
+        "exec", stack.containers("server")[0], "python", "-c", probe
+    ).stdout.strip()
 
 
 def _host_clients(stack: Stack) -> None:
@@ -327,24 +447,45 @@ def _host_clients(stack: Stack) -> None:
 
     mnist = stack.env["MNIST_DATA_DIR"]
     for api in ("classifier", "kserve"):
-        result = subprocess.run([str(BIN_DIR / "mnist-predict"), "--target", f"127.0.0.1:{stack.grpc_port}",
-                                 "--mnist-test", "500", "--data-dir", mnist, "--api", api, "--quiet"],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                str(BIN_DIR / "mnist-predict"),
+                "--target",
+                f"127.0.0.1:{stack.grpc_port}",
+                "--mnist-test",
+                "500",
+                "--data-dir",
+                mnist,
+                "--api",
+                api,
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         stack.seen[f"predict_{api}"] = (result.returncode, result.stdout + result.stderr)
     data = load_idx_dir(mnist)
     with grpcclient.InferenceServerClient(f"127.0.0.1:{stack.grpc_port}") as client:
         stack.seen["triton_ready"] = client.is_server_ready() and client.is_model_ready("mnist")
-        batch = (data.test_images[:64, ..., None] / 255).astype(np.float32)  # 64: the server's per-call limit
+        batch = (data.test_images[:64, ..., None] / 255).astype(
+            np.float32
+        )  # 64: the server's per-call limit
         tensor = grpcclient.InferInput("images", list(batch.shape), "FP32")
         tensor.set_data_from_numpy(batch)
-        result = client.infer("mnist", [tensor], outputs=[grpcclient.InferRequestedOutput("probabilities")])
-    stack.seen["triton_accuracy"] = float((result.as_numpy("probabilities").argmax(axis=1)
-                                           == data.test_labels[:64]).mean())
+        result = client.infer(
+            "mnist", [tensor], outputs=[grpcclient.InferRequestedOutput("probabilities")]
+        )
+    stack.seen["triton_accuracy"] = float(
+        (result.as_numpy("probabilities").argmax(axis=1) == data.test_labels[:64]).mean()
+    )
 
 
 def _locust(stack: Stack) -> None:
     master = stack.container("locust")
-    stack.seen["locust_exit"] = _docker("wait", master, timeout=LOCUST_RUN_TIME_S + 240).stdout.strip()
+    stack.seen["locust_exit"] = _docker(
+        "wait", master, timeout=LOCUST_RUN_TIME_S + 240
+    ).stdout.strip()
     stack.seen["locust_log"] = stack.logs("locust")
     stack.seen["locust_workers"] = len(stack.containers("locust-worker"))
     reports = stack.checkout / "reports"
@@ -359,11 +500,16 @@ def _locust(stack: Stack) -> None:
 
 def _requests_total(cid: str) -> float:
     """A replica's mnist_requests_total (all methods and codes), read from its metrics port inside it."""
-    read = ("import urllib.request as u; "
-            "print(u.urlopen('http://localhost:9100/metrics', timeout=10).read().decode())")
+    read = (
+        "import urllib.request as u; "
+        "print(u.urlopen('http://localhost:9100/metrics', timeout=10).read().decode())"
+    )
     text = _docker("exec", cid, "python", "-c", read).stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("mnist_requests_total{"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("mnist_requests_total{")
+    )
 
 
 def _replicas(stack: Stack) -> list[str]:
@@ -381,11 +527,31 @@ def _requests_by_replica(stack: Stack) -> dict[str, float]:
 def _host_locust(stack: Stack, name: str, run_time_s: int) -> subprocess.Popen:
     """Locust on this machine, headless, through the published entry point (Envoy)."""
     return subprocess.Popen(
-        [str(BIN_DIR / "locust"), "-f", "loadtest/locustfile.py", "--headless", "-u", str(ENTRY_USERS),
-         "-r", str(ENTRY_USERS), "-t", f"{run_time_s}s", "--host", f"127.0.0.1:{stack.grpc_port}",
-         "--csv", str(stack.checkout / "reports" / name), "--only-summary", "--loglevel", "WARNING"],
-        cwd=stack.checkout, env={**os.environ, "MNIST_DATA_DIR": stack.env["MNIST_DATA_DIR"]},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            str(BIN_DIR / "locust"),
+            "-f",
+            "loadtest/locustfile.py",
+            "--headless",
+            "-u",
+            str(ENTRY_USERS),
+            "-r",
+            str(ENTRY_USERS),
+            "-t",
+            f"{run_time_s}s",
+            "--host",
+            f"127.0.0.1:{stack.grpc_port}",
+            "--csv",
+            str(stack.checkout / "reports" / name),
+            "--only-summary",
+            "--loglevel",
+            "WARNING",
+        ],
+        cwd=stack.checkout,
+        env={**os.environ, "MNIST_DATA_DIR": stack.env["MNIST_DATA_DIR"]},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _locust_total(stack: Stack, name: str, locust: subprocess.Popen, timeout: float) -> dict:
@@ -397,7 +563,9 @@ def _locust_total(stack: Stack, name: str, locust: subprocess.Popen, timeout: fl
 
 def _entry_three(stack: Stack) -> None:
     before = _requests_by_replica(stack)
-    total = _locust_total(stack, "entry3", _host_locust(stack, "entry3", ENTRY_RUN_TIME_S), ENTRY_RUN_TIME_S + 240)
+    total = _locust_total(
+        stack, "entry3", _host_locust(stack, "entry3", ENTRY_RUN_TIME_S), ENTRY_RUN_TIME_S + 240
+    )
     after = _requests_by_replica(stack)
     stack.seen["entry3"] = total
     stack.seen["entry3_spread"] = {cid: after[cid] - before.get(cid, 0) for cid in after}
@@ -408,7 +576,9 @@ def _drain(stack: Stack) -> None:
     """Stop the last replica (SIGTERM, then it drains) while Locust loads the entry point."""
     locust = _host_locust(stack, "drain", DRAIN_RUN_TIME_S)
     try:
-        time.sleep(DRAIN_RUN_TIME_S / 2)  # the run is under way (the pool takes a few seconds to build)
+        time.sleep(
+            DRAIN_RUN_TIME_S / 2
+        )  # the run is under way (the pool takes a few seconds to build)
         victim = _replicas(stack)[-1]
         _docker("stop", "-t", "30", victim, timeout=60)
         stack.seen["drained_replica"] = _inspect(victim)["State"]
@@ -420,41 +590,75 @@ def _drain(stack: Stack) -> None:
 
 def _entry_one(stack: Stack) -> None:
     # Compose's scale-down removes the highest-numbered replicas (the stopped one among them).
-    stack.run_compose("up", "-d", "--no-build", "--no-deps", "--no-recreate", "--scale", "server=1", "server")
+    stack.run_compose(
+        "up", "-d", "--no-build", "--no-deps", "--no-recreate", "--scale", "server=1", "server"
+    )
     stack.seen["replicas_after_scale_down"] = len(stack.containers("server"))
     time.sleep(5)  # Envoy re-resolves `server` every 2 s
-    total = _locust_total(stack, "entry1", _host_locust(stack, "entry1", ENTRY_RUN_TIME_S), ENTRY_RUN_TIME_S + 240)
+    total = _locust_total(
+        stack, "entry1", _host_locust(stack, "entry1", ENTRY_RUN_TIME_S), ENTRY_RUN_TIME_S + 240
+    )
     stack.seen["entry1"] = total
     stack.figures["entry_calls_per_s_1_replica"] = f"{float(total['Requests/s']):.0f}"
 
 
 def _retrain(stack: Stack) -> None:
     stack.run_compose("up", "-d", "--no-build", "trainer", env={"RETRAIN": "1"})
-    stack.seen["retrain_exit"] = _docker("wait", stack.container("trainer"), timeout=600).stdout.strip()
+    stack.seen["retrain_exit"] = _docker(
+        "wait", stack.container("trainer"), timeout=600
+    ).stdout.strip()
     stack.seen["retrain_log"] = stack.logs("trainer")
-    stack.seen["versions"] = _docker("exec", stack.container("server"), "ls", "/models/mnist").stdout.split()
+    stack.seen["versions"] = _docker(
+        "exec", stack.container("server"), "ls", "/models/mnist"
+    ).stdout.split()
 
 
 def _gpu_image(stack: Stack) -> None:
     models = f"{stack.project}_models:/models:ro"
     auto = f"{stack.project}-gpu-auto"
-    _docker("run", "-d", "--name", auto, "-v", models, stack.image("server-gpu"))  # the image's CMD: --device auto
+    _docker(
+        "run", "-d", "--name", auto, "-v", models, stack.image("server-gpu")
+    )  # the image's CMD: --device auto
     try:
         deadline = time.monotonic() + 180
-        while (health := _inspect(auto)["State"].get("Health", {}).get("Status")) == "starting" \
-                and _inspect(auto)["State"]["Running"] and time.monotonic() < deadline:
+        while (
+            (health := _inspect(auto)["State"].get("Health", {}).get("Status")) == "starting"
+            and _inspect(auto)["State"]["Running"]
+            and time.monotonic() < deadline
+        ):
             time.sleep(2)
         stack.seen["gpu_auto_health"] = health
         stack.seen["gpu_auto_log"] = _logs(auto)
         stack.seen["gpu_auto_uid"] = _docker("exec", auto, "id", "-u").stdout.strip()
-        stack.seen["gpu_auto_tensorflow"] = _docker("exec", auto, "python", "-c",
-                                                    "import importlib.util as u; print(u.find_spec('tensorflow'))"
-                                                    ).stdout.strip()
+        stack.seen["gpu_auto_tensorflow"] = _docker(
+            "exec",
+            auto,
+            "python",
+            "-c",
+            "import importlib.util as u; print(u.find_spec('tensorflow'))",
+        ).stdout.strip()
     finally:
         _docker("rm", "-f", "-v", auto, check=False)
-    cuda = subprocess.run(["docker", "run", "--rm", "--name", f"{stack.project}-gpu-cuda", "-v", models,
-                           stack.image("server-gpu"), "mnist-serve", "--model-repository", "/models", "--device", "cuda"],
-                          capture_output=True, text=True, timeout=180)
+    cuda = subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--name",
+            f"{stack.project}-gpu-cuda",
+            "-v",
+            models,
+            stack.image("server-gpu"),
+            "mnist-serve",
+            "--model-repository",
+            "/models",
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     stack.seen["gpu_cuda"] = (cuda.returncode, (cuda.stdout + cuda.stderr).strip())
 
 
@@ -474,17 +678,30 @@ def _down(stack: Stack) -> None:
     }
 
 
-SCENARIO = [("up", _up), ("users", _users), ("locust", _locust), ("host_clients", _host_clients),
-            ("entry3", _entry_three), ("drain", _drain), ("entry1", _entry_one), ("retrain", _retrain), ("gpu_image", _gpu_image), ("stop", _stop), ("down", _down)]
+SCENARIO = [
+    ("up", _up),
+    ("users", _users),
+    ("locust", _locust),
+    ("host_clients", _host_clients),
+    ("entry3", _entry_three),
+    ("drain", _drain),
+    ("entry1", _entry_one),
+    ("retrain", _retrain),
+    ("gpu_image", _gpu_image),
+    ("stop", _stop),
+    ("down", _down),
+]
 
 
 # --- the promises -----------------------------------------------------------------------------------
 
+
 def test_images_are_built_and_the_cpu_server_is_small(images):
     sizes = {target: float(images.figures[f"size_{target}_mb"]) for target in (*IMAGES, "base")}
     added = sizes["server"] - sizes["base"]
-    assert 0 < added < SERVER_ADDED_LIMIT_MB, \
+    assert 0 < added < SERVER_ADDED_LIMIT_MB, (
         f"the server image adds {added:.0f} MB to its {sizes['base']:.0f} MB base (limit {SERVER_ADDED_LIMIT_MB})"
+    )
     assert sizes["server"] < sizes["server-gpu"], sizes
 
 
@@ -492,10 +709,13 @@ def test_trainer_exits_0_and_server_turns_healthy_by_its_healthcheck(stack):
     stack.check("up")
     trainer, log = stack.seen["trainer"], stack.seen["trainer_log"]
     assert trainer["State"]["Status"] == "exited" and trainer["State"]["ExitCode"] == 0, log[-3000:]
-    assert f"training: mnist-train --out /models --artifacts /artifacts {TRAIN_ARGS}" in log, log[-3000:]
+    assert f"training: mnist-train --out /models --artifacts /artifacts {TRAIN_ARGS}" in log, log[
+        -3000:
+    ]
     health = stack.seen["server_health"]
-    assert len(health) == SERVERS + 1 and set(health.values()) == {"healthy"}, \
+    assert len(health) == SERVERS + 1 and set(health.values()) == {"healthy"}, (
         f"{health}\nserver:\n{stack.seen['server_log'][-3000:]}\nenvoy:\n{stack.seen['envoy_log'][-2000:]}"
+    )
 
 
 def test_containers_run_as_app_and_the_server_holds_no_tensorflow(stack):
@@ -503,9 +723,13 @@ def test_containers_run_as_app_and_the_server_holds_no_tensorflow(stack):
     uids = stack.seen["uids"]
     assert len(uids) == SERVERS + 2 + LOCUST_WORKERS and set(uids.values()) == {APP_UID}, uids
     assert stack.seen["trainer_user"] == "app"
-    assert stack.seen["model_owners"] and set(stack.seen["model_owners"]) == {APP_UID}, stack.seen["model_owners"]
+    assert stack.seen["model_owners"] and set(stack.seen["model_owners"]) == {APP_UID}, stack.seen[
+        "model_owners"
+    ]
     found = stack.seen["server_packages"]
-    assert found == "None None ['onnxruntime']", f"server image: tensorflow, training, runtimes = {found}"
+    assert found == "None None ['onnxruntime']", (
+        f"server image: tensorflow, training, runtimes = {found}"
+    )
 
 
 def test_host_clients_get_correct_answers_through_the_published_port(stack):
@@ -521,21 +745,29 @@ def test_host_clients_get_correct_answers_through_the_published_port(stack):
 
 def test_locust_master_and_workers_run_headless_with_no_failures_and_reports(stack):
     stack.check("locust")
-    assert stack.seen["locust_exit"] == "0", f"the Locust master exited {stack.seen['locust_exit']}:\n" \
-                                             f"{stack.seen['locust_log'][-3000:]}"
+    assert stack.seen["locust_exit"] == "0", (
+        f"the Locust master exited {stack.seen['locust_exit']}:\n{stack.seen['locust_log'][-3000:]}"
+    )
     assert stack.seen["locust_workers"] == LOCUST_WORKERS
     total = stack.seen["locust_total"]
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0, total
     html = stack.seen["locust_html"]
-    assert "<html" in html.lower() and "Classify" in html, "locust.html is not Locust's report of this run"
+    assert "<html" in html.lower() and "Classify" in html, (
+        "locust.html is not Locust's report of this run"
+    )
     # dns:///server:8500 and round_robin in each user's client: every replica served calls.
     spread = stack.seen["compose_spread"]
     assert len(spread) == SERVERS and all(count > 0 for count in spread.values()), spread
 
 
 def _no_failures(total: dict) -> None:
-    assert total["exit"] == 0 and int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0, \
-        {key: value for key, value in total.items() if key in ("exit", "Request Count", "Failure Count", "output")}
+    assert (
+        total["exit"] == 0 and int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0
+    ), {
+        key: value
+        for key, value in total.items()
+        if key in ("exit", "Request Count", "Failure Count", "output")
+    }
 
 
 def test_the_entry_point_balances_every_call_over_the_replicas(stack):
@@ -569,26 +801,36 @@ def test_gpu_image_serves_on_cpu_under_auto_and_stops_under_cuda(stack):
     log = stack.seen["gpu_auto_log"]
     assert stack.seen["gpu_auto_health"] == "healthy", log[-3000:]
     # Each session it opens says, in one line, that and why it fell back (one reason for all).
-    reasons = {line.split("fell back to the CPU:", 1)[1].split(";")[0].strip()
-               for line in log.splitlines() if "fell back to the CPU:" in line}
+    reasons = {
+        line.split("fell back to the CPU:", 1)[1].split(";")[0].strip()
+        for line in log.splitlines()
+        if "fell back to the CPU:" in line
+    }
     assert len(reasons) == 1 and "Traceback" not in log, log[-3000:]
     assert stack.seen["gpu_auto_uid"] == APP_UID and stack.seen["gpu_auto_tensorflow"] == "None"
     returncode, output = stack.seen["gpu_cuda"]
     # Its log lines may come first; the error that stops it is one line, the last, with no traceback.
     last = output.splitlines()[-1] if output else ""
-    assert returncode != 0 and last.startswith("mnist-serve: error: --device cuda") and "Traceback" not in output, output
+    assert (
+        returncode != 0
+        and last.startswith("mnist-serve: error: --device cuda")
+        and "Traceback" not in output
+    ), output
 
 
 def test_stop_drains_the_server_which_exits_0(stack):
     stack.check("stop")
     state = stack.seen["server_stopped"]
-    assert state["Status"] == "exited" and state["ExitCode"] == 0, stack.seen["server_stop_log"][-3000:]
+    assert state["Status"] == "exited" and state["ExitCode"] == 0, stack.seen["server_stop_log"][
+        -3000:
+    ]
 
 
 def test_down_v_leaves_nothing(stack):
     stack.check("down")
-    assert stack.seen["left_after_down"] == {"containers": [], "volumes": [], "networks": []}, \
+    assert stack.seen["left_after_down"] == {"containers": [], "volumes": [], "networks": []}, (
         stack.seen["left_after_down"]
+    )
 
 
 # --- the TLS override: docker-compose.yml + docker-compose.tls.yml, mutual TLS and a token everywhere ----------
@@ -604,7 +846,9 @@ def _wait_healthy(cids: list[str], timeout: float = 120) -> dict[str, str]:
     """Each container's health once it is no longer `starting` (or after the timeout), by name."""
     deadline, health = time.monotonic() + timeout, {}
     for cid in cids:
-        while (status := _inspect(cid)["State"]["Health"]["Status"]) == "starting" and time.monotonic() < deadline:
+        while (
+            status := _inspect(cid)["State"]["Health"]["Status"]
+        ) == "starting" and time.monotonic() < deadline:
             time.sleep(2)
         health[_inspect(cid)["Name"]] = status
     return health
@@ -612,47 +856,80 @@ def _wait_healthy(cids: list[str], timeout: float = 120) -> dict[str, str]:
 
 def _inference_answered(cid: str) -> float:
     """A replica's inference calls answered OK (Classify, ModelInfer): health checks through Envoy left out."""
-    read = ("import urllib.request as u; "
-            "print(u.urlopen('http://localhost:9100/metrics', timeout=10).read().decode())")
+    read = (
+        "import urllib.request as u; "
+        "print(u.urlopen('http://localhost:9100/metrics', timeout=10).read().decode())"
+    )
     text = _docker("exec", cid, "python", "-c", read).stdout
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("mnist_requests_total{") and 'code="OK"' in line
-               and ("Classify" in line or "ModelInfer" in line))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("mnist_requests_total{")
+        and 'code="OK"' in line
+        and ("Classify" in line or "ModelInfer" in line)
+    )
 
 
 def _tls_up(stack: Stack) -> None:
     stack.seen["tls_trainer"] = _inspect(stack.container("trainer"))["State"]
-    stack.seen["tls_health"] = _wait_healthy([*stack.containers("server"), stack.container("envoy")])
+    stack.seen["tls_health"] = _wait_healthy(
+        [*stack.containers("server"), stack.container("envoy")]
+    )
     stack.seen["tls_server_log"] = stack.logs("server")
     stack.seen["tls_envoy_log"] = stack.logs("envoy")
 
 
 def _tls_locust(stack: Stack) -> None:
     master = stack.container("locust")
-    stack.seen["tls_locust_exit"] = _docker("wait", master, timeout=TLS_LOCUST_RUN_TIME_S + 240).stdout.strip()
+    stack.seen["tls_locust_exit"] = _docker(
+        "wait", master, timeout=TLS_LOCUST_RUN_TIME_S + 240
+    ).stdout.strip()
     stack.seen["tls_locust_log"] = stack.logs("locust") + stack.logs("locust-worker")
     with open(stack.checkout / "reports" / "locust_stats.csv", newline="") as file:
-        stack.seen["tls_locust_total"] = next(row for row in csv.DictReader(file) if row["Name"] == "Aggregated")
+        stack.seen["tls_locust_total"] = next(
+            row for row in csv.DictReader(file) if row["Name"] == "Aggregated"
+        )
 
 
 def _tls_predict(stack: Stack, *args: str) -> tuple[int, str]:
-    result = subprocess.run([str(BIN_DIR / "mnist-predict"), "--target", f"127.0.0.1:{stack.grpc_port}",
-                             "--mnist-test", "500", "--data-dir", stack.env["MNIST_DATA_DIR"], "--quiet", *args],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            str(BIN_DIR / "mnist-predict"),
+            "--target",
+            f"127.0.0.1:{stack.grpc_port}",
+            "--mnist-test",
+            "500",
+            "--data-dir",
+            stack.env["MNIST_DATA_DIR"],
+            "--quiet",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return result.returncode, result.stdout + result.stderr
 
 
 def _tls_clients(stack: Stack) -> None:
     certs = stack.checkout / "certs"
-    mtls = ["--tls-ca", str(certs / "ca.crt"), "--tls-cert", str(certs / "client.crt"),
-            "--tls-key", str(certs / "client.key")]
+    mtls = [
+        "--tls-ca",
+        str(certs / "ca.crt"),
+        "--tls-cert",
+        str(certs / "client.crt"),
+        "--tls-key",
+        str(certs / "client.key"),
+    ]
     token = ["--auth-token-file", str(certs / "token")]
     replicas = _replicas(stack)
     before = {cid: _inference_answered(cid) for cid in replicas}
     for api in ("classifier", "kserve"):
         stack.seen[f"tls_predict_{api}"] = _tls_predict(stack, "--api", api, *mtls, *token)
     stack.seen["tls_spread"] = {cid: _inference_answered(cid) - before[cid] for cid in replicas}
-    stack.seen["tls_no_client_cert"] = _tls_predict(stack, "--tls-ca", str(certs / "ca.crt"), *token)
+    stack.seen["tls_no_client_cert"] = _tls_predict(
+        stack, "--tls-ca", str(certs / "ca.crt"), *token
+    )
     stack.seen["tls_no_token"] = _tls_predict(stack, *mtls)
     stack.seen["tls_plaintext"] = _tls_predict(stack, *token, "--timeout", "5")
 
@@ -667,24 +944,56 @@ def _tls_down(stack: Stack) -> None:
     }
 
 
-TLS_SCENARIO = [("tls_up", _tls_up), ("tls_locust", _tls_locust), ("tls_clients", _tls_clients),
-                ("tls_down", _tls_down)]
+TLS_SCENARIO = [
+    ("tls_up", _tls_up),
+    ("tls_locust", _tls_locust),
+    ("tls_clients", _tls_clients),
+    ("tls_down", _tls_down),
+]
 
 
 @pytest.fixture(scope="module")
 def tls_stack(images, mnist_path):
     env = _project_env(images, mnist_path)
-    env.update({"LOCUST_HEADLESS": "true", "LOCUST_RUN_TIME": f"{TLS_LOCUST_RUN_TIME_S}s", "LOCUST_USERS": "4",
-                "LOCUST_SPAWN_RATE": "4", "LOCUST_EXPECT_WORKERS": "1"})
-    stack = Stack(f"{images.tag}tls", images.tag, images.checkout, images.compose, env, int(env["GRPC_PORT"]),
-                  figures=images.figures, files=TLS_FILES)
+    env.update(
+        {
+            "LOCUST_HEADLESS": "true",
+            "LOCUST_RUN_TIME": f"{TLS_LOCUST_RUN_TIME_S}s",
+            "LOCUST_USERS": "4",
+            "LOCUST_SPAWN_RATE": "4",
+            "LOCUST_EXPECT_WORKERS": "1",
+        }
+    )
+    stack = Stack(
+        f"{images.tag}tls",
+        images.tag,
+        images.checkout,
+        images.compose,
+        env,
+        int(env["GRPC_PORT"]),
+        figures=images.figures,
+        files=TLS_FILES,
+    )
     try:
-        made = subprocess.run([sys.executable, "docker/make-dev-certs.py"], cwd=images.checkout, capture_output=True,
-                              text=True, timeout=60)
+        made = subprocess.run(
+            [sys.executable, "docker/make-dev-certs.py"],
+            cwd=images.checkout,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert made.returncode == 0, made.stderr
         started = time.monotonic()
-        stack.run_compose("up", "-d", "--no-build", "--scale", f"server={TLS_SERVERS}", "--scale", "locust-worker=1",
-                          timeout=900)
+        stack.run_compose(
+            "up",
+            "-d",
+            "--no-build",
+            "--scale",
+            f"server={TLS_SERVERS}",
+            "--scale",
+            "locust-worker=1",
+            timeout=900,
+        )
         stack.figures["tls_up_s"] = f"{time.monotonic() - started:.0f}"
         for name, action in TLS_SCENARIO:
             stack.step(name, action)
@@ -698,8 +1007,9 @@ def test_tls_replicas_and_envoy_turn_healthy_by_their_mtls_healthchecks(tls_stac
     assert tls_stack.seen["tls_trainer"]["ExitCode"] == 0, tls_stack.seen["tls_trainer"]
     health = tls_stack.seen["tls_health"]
     seen = tls_stack.seen
-    assert len(health) == TLS_SERVERS + 1 and set(health.values()) == {"healthy"}, \
+    assert len(health) == TLS_SERVERS + 1 and set(health.values()) == {"healthy"}, (
         f"{health}\nserver:\n{seen['tls_server_log'][-3000:]}\nenvoy:\n{seen['tls_envoy_log'][-2000:]}"
+    )
 
 
 def test_tls_locust_in_compose_loads_with_the_client_certificate_and_token(tls_stack):
@@ -709,25 +1019,35 @@ def test_tls_locust_in_compose_loads_with_the_client_certificate_and_token(tls_s
     assert int(total["Request Count"]) > 0 and int(total["Failure Count"]) == 0, total
 
 
-def test_tls_mnist_predict_through_envoy_with_mtls_and_the_token_is_correct_on_every_replica(tls_stack):
+def test_tls_mnist_predict_through_envoy_with_mtls_and_the_token_is_correct_on_every_replica(
+    tls_stack,
+):
     tls_stack.check("tls_clients")
     for api in ("classifier", "kserve"):
         returncode, output = tls_stack.seen[f"tls_predict_{api}"]
         found = re.search(r"accuracy: \d+/500 = ([\d.]+)", output)
-        assert returncode == 0 and found and float(found[1]) >= 0.9, f"mnist-predict --api {api}: {output}"
+        assert returncode == 0 and found and float(found[1]) >= 0.9, (
+            f"mnist-predict --api {api}: {output}"
+        )
     spread = tls_stack.seen["tls_spread"]  # Envoy balanced the calls over TLS to both replicas
     assert len(spread) == TLS_SERVERS and all(count > 0 for count in spread.values()), spread
 
 
 def test_tls_envoy_refuses_calls_without_a_client_certificate_a_token_or_tls(tls_stack):
     tls_stack.check("tls_clients")
-    for case, status in (("tls_no_client_cert", "UNAVAILABLE"), ("tls_no_token", "UNAUTHENTICATED"),
-                         ("tls_plaintext", "UNAVAILABLE")):
+    for case, status in (
+        ("tls_no_client_cert", "UNAVAILABLE"),
+        ("tls_no_token", "UNAUTHENTICATED"),
+        ("tls_plaintext", "UNAVAILABLE"),
+    ):
         returncode, output = tls_stack.seen[case]
         assert returncode == 1 and f"answered {status}" in output, f"{case}: {output}"
 
 
 def test_tls_down_v_leaves_nothing(tls_stack):
     tls_stack.check("tls_down")
-    assert tls_stack.seen["tls_left_after_down"] == {"containers": [], "volumes": [], "networks": []}, \
-        tls_stack.seen["tls_left_after_down"]
+    assert tls_stack.seen["tls_left_after_down"] == {
+        "containers": [],
+        "volumes": [],
+        "networks": [],
+    }, tls_stack.seen["tls_left_after_down"]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from serving.generated import mnist_classifier_pb2 as pb
 from serving.inference.errors import InvalidInput
 from serving.inputs.framing import decode_encoded_image
 from serving.inputs.wire import (
@@ -25,7 +26,6 @@ from serving.inputs.wire import (
     decode_kserve_input,
     decode_raw_pixels,
 )
-from serving.generated import mnist_classifier_pb2 as pb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def digits(mnist_path: Path) -> np.ndarray:
     """The first 20 real MNIST test digits, uint8 [20, 28, 28], read straight from the IDX file."""
     packed = mnist_path / "t10k-images-idx3-ubyte.gz"
-    with gzip.open(packed, "rb") if packed.exists() else open(mnist_path / "t10k-images-idx3-ubyte", "rb") as file:
+    with (
+        gzip.open(packed, "rb")
+        if packed.exists()
+        else open(mnist_path / "t10k-images-idx3-ubyte", "rb") as file
+    ):
         magic, _count, rows, cols = struct.unpack(">IIII", file.read(16))
         assert magic == 2051, "not an IDX image file"
         return np.frombuffer(file.read(20 * rows * cols), dtype=np.uint8).reshape(20, rows, cols)
@@ -60,7 +64,9 @@ def drawn_on_paper(digit: np.ndarray, offset: tuple[int, int] = (0, 25)) -> Imag
 def similarity(decoded: np.ndarray, digit: np.ndarray) -> tuple[float, float]:
     reference = digit.astype(np.float32) / 255.0
     image = decoded[..., 0]
-    return float(np.corrcoef(image.ravel(), reference.ravel())[0, 1]), float(np.abs(image - reference).mean())
+    return float(np.corrcoef(image.ravel(), reference.ravel())[0, 1]), float(
+        np.abs(image - reference).mean()
+    )
 
 
 def raise_message(call, *args) -> str:
@@ -122,7 +128,9 @@ def test_float_pixels_reject_values_outside_unit_interval(bad: float) -> None:
 
 def test_png_of_an_mnist_digit_decodes_to_its_pixels(digits: np.ndarray) -> None:
     for digit in digits:
-        np.testing.assert_array_equal(decode_encoded_image(encode(Image.fromarray(digit), "PNG")), scaled(digit))
+        np.testing.assert_array_equal(
+            decode_encoded_image(encode(Image.fromarray(digit), "PNG")), scaled(digit)
+        )
     rgb = Image.fromarray(digits[0]).convert("RGB")
     np.testing.assert_array_equal(decode_encoded_image(encode(rgb, "PNG")), scaled(digits[0]))
 
@@ -145,7 +153,9 @@ def test_light_digit_on_dark_large_canvas_is_not_inverted(digits: np.ndarray) ->
 def test_rgba_ink_on_transparent_background_is_laid_on_white(digits: np.ndarray) -> None:
     rgba = np.zeros((28, 28, 4), dtype=np.uint8)
     rgba[..., 3] = digits[2]  # black ink whose opacity is the stroke
-    correlation, mean_error = similarity(decode_encoded_image(encode(Image.fromarray(rgba), "PNG")), digits[2])
+    correlation, mean_error = similarity(
+        decode_encoded_image(encode(Image.fromarray(rgba), "PNG")), digits[2]
+    )
     assert correlation > 0.95 and mean_error < 0.05
 
 
@@ -156,27 +166,36 @@ def test_palette_png(digits: np.ndarray) -> None:
     np.testing.assert_array_equal(decode_encoded_image(encode(palette, "PNG")), scaled(digits[3]))
     # Black ink on a transparent background: laid on white paper, then read inverted.
     palette.putdata((255 - digits[3]).ravel().tolist())
-    correlation, _ = similarity(decode_encoded_image(encode(palette, "PNG", transparency=255)), digits[3])
+    correlation, _ = similarity(
+        decode_encoded_image(encode(palette, "PNG", transparency=255)), digits[3]
+    )
     assert correlation > 0.95
 
 
 def test_sixteen_bit_grayscale_png(digits: np.ndarray) -> None:
     deep = Image.fromarray(digits[4].astype(np.uint16) * 257)
-    np.testing.assert_allclose(decode_encoded_image(encode(deep, "PNG")), scaled(digits[4]), atol=1e-6)
+    np.testing.assert_allclose(
+        decode_encoded_image(encode(deep, "PNG")), scaled(digits[4]), atol=1e-6
+    )
 
 
 def test_off_centre_small_digit_is_scaled_to_20_px_and_centred_by_mass() -> None:
     sheet = np.full((200, 300), 255, dtype=np.uint8)
     sheet[10:40, 250:260] = 0  # a "1" stroke, 30 px tall, in the top-right corner
     decoded = decode_encoded_image(encode(Image.fromarray(sheet), "PNG"))[..., 0]
-    rows, cols = np.flatnonzero(decoded.any(axis=1)), np.flatnonzero(decoded.any(axis=0))
+    rows = np.flatnonzero(decoded.any(axis=1))
     assert rows[-1] - rows[0] + 1 == 20
     mass = decoded.sum()
-    centre = (decoded.sum(axis=1) @ np.arange(28) / mass, decoded.sum(axis=0) @ np.arange(28) / mass)
+    centre = (
+        decoded.sum(axis=1) @ np.arange(28) / mass,
+        decoded.sum(axis=0) @ np.arange(28) / mass,
+    )
     assert abs(centre[0] - 14) <= 0.5 and abs(centre[1] - 14) <= 0.5
 
 
-@pytest.mark.parametrize(("size", "level"), [((100, 60), 255), ((100, 60), 0), ((28, 28), 255), ((40, 40), 128)])
+@pytest.mark.parametrize(
+    ("size", "level"), [((100, 60), 255), ((100, 60), 0), ((28, 28), 255), ((40, 40), 128)]
+)
 def test_blank_image_decodes_to_zeros(size: tuple[int, int], level: int) -> None:
     decoded = decode_encoded_image(encode(Image.new("L", size, level), "PNG"))
     assert decoded.shape == (28, 28, 1) and not decoded.any()
@@ -226,12 +245,16 @@ def test_oversized_image_is_refused_before_decoding() -> None:
 
 def test_decompression_bomb_header_is_refused() -> None:
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)  # 10^10 pixels, 8-bit gray
     bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
     message = raise_message(decode_encoded_image, bomb)
-    assert message.startswith(("encoded image is too large to decode safely", "encoded image is 100000x100000"))
+    assert message.startswith(
+        ("encoded image is too large to decode safely", "encoded image is 100000x100000")
+    )
 
 
 # --- mnist.v1.Image dispatch and ClassifyRequest batches -----------------------------
@@ -254,7 +277,11 @@ def test_decode_image_dispatches_on_the_oneof(digits: np.ndarray) -> None:
 def test_classify_batch_of_mixed_encodings(digits: np.ndarray) -> None:
     images = [
         pb.Image(raw_pixels=digits[0].tobytes()),
-        pb.Image(float_pixels=pb.FloatPixels(values=(digits[1].astype(np.float32) / 255.0).ravel().tolist())),
+        pb.Image(
+            float_pixels=pb.FloatPixels(
+                values=(digits[1].astype(np.float32) / 255.0).ravel().tolist()
+            )
+        ),
         pb.Image(encoded=encode(Image.fromarray(digits[2]), "PNG")),
     ]
     batch = decode_classify_images(images, max_batch_size=64)
@@ -269,17 +296,24 @@ def test_classify_batch_of_raw_images_matches_one_by_one(digits: np.ndarray) -> 
 
 
 def test_classify_batch_errors_name_the_image() -> None:
-    images = [pb.Image(raw_pixels=bytes(784)), pb.Image(raw_pixels=bytes(784)), pb.Image(raw_pixels=bytes(783))]
+    images = [
+        pb.Image(raw_pixels=bytes(784)),
+        pb.Image(raw_pixels=bytes(784)),
+        pb.Image(raw_pixels=bytes(783)),
+    ]
     assert raise_message(decode_classify_images, images, 64) == (
         "image 2: raw_pixels holds 783 bytes; expected 784 (28x28 uint8, row-major)"
     )
-    assert raise_message(decode_classify_images, [pb.Image(raw_pixels=bytes(784)), pb.Image()], 64) == (
-        "image 1: the image carries no data; set one of raw_pixels, float_pixels or encoded"
-    )
+    assert raise_message(
+        decode_classify_images, [pb.Image(raw_pixels=bytes(784)), pb.Image()], 64
+    ) == ("image 1: the image carries no data; set one of raw_pixels, float_pixels or encoded")
 
 
 def test_classify_batch_size_limits() -> None:
-    assert raise_message(decode_classify_images, [], 64) == "the request holds no images; send at least one"
+    assert (
+        raise_message(decode_classify_images, [], 64)
+        == "the request holds no images; send at least one"
+    )
     images = [pb.Image(raw_pixels=bytes(784))] * 70
     assert raise_message(decode_classify_images, images, 64) == (
         "the request holds 70 images; the limit is 64 per call: split the request"
@@ -289,7 +323,9 @@ def test_classify_batch_size_limits() -> None:
 # --- KServe v2 input tensor --------------------------------------------------------
 
 
-def kserve(shape, raw=None, fp32=(), uint=(), *, name="images", datatype="FP32", limit=64) -> np.ndarray:
+def kserve(
+    shape, raw=None, fp32=(), uint=(), *, name="images", datatype="FP32", limit=64
+) -> np.ndarray:
     return decode_kserve_input(name, datatype, shape, raw, list(fp32), list(uint), limit)
 
 
@@ -300,7 +336,9 @@ def kserve_error(*args, **kwargs) -> str:
 
 
 @pytest.mark.parametrize("feature_shape", [[28, 28, 1], [28, 28], [784]])
-def test_kserve_fp32_raw_in_any_accepted_shape(digits: np.ndarray, feature_shape: list[int]) -> None:
+def test_kserve_fp32_raw_in_any_accepted_shape(
+    digits: np.ndarray, feature_shape: list[int]
+) -> None:
     floats = digits[:4].astype("<f4") / np.float32(255.0)
     batch = kserve([4, *feature_shape], raw=floats.tobytes())
     assert batch.dtype == np.float32 and batch.shape == (4, 28, 28, 1)
@@ -309,7 +347,9 @@ def test_kserve_fp32_raw_in_any_accepted_shape(digits: np.ndarray, feature_shape
 
 def test_kserve_uint8_raw_is_scaled_like_raw_pixels(digits: np.ndarray) -> None:
     batch = kserve([4, 28, 28, 1], raw=digits[:4].tobytes(), datatype="UINT8")
-    np.testing.assert_array_equal(batch, np.stack([decode_raw_pixels(d.tobytes()) for d in digits[:4]]))
+    np.testing.assert_array_equal(
+        batch, np.stack([decode_raw_pixels(d.tobytes()) for d in digits[:4]])
+    )
 
 
 def test_kserve_typed_contents(digits: np.ndarray) -> None:
@@ -406,10 +446,15 @@ def test_kserve_typed_contents_of_wrong_count_or_range() -> None:
 
 
 def test_kserve_request_structure() -> None:
-    assert raise_message(check_kserve_request, 2, 0, []).startswith("the request has 2 input tensors")
-    assert raise_message(check_kserve_request, 1, 2, []).startswith("raw_input_contents has 2 entries for 1 inputs")
+    assert raise_message(check_kserve_request, 2, 0, []).startswith(
+        "the request has 2 input tensors"
+    )
+    assert raise_message(check_kserve_request, 1, 2, []).startswith(
+        "raw_input_contents has 2 entries for 1 inputs"
+    )
     assert raise_message(check_kserve_request, 1, 1, ["logits"]) == (
-        "unknown output 'logits'; this model's only output is 'probabilities'")
+        "unknown output 'logits'; this model's only output is 'probabilities'"
+    )
     check_kserve_request(1, 1, ["probabilities"])
     check_kserve_request(1, 0, [])
 
@@ -420,7 +465,7 @@ def test_inputs_and_model_core_import_neither_grpc_nor_kserve_stubs() -> None:
         "from google.protobuf import descriptor_pool; "
         "assert 'grpc' not in sys.modules, 'grpc imported'; "
         "pool = descriptor_pool.Default(); "
-        "exec('try:\\n pool.FindMessageTypeByName(\"inference.ModelInferRequest\")\\n"
-        "except KeyError:\\n pass\\nelse:\\n raise AssertionError(\"KServe stubs registered\")')"
+        'exec(\'try:\\n pool.FindMessageTypeByName("inference.ModelInferRequest")\\n'
+        'except KeyError:\\n pass\\nelse:\\n raise AssertionError("KServe stubs registered")\')'
     )
     subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, check=True, timeout=60)

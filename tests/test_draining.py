@@ -5,6 +5,7 @@ the test knows which calls were accepted (they are in the queue: mnist_queue_dep
 before it sends SIGTERM/SIGINT. Then every accepted call must be answered correctly, every new
 call refused with the server's own words, and health must say NOT_SERVING.
 """
+
 from __future__ import annotations
 
 import signal
@@ -27,19 +28,30 @@ SERVICES = ("", "mnist.v1.Classifier", "inference.GRPCInferenceService")
 @pytest.fixture(scope="module")
 def expected_labels(trained_repository, mnist_test_set):
     """What in-process onnxruntime answers for the first 8 test images."""
-    session = ort.InferenceSession(str(load_version(trained_repository, "mnist").model_path),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(load_version(trained_repository, "mnist").model_path),
+        providers=["CPUExecutionProvider"],
+    )
     images = (mnist_test_set[0][:8].astype(np.float32) / 255)[..., None]
     return session.run(None, {"images": images})[0].argmax(axis=1).tolist()
 
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_a_signal_drains_answers_every_accepted_call_and_refuses_new_ones(
-        signal_name, trained_repository, mnist_test_set, expected_labels, tmp_path):
+    signal_name, trained_repository, mnist_test_set, expected_labels, tmp_path
+):
     images, _ = mnist_test_set
     # Held calls wait up to 6 s from the first one's arrival: time enough to look at the draining server.
-    server = start_server(trained_repository, "--workers", "1", "--max-queue-delay-us", "6000000",
-                          "--grace-period", "30", log_path=tmp_path / "server.log")
+    server = start_server(
+        trained_repository,
+        "--workers",
+        "1",
+        "--max-queue-delay-us",
+        "6000000",
+        "--grace-period",
+        "30",
+        log_path=tmp_path / "server.log",
+    )
     try:
         held = hold_calls(server, images[:8])
         server.proc.send_signal(getattr(signal, signal_name))
@@ -48,8 +60,13 @@ def test_a_signal_drains_answers_every_accepted_call_and_refuses_new_ones(
         # A new call is refused before it is accepted, in the server's own words (not a dropped call).
         assert classify(server.target, images[8]) == ("UNAVAILABLE", REFUSAL)
         if signal_name == "SIGTERM":  # the container healthcheck fails while draining
-            probe = subprocess.run([sys.executable, "-m", "serving.health_probe", "--target", server.target],
-                                   capture_output=True, text=True, timeout=60, cwd=ROOT)
+            probe = subprocess.run(
+                [sys.executable, "-m", "serving.health_probe", "--target", server.target],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+            )
             assert probe.returncode != 0 and "NOT_SERVING" in probe.stdout + probe.stderr, probe
             assert server.proc.poll() is None, "the held calls must still be waiting"
         # Every accepted call is answered, with what onnxruntime computes.
@@ -60,11 +77,21 @@ def test_a_signal_drains_answers_every_accepted_call_and_refuses_new_ones(
     assert "draining" in server.log()
 
 
-def test_calls_still_queued_when_the_grace_period_ends_are_cancelled(trained_repository, mnist_test_set, tmp_path):
+def test_calls_still_queued_when_the_grace_period_ends_are_cancelled(
+    trained_repository, mnist_test_set, tmp_path
+):
     images, _ = mnist_test_set
     # Held for 10 minutes, far beyond a 1 s grace period: only its end can release them.
-    server = start_server(trained_repository, "--workers", "1", "--max-queue-delay-us", "600000000",
-                          "--grace-period", "1", log_path=tmp_path / "server.log")
+    server = start_server(
+        trained_repository,
+        "--workers",
+        "1",
+        "--max-queue-delay-us",
+        "600000000",
+        "--grace-period",
+        "1",
+        log_path=tmp_path / "server.log",
+    )
     try:
         held = hold_calls(server, images[:2])
         server.proc.send_signal(signal.SIGTERM)
@@ -83,9 +110,25 @@ def test_not_serving_until_the_model_is_warm(trained_repository, tmp_path):
 
     port, log_path = free_port(), tmp_path / "server.log"
     # Enough warm-up runs (a batch of 1 and of 64 each) to take seconds on any machine.
-    args = [sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository), "--host", "127.0.0.1",
-            "--port", str(port), "--metrics-port", "0", "--http-port", "0", "--workers", "1",
-            "--warmup-runs", "400"]
+    args = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "--model-repository",
+        str(trained_repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--http-port",
+        "0",
+        "--workers",
+        "1",
+        "--warmup-runs",
+        "400",
+    ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:

@@ -6,6 +6,7 @@ INTERNAL or HTTP 500, never a traceback in the log, and the server must answer a
 correctly afterwards. The size is bounded for CI (FUZZ_CASES per API, default 150); FUZZ_SEED
 repeats a run (the seed is printed on failure).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -48,12 +49,12 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         elif kind == 1 and buf:
             buf[min(at, len(buf) - 1)] = rng.randrange(256)
         elif kind == 2:
-            del buf[at:at + rng.randint(1, 64)]
+            del buf[at : at + rng.randint(1, 64)]
         elif kind == 3:
             buf[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
         elif kind == 4 and buf:
             start = rng.randrange(len(buf))
-            buf[at:at] = buf[start:start + rng.randint(1, 128)]
+            buf[at:at] = buf[start : start + rng.randint(1, 128)]
         elif kind == 5:
             buf[at:at] = b"\xff\xff\xff\xff\x0f"  # a varint of 2^32 - 1: a length or a value
         else:
@@ -70,8 +71,12 @@ def png(digit: np.ndarray) -> bytes:
 def classify_seeds(images: np.ndarray) -> list[bytes]:
     return [
         pb.ClassifyRequest(images=[pb.Image(raw_pixels=images[0].tobytes())]).SerializeToString(),
-        pb.ClassifyRequest(images=[pb.Image(float_pixels=pb.FloatPixels(values=(images[1] / 255).ravel().tolist()))],
-                           model_name="mnist").SerializeToString(),
+        pb.ClassifyRequest(
+            images=[
+                pb.Image(float_pixels=pb.FloatPixels(values=(images[1] / 255).ravel().tolist()))
+            ],
+            model_name="mnist",
+        ).SerializeToString(),
         pb.ClassifyRequest(images=[pb.Image(encoded=png(images[2]))]).SerializeToString(),
     ]
 
@@ -89,7 +94,9 @@ def kserve_seeds(images: np.ndarray) -> list[bytes]:
     return [uint8.SerializeToString(), typed.SerializeToString()]
 
 
-def check_grpc(channel: grpc.Channel, method: str, seeds: list[bytes], rng: random.Random) -> dict[str, int]:
+def check_grpc(
+    channel: grpc.Channel, method: str, seeds: list[bytes], rng: random.Random
+) -> dict[str, int]:
     call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
     codes: dict[str, int] = {}
     for case in range(CASES):
@@ -99,7 +106,9 @@ def check_grpc(channel: grpc.Channel, method: str, seeds: list[bytes], rng: rand
             code, details = grpc.StatusCode.OK, ""
         except grpc.RpcError as error:
             code, details = error.code(), error.details() or ""
-        assert code in GRPC_ALLOWED, f"seed {SEED}, {method} case {case}: {code} {details[:300]} ({data[:64]!r})"
+        assert code in GRPC_ALLOWED, (
+            f"seed {SEED}, {method} case {case}: {code} {details[:300]} ({data[:64]!r})"
+        )
         assert len(details.encode()) <= MESSAGE_LIMIT, f"seed {SEED}: {len(details.encode())} bytes"
         codes[code.name] = codes.get(code.name, 0) + 1
     return codes
@@ -108,7 +117,9 @@ def check_grpc(channel: grpc.Channel, method: str, seeds: list[bytes], rng: rand
 def test_fuzzed_classify_calls_get_considered_answers(fuzz_server, mnist_test_set):
     rng = random.Random(SEED)
     with grpc.insecure_channel(fuzz_server.target) as channel:
-        codes = check_grpc(channel, "/mnist.v1.Classifier/Classify", classify_seeds(mnist_test_set[0]), rng)
+        codes = check_grpc(
+            channel, "/mnist.v1.Classifier/Classify", classify_seeds(mnist_test_set[0]), rng
+        )
     assert codes.get("INVALID_ARGUMENT", 0) > 0  # the mutations do reach the checks
     _still_correct(fuzz_server, mnist_test_set)
 
@@ -116,7 +127,12 @@ def test_fuzzed_classify_calls_get_considered_answers(fuzz_server, mnist_test_se
 def test_fuzzed_kserve_calls_get_considered_answers(fuzz_server, mnist_test_set):
     rng = random.Random(SEED + 1)
     with grpc.insecure_channel(fuzz_server.target) as channel:
-        codes = check_grpc(channel, "/inference.GRPCInferenceService/ModelInfer", kserve_seeds(mnist_test_set[0]), rng)
+        codes = check_grpc(
+            channel,
+            "/inference.GRPCInferenceService/ModelInfer",
+            kserve_seeds(mnist_test_set[0]),
+            rng,
+        )
     assert codes.get("INVALID_ARGUMENT", 0) > 0
     _still_correct(fuzz_server, mnist_test_set)
 
@@ -125,27 +141,55 @@ def test_fuzzed_rest_calls_get_considered_answers(fuzz_server, mnist_test_set):
     """KServe v2 over HTTP: mutated JSON bodies and mutated binary-tensor bodies."""
     rng = random.Random(SEED + 2)
     images = mnist_test_set[0]
-    json_body = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 28, 28, 1],
-                                        "data": images[0].ravel().tolist()}]}).encode()
-    header = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 784],
-                                     "parameters": {"binary_data_size": 784}}]}).encode()
+    json_body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "UINT8",
+                    "shape": [1, 28, 28, 1],
+                    "data": images[0].ravel().tolist(),
+                }
+            ]
+        }
+    ).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "datatype": "UINT8",
+                    "shape": [1, 784],
+                    "parameters": {"binary_data_size": 784},
+                }
+            ]
+        }
+    ).encode()
     seeds = [(json_body, None), (header + images[1].tobytes(), len(header))]
     connection = http.client.HTTPConnection("127.0.0.1", fuzz_server.http_port, timeout=30)
     try:
         for case in range(CASES):
             body, header_length = seeds[case % 2]
             body = mutate(body, rng)
-            headers = {"Content-Type": "application/octet-stream" if header_length else "application/json"}
+            headers = {
+                "Content-Type": "application/octet-stream" if header_length else "application/json"
+            }
             if header_length is not None:
                 headers["Inference-Header-Content-Length"] = str(min(header_length, len(body)))
             connection.request("POST", "/v2/models/mnist/infer", body=body, headers=headers)
             response = connection.getresponse()
             answer = response.read()
-            assert response.status in HTTP_ALLOWED, f"seed {SEED}, case {case}: {response.status} {answer[:300]!r}"
-            assert len(answer) <= MESSAGE_LIMIT + 64 or response.status == 200, f"seed {SEED}: {len(answer)} bytes"
+            assert response.status in HTTP_ALLOWED, (
+                f"seed {SEED}, case {case}: {response.status} {answer[:300]!r}"
+            )
+            assert len(answer) <= MESSAGE_LIMIT + 64 or response.status == 200, (
+                f"seed {SEED}: {len(answer)} bytes"
+            )
             if response.getheader("Connection", "").lower() == "close":
                 connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", fuzz_server.http_port, timeout=30)
+                connection = http.client.HTTPConnection(
+                    "127.0.0.1", fuzz_server.http_port, timeout=30
+                )
     finally:
         connection.close()
     _still_correct(fuzz_server, mnist_test_set)
@@ -167,9 +211,27 @@ def test_a_short_soak_is_correct_with_flat_memory(trained_repository, mnist_path
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--model-repository", str(trained_repository), "--minutes", "0.34",
-         "--interval", "5", "--callers", "4", "--data-dir", str(mnist_path), "--out", str(tmp_path / "soak.json")],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "bench.soak",
+            "--model-repository",
+            str(trained_repository),
+            "--minutes",
+            "0.34",
+            "--interval",
+            "5",
+            "--callers",
+            "4",
+            "--data-dir",
+            str(mnist_path),
+            "--out",
+            str(tmp_path / "soak.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "soak.json").read_text())
     assert summary["calls"] > 0 and summary["hostile_refused"] > 0 and summary["wrong"] == 0

@@ -1,10 +1,12 @@
 """The gRPC transport in-process: a grpc.aio server on a free loopback port inside the test.
 
 The servicers run with the real model core (onnxruntime on the session's trained model, the
-real batcher) and the server's own wrapping of each method (metrics, error mapping), so a call takes milliseconds and an error
-mapping can be checked without starting a process. The KServe stubs clash with tritonclient's
-(which other tests import into this process), so what needs them runs in a child interpreter.
+real batcher) and the server's own wrapping of each method (metrics, error mapping), so a call
+takes milliseconds and an error mapping can be checked without starting a process. The KServe
+stubs clash with tritonclient's (which other tests import into this process), so what needs them
+runs in a child interpreter.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,14 +38,20 @@ def runtime(trained_repository) -> OnnxRuntimeSession:
     return OnnxRuntimeSession(str(version.model_path), RuntimeOptions(device="cpu", warmup_runs=1))
 
 
-def serve_classifier(trained_repository, runtime, scenario, *, start_batcher: bool = True, max_queue_size: int = 1024):
+def serve_classifier(
+    trained_repository, runtime, scenario, *, start_batcher: bool = True, max_queue_size: int = 1024
+):
     """Run `scenario(stub, batcher)` against an in-process Classifier server, then stop it."""
 
     async def main():
         batcher = DynamicBatcher(runtime.run, max_batch_size=64, max_queue_size=max_queue_size)
-        model = ServedModel(load_version(trained_repository, "mnist"), runtime.provider, 64, batcher)
+        model = ServedModel(
+            load_version(trained_repository, "mnist"), runtime.provider, 64, batcher
+        )
         server = grpc.aio.server()
-        pb_grpc.add_ClassifierServicer_to_server(ClassifierServicer(model), WrappingRegistrar(server, server_wrap()))
+        pb_grpc.add_ClassifierServicer_to_server(
+            ClassifierServicer(model), WrappingRegistrar(server, server_wrap())
+        )
         port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
         await server.start()
         if start_batcher:
@@ -60,7 +68,9 @@ def serve_classifier(trained_repository, runtime, scenario, *, start_batcher: bo
 
 
 def raw_request(images: np.ndarray, **fields) -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(images=[pb.Image(raw_pixels=image.tobytes()) for image in images], **fields)
+    return pb.ClassifyRequest(
+        images=[pb.Image(raw_pixels=image.tobytes()) for image in images], **fields
+    )
 
 
 async def status_of(call) -> tuple[grpc.StatusCode, str]:
@@ -71,7 +81,10 @@ async def status_of(call) -> tuple[grpc.StatusCode, str]:
 
 # --- in-process calls ------------------------------------------------------------------------
 
-def test_classify_in_process_answers_what_onnxruntime_computes(trained_repository, runtime, mnist_test_set):
+
+def test_classify_in_process_answers_what_onnxruntime_computes(
+    trained_repository, runtime, mnist_test_set
+):
     images, _ = mnist_test_set
 
     async def scenario(stub, _batcher):
@@ -84,15 +97,22 @@ def test_classify_in_process_answers_what_onnxruntime_computes(trained_repositor
     assert response.model_version == "1"
 
 
-def test_domain_errors_reach_the_caller_as_status_codes(trained_repository, runtime, mnist_test_set):
+def test_domain_errors_reach_the_caller_as_status_codes(
+    trained_repository, runtime, mnist_test_set
+):
     images, _ = mnist_test_set
 
     async def scenario(stub, batcher):
         found = {
-            "model": await status_of(stub.Classify(raw_request(images[:1], model_name="resnet"), timeout=10)),
-            "version": await status_of(stub.DescribeModel(pb.DescribeModelRequest(model_version="7"), timeout=10)),
-            "input": await status_of(stub.Classify(pb.ClassifyRequest(images=[pb.Image(raw_pixels=b"1234")]),
-                                                   timeout=10)),
+            "model": await status_of(
+                stub.Classify(raw_request(images[:1], model_name="resnet"), timeout=10)
+            ),
+            "version": await status_of(
+                stub.DescribeModel(pb.DescribeModelRequest(model_version="7"), timeout=10)
+            ),
+            "input": await status_of(
+                stub.Classify(pb.ClassifyRequest(images=[pb.Image(raw_pixels=b"1234")]), timeout=10)
+            ),
         }
         await batcher.close()  # what drain does first: new predictions are refused
         found["closed"] = await status_of(stub.Classify(raw_request(images[:1]), timeout=10))
@@ -102,11 +122,21 @@ def test_domain_errors_reach_the_caller_as_status_codes(trained_repository, runt
     not_found = {"method": "Classify", "code": "NOT_FOUND", "model": "", "version": ""}
     before = REGISTRY.get_sample_value("mnist_requests_total", not_found) or 0
     found = serve_classifier(trained_repository, runtime, scenario)
-    assert found["model"] == (grpc.StatusCode.NOT_FOUND, "unknown model 'resnet'; this server serves 'mnist'")
-    assert found["version"][0] == grpc.StatusCode.NOT_FOUND and "version '7' is not served" in found["version"][1]
-    assert found["input"] == (grpc.StatusCode.INVALID_ARGUMENT,
-                              "image 0: raw_pixels holds 4 bytes; expected 784 (28x28 uint8, row-major)")
-    assert found["closed"][0] == grpc.StatusCode.UNAVAILABLE and "shutting down" in found["closed"][1]
+    assert found["model"] == (
+        grpc.StatusCode.NOT_FOUND,
+        "unknown model 'resnet'; this server serves 'mnist'",
+    )
+    assert (
+        found["version"][0] == grpc.StatusCode.NOT_FOUND
+        and "version '7' is not served" in found["version"][1]
+    )
+    assert found["input"] == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "image 0: raw_pixels holds 4 bytes; expected 784 (28x28 uint8, row-major)",
+    )
+    assert (
+        found["closed"][0] == grpc.StatusCode.UNAVAILABLE and "shutting down" in found["closed"][1]
+    )
     # The metrics wrap the error mapping, so they count the mapped code.
     after = REGISTRY.get_sample_value("mnist_requests_total", not_found)
     assert after == before + 1
@@ -125,7 +155,9 @@ def test_a_full_queue_is_resource_exhausted(trained_repository, runtime, mnist_t
         finally:
             waiting.cancel()
 
-    code, details = serve_classifier(trained_repository, runtime, scenario, start_batcher=False, max_queue_size=1)
+    code, details = serve_classifier(
+        trained_repository, runtime, scenario, start_batcher=False, max_queue_size=1
+    )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in details
 
 
@@ -178,6 +210,11 @@ asyncio.run(main())
 
 
 def test_server_object_reports_one_readiness_through_health_and_kserve(trained_repository):
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(SERVER_LIFECYCLE), str(trained_repository)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SERVER_LIFECYCLE), str(trained_repository)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0 and "lifecycle ok" in result.stdout, result.stdout + result.stderr

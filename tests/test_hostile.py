@@ -4,6 +4,7 @@ Each of issue 14's four defects has a test here (heavy decoding on the event loo
 error messages, large malformed requests that keep memory, typed contents beside raw ones),
 plus the minor ones: malformed protobuf, Pillow's object reprs, float32 values printed exactly.
 """
+
 from __future__ import annotations
 
 import io
@@ -13,7 +14,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -31,8 +31,16 @@ BUDGET = 4 * BIG_SIDE * BIG_SIDE  # the server below admits four 4096x4096 image
 def hostile_server(trained_repository, tmp_path_factory):
     log = tmp_path_factory.mktemp("hostile") / "server.log"
     # One worker: the log and the RSS below are one process's.
-    with start_server(trained_repository, "--max-decoded-pixels", str(BUDGET), "--max-batch-size", "64",
-                      "--workers", "1", log_path=log) as running:
+    with start_server(
+        trained_repository,
+        "--max-decoded-pixels",
+        str(BUDGET),
+        "--max-batch-size",
+        "64",
+        "--workers",
+        "1",
+        log_path=log,
+    ) as running:
         yield running
 
 
@@ -69,13 +77,24 @@ def server_rss(server) -> int:
 def model_infer(server, request, timeout: float = 30):
     from tritonclient.grpc import service_pb2_grpc
 
-    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    options = [
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.max_receive_message_length", 64 << 20),
+    ]
     with grpc.insecure_channel(server.target, options=options) as channel:
-        return service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
+        return service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, timeout=timeout
+        )
 
 
-def infer_request(shape=(1, 28, 28, 1), datatype="UINT8", raw: bytes | None = bytes(784), name="images",
-                  model="mnist", version=""):
+def infer_request(
+    shape=(1, 28, 28, 1),
+    datatype="UINT8",
+    raw: bytes | None = bytes(784),
+    name="images",
+    model="mnist",
+    version="",
+):
     from tritonclient.grpc import service_pb2
 
     request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
@@ -97,11 +116,16 @@ def assert_bounded(error: grpc.RpcError, code: grpc.StatusCode, *, cut: bool = T
 # --- defect 1: heavy decoding stalled every caller ------------------------------------------------
 
 
-def test_a_heavy_decoding_call_does_not_stall_other_callers(hostile_server, big_png, mnist_test_set):
+def test_a_heavy_decoding_call_does_not_stall_other_callers(
+    hostile_server, big_png, mnist_test_set
+):
     """Four 4096x4096 PNGs take seconds to decode; meanwhile other callers are answered."""
     images, _ = mnist_test_set
     heavy_request = pb.ClassifyRequest(images=[pb.Image(encoded=big_png)] * 4)
-    with ClassifierClient(hostile_server.target, timeout=120) as client, ThreadPoolExecutor(1) as pool:
+    with (
+        ClassifierClient(hostile_server.target, timeout=120) as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
         heavy = pool.submit(lambda: client._classifier.Classify(heavy_request, timeout=120))
         time.sleep(0.3)  # let the heavy call reach the server
         answered_meanwhile = 0
@@ -117,7 +141,9 @@ def test_a_call_over_the_pixel_budget_is_refused_from_the_headers(hostile_server
     with ClassifierClient(hostile_server.target, timeout=60) as client:
         error = rpc_error(lambda: client._classifier.Classify(request, timeout=60))
     assert_bounded(error, grpc.StatusCode.INVALID_ARGUMENT, cut=False)
-    assert "--max-decoded-pixels" in error.details() and f"{BUDGET:,}" in error.details(), error.details()
+    assert "--max-decoded-pixels" in error.details() and f"{BUDGET:,}" in error.details(), (
+        error.details()
+    )
 
 
 # --- defect 2: error messages echoed client input without a bound ---------------------------------
@@ -128,13 +154,19 @@ HUGE = "x" * (1 << 20)
 @pytest.mark.parametrize("field", ["model", "version"])
 def test_a_huge_model_name_or_version_gets_not_found_with_a_bounded_message(hostile_server, field):
     kwargs = {"model": HUGE} if field == "model" else {"version": HUGE}
-    assert_bounded(rpc_error(lambda: model_infer(hostile_server, infer_request(**kwargs))),
-                   grpc.StatusCode.NOT_FOUND)
-    request = pb.ClassifyRequest(images=[pb.Image(raw_pixels=bytes(784))],
-                                 **({"model_name": HUGE} if field == "model" else {"model_version": HUGE}))
+    assert_bounded(
+        rpc_error(lambda: model_infer(hostile_server, infer_request(**kwargs))),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    request = pb.ClassifyRequest(
+        images=[pb.Image(raw_pixels=bytes(784))],
+        **({"model_name": HUGE} if field == "model" else {"model_version": HUGE}),
+    )
     with ClassifierClient(hostile_server.target) as client:
-        assert_bounded(rpc_error(lambda: client._classifier.Classify(request, timeout=30)),
-                       grpc.StatusCode.NOT_FOUND)
+        assert_bounded(
+            rpc_error(lambda: client._classifier.Classify(request, timeout=30)),
+            grpc.StatusCode.NOT_FOUND,
+        )
 
 
 @pytest.mark.parametrize("case", ["input name", "datatype", "100,000 dims", "output name"])
@@ -146,7 +178,9 @@ def test_huge_tensor_fields_get_invalid_argument_with_a_bounded_message(hostile_
     }.get(case, infer_request)()
     if case == "output name":
         request.outputs.add(name=HUGE)
-    assert_bounded(rpc_error(lambda: model_infer(hostile_server, request)), grpc.StatusCode.INVALID_ARGUMENT)
+    assert_bounded(
+        rpc_error(lambda: model_infer(hostile_server, request)), grpc.StatusCode.INVALID_ARGUMENT
+    )
 
 
 # --- defect 3: large malformed requests bloated the process and kept it bloated --------------------
@@ -164,8 +198,11 @@ def test_large_bad_requests_leave_memory_where_it_was(hostile_server, mnist_test
     time.sleep(2.0)
     baseline = server_rss(hostile_server)
     for _ in range(3):
-        assert_bounded(rpc_error(lambda: model_infer(hostile_server, request, timeout=60)),
-                       grpc.StatusCode.INVALID_ARGUMENT, cut=False)
+        assert_bounded(
+            rpc_error(lambda: model_infer(hostile_server, request, timeout=60)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            cut=False,
+        )
     deadline = time.monotonic() + 5.0
     while (after := server_rss(hostile_server)) > 1.10 * baseline and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -175,8 +212,14 @@ def test_large_bad_requests_leave_memory_where_it_was(hostile_server, mnist_test
 # --- defect 4: typed contents beside raw contents were accepted ------------------------------------
 
 TYPED_FIELDS = {
-    "bool_contents": [True], "int_contents": [1], "int64_contents": [1], "uint_contents": [1],
-    "uint64_contents": [1], "fp32_contents": [0.5], "fp64_contents": [0.5], "bytes_contents": [b"x"],
+    "bool_contents": [True],
+    "int_contents": [1],
+    "int64_contents": [1],
+    "uint_contents": [1],
+    "uint64_contents": [1],
+    "fp32_contents": [0.5],
+    "fp64_contents": [0.5],
+    "bytes_contents": [b"x"],
 }
 
 
@@ -193,13 +236,17 @@ def test_typed_contents_of_another_type_are_refused(hostile_server):
     request = infer_request(datatype="UINT8", raw=None)
     request.inputs[0].contents.int_contents.extend([0] * 784)
     error = rpc_error(lambda: model_infer(hostile_server, request))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "int_contents" in error.details(), error.details()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "int_contents" in error.details(), (
+        error.details()
+    )
 
 
 # --- minor: malformed protobuf, Pillow's reprs, float32 values ------------------------------------
 
 
-@pytest.mark.parametrize("method", ["/inference.GRPCInferenceService/ModelInfer", "/mnist.v1.Classifier/Classify"])
+@pytest.mark.parametrize(
+    "method", ["/inference.GRPCInferenceService/ModelInfer", "/mnist.v1.Classifier/Classify"]
+)
 def test_malformed_protobuf_is_invalid_argument_counted_and_logged_once(hostile_server, method):
     short = method.rsplit("/", 1)[-1]
     before = metric(hostile_server, "mnist_requests_total", method=short, code="INVALID_ARGUMENT")
@@ -211,7 +258,9 @@ def test_malformed_protobuf_is_invalid_argument_counted_and_logged_once(hostile_
             assert len(error.details()) < 200 and "protobuf" in error.details(), error.details()
     after = metric(hostile_server, "mnist_requests_total", method=short, code="INVALID_ARGUMENT")
     assert after - before == 20
-    assert hostile_server.log().count("malformed") == 1  # once per interval, whichever method came first
+    assert (
+        hostile_server.log().count("malformed") == 1
+    )  # once per interval, whichever method came first
     assert "Traceback" not in hostile_server.log()
 
 
@@ -229,6 +278,8 @@ def test_an_out_of_range_float_is_printed_exactly(hostile_server):
     values = [0.0] * 784
     values[5] = 1.0000001
     with ClassifierClient(hostile_server.target) as client:
-        error = rpc_error(lambda: client._classify([pb.Image(float_pixels=pb.FloatPixels(values=values))], "", ""))
+        error = rpc_error(
+            lambda: client._classify([pb.Image(float_pixels=pb.FloatPixels(values=values))], "", "")
+        )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "1.0000001 " in error.details(), error.details()

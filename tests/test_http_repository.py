@@ -5,6 +5,7 @@ Each REST answer is checked against the files (config.pbtxt, the repository's fo
 made) and against the gRPC answer to the same question: both transports call one implementation
 (serving.grpc_api.triton.TritonExtensions), so they must agree field for field.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -14,18 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as tritonclient_grpc  # noqa: E402  (a dev dependency: its absence fails)
+import tritonclient.http as tritonclient_http  # noqa: E402
 from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: E402  (tritonclient's copies: see conftest)
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serving.client import ClientTls
 from serving.process import start_server
 from serving.rest_client import RestClient, RestError
 from tests.support.lifecycle import Reference, metric_value
 from tests.support.pki import TOKEN, issue, make_ca, tls_args
-
-import tritonclient.grpc as tritonclient_grpc  # noqa: E402  (a dev dependency: its absence fails)
-import tritonclient.http as tritonclient_http  # noqa: E402
-from tritonclient.grpc import model_config_pb2, service_pb2  # noqa: E402  (tritonclient's copies: see conftest)
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 SERVER_ARGS = ("--workers", "1")
 
@@ -40,14 +40,18 @@ def repository(trained_repository, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def polling_server(repository, tmp_path_factory):
-    with start_server(repository, *SERVER_ARGS, log_path=tmp_path_factory.mktemp("rest-poll") / "server.log") as server:
+    with start_server(
+        repository, *SERVER_ARGS, log_path=tmp_path_factory.mktemp("rest-poll") / "server.log"
+    ) as server:
         yield server
 
 
 def clients(server):
     """tritonclient's HTTP and gRPC clients of one server."""
-    return (tritonclient_http.InferenceServerClient(f"127.0.0.1:{server.http_port}"),
-            tritonclient_grpc.InferenceServerClient(server.target))
+    return (
+        tritonclient_http.InferenceServerClient(f"127.0.0.1:{server.http_port}"),
+        tritonclient_grpc.InferenceServerClient(server.target),
+    )
 
 
 def infer_http(client, images: np.ndarray, model: str = "mnist"):
@@ -66,15 +70,28 @@ def test_model_config_is_the_config_pbtxt_and_the_grpc_answer(polling_server, re
     http, grpc_client = clients(polling_server)
     config = http.get_model_config("mnist")
     assert config == http.get_model_config("mnist", "1")
-    on_disk = text_format.Parse((repository / "mnist" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    assert (config["name"], config["platform"], config["max_batch_size"]) == \
-        (on_disk.name, on_disk.platform, on_disk.max_batch_size) == ("mnist", "onnxruntime_onnx", 64)
+    on_disk = text_format.Parse(
+        (repository / "mnist" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    assert (
+        (config["name"], config["platform"], config["max_batch_size"])
+        == (on_disk.name, on_disk.platform, on_disk.max_batch_size)
+        == ("mnist", "onnxruntime_onnx", 64)
+    )
     # Triton's JSON: enums by name, 64-bit integers as numbers (protobuf's JSON would write "28").
-    assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [("images", "TYPE_FP32", [28, 28, 1])]
-    assert [(t["name"], t["dims"]) for t in config["output"]] == [(t.name, list(t.dims)) for t in on_disk.output]
-    assert config["version_policy"] == {"latest": {"num_versions": 1}}  # Triton's default, filled in
+    assert [(t["name"], t["data_type"], t["dims"]) for t in config["input"]] == [
+        ("images", "TYPE_FP32", [28, 28, 1])
+    ]
+    assert [(t["name"], t["dims"]) for t in config["output"]] == [
+        (t.name, list(t.dims)) for t in on_disk.output
+    ]
+    assert config["version_policy"] == {
+        "latest": {"num_versions": 1}
+    }  # Triton's default, filled in
     # tritonclient 2.41's copy of model_config.proto predates a few fields (all at their defaults here).
-    as_message = json_format.ParseDict(config, model_config_pb2.ModelConfig(), ignore_unknown_fields=True)
+    as_message = json_format.ParseDict(
+        config, model_config_pb2.ModelConfig(), ignore_unknown_fields=True
+    )
     assert as_message == grpc_client.get_model_config("mnist").config
     assert http.get_model_config("mnist_int8")["name"] == "mnist_int8"
 
@@ -99,10 +116,21 @@ def test_statistics_count_the_calls_and_equal_the_grpc_answer(polling_server, mn
     assert after["last_inference"] > 0
     # Nothing ran in between: the gRPC answer must be the same message, every field.
     grpc_stats = grpc_client.get_inference_statistics("mnist_int8", "1")
-    assert json_format.ParseDict(http.get_inference_statistics("mnist_int8", "1"),
-                                 service_pb2.ModelStatisticsResponse(), ignore_unknown_fields=True) == grpc_stats
-    everything = http.get_inference_statistics()  # GET /v2/models/stats: every model, every ready version
-    assert {(s["name"], s["version"]) for s in everything["model_stats"]} == {("mnist", "1"), ("mnist_int8", "1")}
+    assert (
+        json_format.ParseDict(
+            http.get_inference_statistics("mnist_int8", "1"),
+            service_pb2.ModelStatisticsResponse(),
+            ignore_unknown_fields=True,
+        )
+        == grpc_stats
+    )
+    everything = (
+        http.get_inference_statistics()
+    )  # GET /v2/models/stats: every model, every ready version
+    assert {(s["name"], s["version"]) for s in everything["model_stats"]} == {
+        ("mnist", "1"),
+        ("mnist_int8", "1"),
+    }
     assert [s["name"] for s in http.get_inference_statistics("mnist")["model_stats"]] == ["mnist"]
     assert refusal(lambda: http.get_inference_statistics("resnet")).status() == "404"
 
@@ -111,12 +139,18 @@ def test_repository_index_lists_the_folders_as_grpc_does(polling_server, reposit
     http, grpc_client = clients(polling_server)
     index = http.get_model_repository_index()
     on_disk = sorted(p.name for p in repository.iterdir() if p.is_dir())
-    assert sorted((m["name"], m["version"], m["state"]) for m in index) == [(name, "1", "READY") for name in on_disk]
+    assert sorted((m["name"], m["version"], m["state"]) for m in index) == [
+        (name, "1", "READY") for name in on_disk
+    ]
     grpc_index = grpc_client.get_model_repository_index(as_json=True)["models"]
-    assert index == [{"reason": "", **m} for m in grpc_index]  # gRPC's JSON leaves the empty reason out
+    assert index == [
+        {"reason": "", **m} for m in grpc_index
+    ]  # gRPC's JSON leaves the empty reason out
     with RestClient(f"127.0.0.1:{polling_server.http_port}") as rest:
         ready_only = rest.json_call("POST", "/v2/repository/index", b'{"ready": true}')
-        assert sorted((m["name"], m["state"]) for m in ready_only) == [(name, "READY") for name in on_disk]
+        assert sorted((m["name"], m["state"]) for m in ready_only) == [
+            (name, "READY") for name in on_disk
+        ]
         bad = rest.request("POST", "/v2/repository/index", b'{"ready": "yes"}')
         assert bad.status == 400 and b"'ready' must be true or false" in bad.body
         for body in (b"{not json", b"[1]", b'{"parameters": 3}'):
@@ -129,7 +163,9 @@ def test_load_and_unload_are_refused_in_poll_mode_in_tritons_words(polling_serve
     for action in (http.load_model, http.unload_model):
         refused = refusal(lambda: action("mnist"))
         assert refused.status() == "503"
-        assert "explicit model load / unload is not allowed if polling is enabled" in refused.message()
+        assert (
+            "explicit model load / unload is not allowed if polling is enabled" in refused.message()
+        )
     assert http.is_model_ready("mnist")
 
 
@@ -148,8 +184,15 @@ def test_the_extensions_are_counted_in_the_metrics(polling_server):
 def test_explicit_mode_loads_and_unloads_over_rest(repository, mnist_test_set, tmp_path):
     images, _ = mnist_test_set
     reference = Reference()
-    with start_server(repository, *SERVER_ARGS, "--model-control-mode", "explicit", "--model-name", "mnist",
-                      log_path=tmp_path / "server.log") as server:
+    with start_server(
+        repository,
+        *SERVER_ARGS,
+        "--model-control-mode",
+        "explicit",
+        "--model-name",
+        "mnist",
+        log_path=tmp_path / "server.log",
+    ) as server:
         http, grpc_client = clients(server)
         assert http.is_model_ready("mnist") and not http.is_model_ready("mnist_int8")
         index = {m["name"]: m for m in http.get_model_repository_index()}
@@ -158,11 +201,16 @@ def test_explicit_mode_loads_and_unloads_over_rest(repository, mnist_test_set, t
         override = refusal(lambda: http.load_model("mnist_int8", config='{"max_batch_size": 8}'))
         assert override.status() == "400" and "not supported" in override.message()
         http.load_model("mnist_int8")
-        assert http.is_model_ready("mnist_int8", "1") and grpc_client.is_model_ready("mnist_int8", "1")
+        assert http.is_model_ready("mnist_int8", "1") and grpc_client.is_model_ready(
+            "mnist_int8", "1"
+        )
         result = infer_http(http, images[:16], "mnist_int8")
         assert result.get_response()["model_name"] == "mnist_int8"
-        np.testing.assert_allclose(result.as_numpy("probabilities"),
-                                   reference(repository / "mnist_int8" / "1" / "model.onnx", images[:16]), atol=1e-5)
+        np.testing.assert_allclose(
+            result.as_numpy("probabilities"),
+            reference(repository / "mnist_int8" / "1" / "model.onnx", images[:16]),
+            atol=1e-5,
+        )
 
         http.unload_model("mnist")
         assert not http.is_model_ready("mnist") and not grpc_client.is_model_ready("mnist")
@@ -175,8 +223,14 @@ def test_explicit_mode_loads_and_unloads_over_rest(repository, mnist_test_set, t
         http.load_model("mnist")
         assert http.is_model_ready("mnist")
         index = http.get_model_repository_index()
-        assert sorted((m["name"], m["state"]) for m in index) == [("mnist", "READY"), ("mnist_int8", "READY")]
-        assert index == [{"reason": "", **m} for m in grpc_client.get_model_repository_index(as_json=True)["models"]]
+        assert sorted((m["name"], m["state"]) for m in index) == [
+            ("mnist", "READY"),
+            ("mnist_int8", "READY"),
+        ]
+        assert index == [
+            {"reason": "", **m}
+            for m in grpc_client.get_model_repository_index(as_json=True)["models"]
+        ]
 
 
 # --- the REST client over HTTPS (mTLS) with a bearer token -------------------------------------
@@ -187,17 +241,29 @@ def secured(trained_repository, tmp_path_factory):
     """A server with TLS, client certificates from its CA required (mTLS), and a bearer token."""
     folder = tmp_path_factory.mktemp("rest-secured")
     ca = make_ca(folder, "ca")
-    server_cert, client_cert = issue(folder, "server", ca, server=True), issue(folder, "client", ca, server=False)
+    server_cert, client_cert = (
+        issue(folder, "server", ca, server=True),
+        issue(folder, "client", ca, server=False),
+    )
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
     tls = ClientTls(ca=ca[0].cert, cert=client_cert.cert, key=client_cert.key)
-    with start_server(trained_repository, *SERVER_ARGS, *tls_args(server_cert, ca[0].cert),
-                      "--auth-token-file", str(token_file), log_path=folder / "server.log", tls=tls) as server:
+    with start_server(
+        trained_repository,
+        *SERVER_ARGS,
+        *tls_args(server_cert, ca[0].cert),
+        "--auth-token-file",
+        str(token_file),
+        log_path=folder / "server.log",
+        tls=tls,
+    ) as server:
         server.client_tls, server.token_file = tls, token_file
         yield server
 
 
-def test_rest_client_over_mtls_with_the_token_is_served(secured, mnist_test_set, trained_repository):
+def test_rest_client_over_mtls_with_the_token_is_served(
+    secured, mnist_test_set, trained_repository
+):
     images, _ = mnist_test_set
     with RestClient(f"127.0.0.1:{secured.http_port}", tls=secured.client_tls, token=TOKEN) as rest:
         probabilities, model, version = rest.infer_answer(images[:8])
@@ -213,25 +279,52 @@ def test_rest_calls_without_the_right_token_are_401(secured, mnist_test_set, tok
         with pytest.raises(RestError) as refused:
             rest.infer(mnist_test_set[0][:1])
         assert refused.value.status == 401 and "bearer token" in refused.value.message
-        for method, path in (("POST", "/v2/repository/index"), ("GET", "/v2/models/mnist/config"),
-                             ("GET", "/v2/models/stats"), ("POST", "/v2/repository/models/mnist/unload")):
+        for method, path in (
+            ("POST", "/v2/repository/index"),
+            ("GET", "/v2/models/mnist/config"),
+            ("GET", "/v2/models/stats"),
+            ("POST", "/v2/repository/models/mnist/unload"),
+        ):
             assert rest.request(method, path).status == 401, path
         assert rest.is_ready()  # health stays open
 
 
 def test_rest_client_without_a_client_certificate_cannot_connect(secured, mnist_test_set):
-    with RestClient(f"127.0.0.1:{secured.http_port}", tls=ClientTls(ca=secured.client_tls.ca), token=TOKEN) as rest:
+    with RestClient(
+        f"127.0.0.1:{secured.http_port}", tls=ClientTls(ca=secured.client_tls.ca), token=TOKEN
+    ) as rest:
         with pytest.raises(OSError):  # the handshake (ssl.SSLError) or the connection it closes
             rest.infer(mnist_test_set[0][:1])
 
 
 def test_mnist_predict_rest_passes_the_tls_and_token_options(secured, mnist_path):
     tls = secured.client_tls
-    base = [sys.executable, "-m", "serving.predict_cli", "--api", "rest", "--target", f"127.0.0.1:{secured.http_port}",
-            "--mnist-test", "20", "--data-dir", str(mnist_path), "--quiet", "--tls-ca", str(tls.ca),
-            "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
-    ok = subprocess.run([*base, "--auth-token-file", str(secured.token_file)], capture_output=True, text=True,
-                        timeout=120)
+    base = [
+        sys.executable,
+        "-m",
+        "serving.predict_cli",
+        "--api",
+        "rest",
+        "--target",
+        f"127.0.0.1:{secured.http_port}",
+        "--mnist-test",
+        "20",
+        "--data-dir",
+        str(mnist_path),
+        "--quiet",
+        "--tls-ca",
+        str(tls.ca),
+        "--tls-cert",
+        str(tls.cert),
+        "--tls-key",
+        str(tls.key),
+    ]
+    ok = subprocess.run(
+        [*base, "--auth-token-file", str(secured.token_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0 and ok.stdout.startswith("accuracy: "), ok.stderr
     no_token = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert no_token.returncode == 1 and "HTTP 401" in no_token.stderr
@@ -242,11 +335,34 @@ def test_locust_rest_scenario_passes_the_tls_and_token_options(secured, mnist_pa
     from loadtest.locust_runner import rest_request_name, run_locust
 
     tls = secured.client_tls
-    run = run_locust(secured.target, scenario="rest", users=2, spawn_rate=2, run_time="4s",
-                     csv_prefix=tmp_path / "locust", log_path=tmp_path / "locust.log",
-                     extra=["--http-host", f"127.0.0.1:{secured.http_port}", "--mnist-dir", str(mnist_path),
-                            "--pool-size", "200", "--tls-ca", str(tls.ca), "--client-tls-cert", str(tls.cert),
-                            "--client-tls-key", str(tls.key), "--auth-token-file", str(secured.token_file)])
+    run = run_locust(
+        secured.target,
+        scenario="rest",
+        users=2,
+        spawn_rate=2,
+        run_time="4s",
+        csv_prefix=tmp_path / "locust",
+        log_path=tmp_path / "locust.log",
+        extra=[
+            "--http-host",
+            f"127.0.0.1:{secured.http_port}",
+            "--mnist-dir",
+            str(mnist_path),
+            "--pool-size",
+            "200",
+            "--tls-ca",
+            str(tls.ca),
+            "--client-tls-cert",
+            str(tls.cert),
+            "--client-tls-key",
+            str(tls.key),
+            "--auth-token-file",
+            str(secured.token_file),
+        ],
+    )
     rest = run.stats[rest_request_name()]
-    assert run.returncode == 0 and run.failures == [], (run.failures, (tmp_path / "locust.log").read_text()[-2000:])
+    assert run.returncode == 0 and run.failures == [], (
+        run.failures,
+        (tmp_path / "locust.log").read_text()[-2000:],
+    )
     assert rest.requests > 0 and rest.failures == 0

@@ -222,9 +222,12 @@ def test_the_server_serves_the_int8_model(trained_repository, mnist_test_set):
     from serving.process import start_server
 
     images, labels = mnist_test_set
-    with start_server(
-        trained_repository, "--model-name", "mnist_int8", "--metrics-port", "0"
-    ) as server, ClassifierClient(server.target) as client:
+    with (
+        start_server(
+            trained_repository, "--model-name", "mnist_int8", "--metrics-port", "0"
+        ) as server,
+        ClassifierClient(server.target) as client,
+    ):
         result = client.classify(images[:64], model_name="mnist_int8")
         probabilities = client.infer_kserve(images[:64], model_name="mnist_int8")
     assert (result.labels == labels[:64]).mean() > 0.9

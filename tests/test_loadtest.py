@@ -1,4 +1,5 @@
 """The Locust load tests: a short real run, a fast failure when no server listens, the batching study."""
+
 from __future__ import annotations
 
 import csv
@@ -26,26 +27,60 @@ from loadtest.options import DEFAULTS
 from tests.support.common import ROOT
 
 
-def run_module(module: str, *args: str, mnist_path: Path, timeout: float) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str, mnist_path: Path, timeout: float
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "MNIST_DATA_DIR": str(mnist_path)}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
 
 
 # --- a short real Locust run against the session's server --------------------------------------
 
+
 @pytest.mark.timeout(400)  # the session's model is trained first; the machine is loaded
 def test_mix_run_exercises_every_scenario_without_failures(server, mnist_path, tmp_path):
-    result = run_module("loadtest.run", "--host", server.target, "--scenario", "mix", "--users", "4",
-                        "--spawn-rate", "4", "--run-time", "4s", "--pool-size", "500",
-                        "--metrics-url", server.metrics_url, "--ceiling-run-time", "3s",
-                        "--reports-dir", str(tmp_path), "--name", "mix", mnist_path=mnist_path, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "mix.log").read_text()
+    result = run_module(
+        "loadtest.run",
+        "--host",
+        server.target,
+        "--scenario",
+        "mix",
+        "--users",
+        "4",
+        "--spawn-rate",
+        "4",
+        "--run-time",
+        "4s",
+        "--pool-size",
+        "500",
+        "--metrics-url",
+        server.metrics_url,
+        "--ceiling-run-time",
+        "3s",
+        "--reports-dir",
+        str(tmp_path),
+        "--name",
+        "mix",
+        mnist_path=mnist_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, (
+        result.stdout + result.stderr + (tmp_path / "mix.log").read_text()
+    )
 
     stats = read_stats_csv(tmp_path / "mix_stats.csv")
     total = stats["Aggregated"]
     assert total.requests > 0 and total.failures == 0
-    for name in request_names("mix", DEFAULTS.images_per_call):  # Classify x1, Classify x16, KServe ModelInfer x1
+    for name in request_names(
+        "mix", DEFAULTS.images_per_call
+    ):  # Classify x1, Classify x16, KServe ModelInfer x1
         assert name in stats, f"no {name!r} row in the stats CSV: {sorted(stats)}"
         assert stats[name].requests > 0 and stats[name].failures == 0
     assert (tmp_path / "mix.html").stat().st_size > 0
@@ -66,7 +101,9 @@ def test_mix_run_exercises_every_scenario_without_failures(server, mnist_path, t
     ceiling = read_stats_csv(tmp_path / "mix-ceiling_stats.csv")["Aggregated"]
     assert ceiling.requests > 0 and ceiling.failures == 0  # the canned server's 7s judged right
     assert "load generator's ceiling" in result.stdout
-    assert ("BOUND BY THE LOAD GENERATOR" in result.stdout) != ("bound by the server" in result.stdout)
+    assert ("BOUND BY THE LOAD GENERATOR" in result.stdout) != (
+        "bound by the server" in result.stdout
+    )
 
 
 @pytest.mark.timeout(60)
@@ -74,8 +111,17 @@ def test_unreachable_server_fails_fast_with_one_line(mnist_path, tmp_path):
     from serving.process import free_port
 
     target = f"127.0.0.1:{free_port()}"  # nothing listens there
-    result = run_module("loadtest.run", "--host", target, "--connect-timeout", "2", "--reports-dir", str(tmp_path),
-                        mnist_path=mnist_path, timeout=45)
+    result = run_module(
+        "loadtest.run",
+        "--host",
+        target,
+        "--connect-timeout",
+        "2",
+        "--reports-dir",
+        str(tmp_path),
+        mnist_path=mnist_path,
+        timeout=45,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and target in lines[0] and "not SERVING" in lines[0], result.stderr
@@ -85,18 +131,36 @@ def test_unreachable_server_fails_fast_with_one_line(mnist_path, tmp_path):
 
 # --- the batching study, very briefly --------------------------------------------------------
 
+
 @pytest.mark.timeout(150)
 def test_batching_study_writes_table_and_chart(trained_repository, mnist_path, tmp_path):
-    result = run_module("loadtest.batching_study", "--model-repository", str(trained_repository), "--users", "1,4",
-                        "--run-time", "3s", "--pool-size", "300", "--reports-dir", str(tmp_path),
-                        mnist_path=mnist_path, timeout=140)
+    result = run_module(
+        "loadtest.batching_study",
+        "--model-repository",
+        str(trained_repository),
+        "--users",
+        "1,4",
+        "--run-time",
+        "3s",
+        "--pool-size",
+        "300",
+        "--reports-dir",
+        str(tmp_path),
+        mnist_path=mnist_path,
+        timeout=140,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
     png = tmp_path / "batching_study.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(tmp_path / "batching_study.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert {(int(r["max_batch_size"]), int(r["users"])) for r in rows} == {(1, 1), (1, 4), (64, 1), (64, 4)}
+    assert {(int(r["max_batch_size"]), int(r["users"])) for r in rows} == {
+        (1, 1),
+        (1, 4),
+        (64, 1),
+        (64, 4),
+    }
     for row in rows:
         assert float(row["requests_per_s"]) > 0 and int(row["failures"]) == 0
         assert row["mean_batch_images"], f"no batch figure scraped from the server's metrics: {row}"
@@ -109,6 +173,7 @@ def test_batching_study_writes_table_and_chart(trained_repository, mnist_path, t
 
 # --- the pieces --------------------------------------------------------------------------------
 
+
 def test_wrong_prediction_is_a_failure(tmp_path):
     """The locustfile's correctness check (run in a child: importing Locust monkey-patches gevent)."""
     code = (
@@ -120,7 +185,9 @@ def test_wrong_prediction_is_a_failure(tmp_path):
         "short = lf._check('Classify x2', np.array([3]), np.array([3, 5]))\n"
         "assert isinstance(short, lf.WrongPrediction) and 'Classify x2' in str(short), short\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -139,10 +206,14 @@ def test_histogram_quantile_is_prometheus_own():
     from loadtest.server_view import histogram_quantile
 
     buckets = [(0.001, 10.0), (0.002, 30.0), (0.004, 40.0), (float("inf"), 40.0)]
-    assert histogram_quantile(0.5, buckets) == pytest.approx(0.0015)  # rank 20: halfway in (1, 2] ms
+    assert histogram_quantile(0.5, buckets) == pytest.approx(
+        0.0015
+    )  # rank 20: halfway in (1, 2] ms
     assert histogram_quantile(0.625, buckets) == pytest.approx(0.00175)
     assert histogram_quantile(1.0, buckets) == pytest.approx(0.004)
-    assert histogram_quantile(0.5, [(float("inf"), 0.0)]) != histogram_quantile(0.5, [(float("inf"), 0.0)])
+    assert histogram_quantile(0.5, [(float("inf"), 0.0)]) != histogram_quantile(
+        0.5, [(float("inf"), 0.0)]
+    )
 
 
 def test_stats_csv_aggregated_row(tmp_path):
@@ -184,12 +255,19 @@ def test_every_script_takes_its_defaults_from_one_place():
     study_args = batching_study.parse_args([])
     for args in (loadtest_args, study_args):
         assert (args.images_per_call, args.pool_size, args.mix_weights) == (
-            DEFAULTS.images_per_call, DEFAULTS.pool_size, DEFAULTS.mix_weights_text)
+            DEFAULTS.images_per_call,
+            DEFAULTS.pool_size,
+            DEFAULTS.mix_weights_text,
+        )
     assert (loadtest_args.users, loadtest_args.run_time, loadtest_args.scenario) == (
-        DEFAULTS.users, DEFAULTS.run_time, DEFAULTS.scenario)
+        DEFAULTS.users,
+        DEFAULTS.run_time,
+        DEFAULTS.scenario,
+    )
 
 
 # --- whole runs that must fail, and run.py's own server -------------------------------------------
+
 
 def failures_csv(path: Path) -> str:
     return path.read_text() if path.exists() else ""
@@ -217,36 +295,90 @@ def always_three(trained_repository: Path, destination: Path) -> Path:
 
 
 @pytest.mark.timeout(200)
-def test_wrong_answers_under_load_are_locust_failures_and_exit_1(server, trained_repository, mnist_path, tmp_path):
+def test_wrong_answers_under_load_are_locust_failures_and_exit_1(
+    server, trained_repository, mnist_path, tmp_path
+):
     """Two replicas that disagree: the pool is screened over both, so under load some digits reach the
     replica that reads every digit as 3. Those answers must be failures in the CSV, and run.py exits 1."""
     from serving.process import start_server
 
-    with start_server(always_three(trained_repository, tmp_path / "bad"), "--workers", "1",
-                      log_path=tmp_path / "bad.log") as bad:
-        result = run_module("loadtest.run", "--host", f"ipv4:127.0.0.1:{server.port},127.0.0.1:{bad.port}",
-                            "--scenario", "single", "--users", "2", "--spawn-rate", "2", "--run-time", "3s",
-                            "--pool-size", "300", "--reports-dir", str(tmp_path), "--name", "wrong",
-                            "--ceiling-run-time", "0",
-                            mnist_path=mnist_path, timeout=150)
+    with start_server(
+        always_three(trained_repository, tmp_path / "bad"),
+        "--workers",
+        "1",
+        log_path=tmp_path / "bad.log",
+    ) as bad:
+        result = run_module(
+            "loadtest.run",
+            "--host",
+            f"ipv4:127.0.0.1:{server.port},127.0.0.1:{bad.port}",
+            "--scenario",
+            "single",
+            "--users",
+            "2",
+            "--spawn-rate",
+            "2",
+            "--run-time",
+            "3s",
+            "--pool-size",
+            "300",
+            "--reports-dir",
+            str(tmp_path),
+            "--name",
+            "wrong",
+            "--ceiling-run-time",
+            "0",
+            mnist_path=mnist_path,
+            timeout=150,
+        )
     assert result.returncode == 1, result.stdout + result.stderr
     total = read_stats_csv(tmp_path / "wrong_stats.csv")["Aggregated"]
-    assert total.failures > 0 and total.requests > total.failures  # the good replica still answers right
+    assert (
+        total.failures > 0 and total.requests > total.failures
+    )  # the good replica still answers right
     assert "wrong prediction under load" in failures_csv(tmp_path / "wrong_failures.csv")
     assert "FAILED:" in result.stderr and "calls failed" in result.stderr
 
 
 @pytest.mark.timeout(200)
-def test_a_server_killed_mid_run_gives_failures_and_exit_1(trained_repository, mnist_path, tmp_path):
+def test_a_server_killed_mid_run_gives_failures_and_exit_1(
+    trained_repository, mnist_path, tmp_path
+):
     from serving.process import start_server
 
     server = start_server(trained_repository, "--workers", "1", log_path=tmp_path / "server.log")
     try:
         env = {**os.environ, "MNIST_DATA_DIR": str(mnist_path)}
-        run = subprocess.Popen([sys.executable, "-m", "loadtest.run", "--host", server.target, "--scenario", "single",
-                                "--users", "2", "--spawn-rate", "2", "--run-time", "8s", "--pool-size", "200",
-                                "--reports-dir", str(tmp_path), "--name", "killed", "--ceiling-run-time", "0"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "loadtest.run",
+                "--host",
+                server.target,
+                "--scenario",
+                "single",
+                "--users",
+                "2",
+                "--spawn-rate",
+                "2",
+                "--run-time",
+                "8s",
+                "--pool-size",
+                "200",
+                "--reports-dir",
+                str(tmp_path),
+                "--name",
+                "killed",
+                "--ceiling-run-time",
+                "0",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         log = tmp_path / "killed.log"
         deadline = time.monotonic() + 120
         # Once the pool is screened, the load is on: kill the server under it.
@@ -266,15 +398,42 @@ def test_a_server_killed_mid_run_gives_failures_and_exit_1(trained_repository, m
 
 
 @pytest.mark.timeout(200)
-def test_run_starts_its_own_server_and_spreads_locust_over_processes(trained_repository, mnist_path, tmp_path):
-    result = run_module("loadtest.run", "--model-repository", str(trained_repository), "--server-args", "--workers 1",
-                        "--scenario", "single", "--users", "4", "--spawn-rate", "4", "--run-time", "10s",
-                        "--pool-size", "200", "--processes", "2", "--reports-dir", str(tmp_path), "--name", "own",
-                        "--ceiling-run-time", "3s", mnist_path=mnist_path, timeout=180)
+def test_run_starts_its_own_server_and_spreads_locust_over_processes(
+    trained_repository, mnist_path, tmp_path
+):
+    result = run_module(
+        "loadtest.run",
+        "--model-repository",
+        str(trained_repository),
+        "--server-args",
+        "--workers 1",
+        "--scenario",
+        "single",
+        "--users",
+        "4",
+        "--spawn-rate",
+        "4",
+        "--run-time",
+        "10s",
+        "--pool-size",
+        "200",
+        "--processes",
+        "2",
+        "--reports-dir",
+        str(tmp_path),
+        "--name",
+        "own",
+        "--ceiling-run-time",
+        "3s",
+        mnist_path=mnist_path,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "mnist-serve on 127.0.0.1:" in result.stdout and "on 2 Locust processes" in result.stdout
     server_log = (tmp_path / "own-server.log").read_text()
-    assert "serving mnist 1" in server_log and "stopped" in server_log  # started, then stopped by run.py
+    assert (
+        "serving mnist 1" in server_log and "stopped" in server_log
+    )  # started, then stopped by run.py
     total = read_stats_csv(tmp_path / "own_stats.csv")["Aggregated"]
     assert total.requests > 0 and total.failures == 0
     log = (tmp_path / "own.log").read_text()

@@ -71,8 +71,10 @@ def server_image():
     """The server image (Dockerfile target `server`) built from HEAD's committed files."""
     problem = _engine_problem()
     if problem:
-        message = (f"{problem}: the memory-limit test needs a Docker engine "
-                   "(Debian: apt-get install docker.io)")
+        message = (
+            f"{problem}: the memory-limit test needs a Docker engine "
+            "(Debian: apt-get install docker.io)"
+        )
         if CI:
             pytest.fail(message + "; under CI=true it must run")
         pytest.skip(message)

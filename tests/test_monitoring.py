@@ -28,6 +28,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import yaml
@@ -536,7 +537,7 @@ def test_each_call_and_batch_names_the_model_and_version_that_answered(
             client.classify(images[:2], model_version="2")
             client.infer_kserve(images[:4])  # no version: the newest, 2
             client.classify(images[:1], model_name="digits")
-            with pytest.raises(Exception):
+            with pytest.raises(grpc.RpcError):
                 client.classify(images[:1], model_version="7")  # NOT_FOUND: no version answered
         with RestClient(f"127.0.0.1:{server.http_port}", timeout=30) as rest:
             rest.infer(images[:5], model_name="digits")

@@ -3,22 +3,34 @@
 Outside CI the tests skip when Chromium is missing; under CI=true they run (.ci/run installs it).
 MNIST_PAGE_SCREENSHOTS=<folder> saves the screenshots shown in the README (docs/figures).
 """
+
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
 
 def _browser_missing() -> str | None:
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not Path(path).exists()]
-    return f"{', '.join(missing)} not installed (Debian packages chromium, chromium-driver)" if missing else None
+    return (
+        f"{', '.join(missing)} not installed (Debian packages chromium, chromium-driver)"
+        if missing
+        else None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +45,15 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in (*FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1000,800"):
+    for flag in (
+        *FLAGS,
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+        "--window-size=1000,800",
+    ):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # never a driver download
+    driver = webdriver.Chrome(
+        service=Service(CHROMEDRIVER), options=options
+    )  # never a driver download
     yield driver
     driver.quit()
 
@@ -46,7 +64,9 @@ def page(browser, server):
 
     browser.set_window_size(1000, 800)
     browser.get(f"http://127.0.0.1:{server.http_port}/")
-    WebDriverWait(browser, 30).until(lambda b: b.find_element("tag name", "body").get_attribute("data-ready") == "true")
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_element("tag name", "body").get_attribute("data-ready") == "true"
+    )
     return browser
 
 
@@ -62,7 +82,9 @@ def _answer(browser, previous: str = "") -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
     label = browser.find_element("id", "label")
-    WebDriverWait(browser, 20).until(lambda _: label.get_attribute("data-label") not in ("", previous))
+    WebDriverWait(browser, 20).until(
+        lambda _: label.get_attribute("data-label") not in ("", previous)
+    )
     return label.get_attribute("data-label")
 
 
@@ -72,8 +94,11 @@ def _settled_answer(browser) -> str:
     a drawing (a lone dot); this waits until no request is out and none is pending."""
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(browser, 30).until(lambda b: b.execute_script(
-        "return !state.inFlight && !state.dirty && document.getElementById('label').dataset.label !== ''"))
+    WebDriverWait(browser, 30).until(
+        lambda b: b.execute_script(
+            "return !state.inFlight && !state.dirty && document.getElementById('label').dataset.label !== ''"
+        )
+    )
     return browser.find_element("id", "label").get_attribute("data-label")
 
 
@@ -81,7 +106,8 @@ def _seen_ink(browser) -> int:
     """How many of the 28x28 pixels the page shows as what the model saw are inked."""
     return browser.execute_script(
         "const d = document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data;"
-        "let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 0) n++; return n;")
+        "let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 0) n++; return n;"
+    )
 
 
 def _draw(browser, strokes: list[list[tuple[int, int]]]) -> None:
@@ -115,7 +141,9 @@ def test_drawing_a_7_is_read_as_7(page):
     _screenshot(page, "page_draw_7.png")
 
     page.find_element("id", "clear").click()
-    assert page.find_element("id", "label").get_attribute("data-label") == "" and _seen_ink(page) == 0
+    assert (
+        page.find_element("id", "label").get_attribute("data-label") == "" and _seen_ink(page) == 0
+    )
 
 
 def test_random_digit_shows_a_digit_and_its_prediction(page):
@@ -133,8 +161,12 @@ def test_the_keyboard_draws_too(page):
     from selenium.webdriver.common.keys import Keys
 
     pad = page.find_element("id", "pad")
-    page.find_element("id", "clear").click()  # an empty pad whatever ran before; Clear focuses the pad
-    assert _seen_ink(page) == 0 and page.find_element("id", "label").get_attribute("data-label") == ""
+    page.find_element(
+        "id", "clear"
+    ).click()  # an empty pad whatever ran before; Clear focuses the pad
+    assert (
+        _seen_ink(page) == 0 and page.find_element("id", "label").get_attribute("data-label") == ""
+    )
     pad.send_keys(Keys.SPACE)  # pen down at the pad's centre
     pad.send_keys(*([Keys.SHIFT + Keys.ARROW_UP] * 4))
     pad.send_keys(*([Keys.SHIFT + Keys.ARROW_DOWN] * 8))

@@ -4,6 +4,7 @@ Every record is checked against what the test sent and got back (the input's sha
 predicted class), the sampled share against binomial bounds, and a sink that never answers must
 cost records, never calls.
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,12 +28,14 @@ from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.process import free_port, start_server
 
-tritonclient_grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient is a dev dependency")
+tritonclient_grpc = pytest.importorskip(
+    "tritonclient.grpc", reason="tritonclient is a dev dependency"
+)
 
 
 def images_of(mnist_test_set, count: int, offset: int = 0) -> np.ndarray:
     pixels, _labels = mnist_test_set
-    return scale_pixels(pixels[offset:offset + count]).reshape(count, 28, 28, 1)
+    return scale_pixels(pixels[offset : offset + count]).reshape(count, 28, 28, 1)
 
 
 def kserve_call(client, image: np.ndarray, request_id: str) -> np.ndarray:
@@ -43,10 +46,22 @@ def kserve_call(client, image: np.ndarray, request_id: str) -> np.ndarray:
 
 
 def rest_call(http_url: str, image: np.ndarray, request_id: str) -> np.ndarray:
-    body = {"id": request_id, "inputs": [{"name": "images", "shape": list(image.shape), "datatype": "FP32",
-                                          "data": image.ravel().tolist()}]}
-    request = urllib.request.Request(f"{http_url}/v2/models/mnist/infer", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    body = {
+        "id": request_id,
+        "inputs": [
+            {
+                "name": "images",
+                "shape": list(image.shape),
+                "datatype": "FP32",
+                "data": image.ravel().tolist(),
+            }
+        ],
+    }
+    request = urllib.request.Request(
+        f"{http_url}/v2/models/mnist/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as answer:
         output = json.loads(answer.read())["outputs"][0]
     return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
@@ -68,18 +83,29 @@ def sha256_of(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image, dtype=np.float32).tobytes()).hexdigest()
 
 
-def test_sampled_records_match_the_calls_on_both_transports(trained_repository, mnist_test_set, tmp_path):
+def test_sampled_records_match_the_calls_on_both_transports(
+    trained_repository, mnist_test_set, tmp_path
+):
     """--workers 2, rate 0.25: about a quarter of 600 calls recorded, each one exactly what was sent."""
     calls, rate = 600, 0.25
     images = images_of(mnist_test_set, calls)
     log_file = tmp_path / "payloads.jsonl"
-    answers: dict[str, tuple[str, np.ndarray]] = {}  # request id -> (sha256 of the input, probabilities)
-    with start_server(trained_repository, "--workers", "2", "--payload-log", str(log_file),
-                      "--payload-log-sample-rate", str(rate)) as server:
+    answers: dict[
+        str, tuple[str, np.ndarray]
+    ] = {}  # request id -> (sha256 of the input, probabilities)
+    with start_server(
+        trained_repository,
+        "--workers",
+        "2",
+        "--payload-log",
+        str(log_file),
+        "--payload-log-sample-rate",
+        str(rate),
+    ) as server:
         client = tritonclient_grpc.InferenceServerClient(server.target)
 
         def call(i: int) -> None:
-            image, request_id = images[i:i + 1], f"call-{i}"
+            image, request_id = images[i : i + 1], f"call-{i}"
             if i % 3 == 0:  # a third over REST
                 probabilities = rest_call(server.http_url, image, request_id)
             else:
@@ -105,13 +131,21 @@ def test_sampled_records_match_the_calls_on_both_transports(trained_repository, 
         assert record["latency_ms"] > 0 and "pixels_uint8_base64" not in record["input"]
 
 
-def test_pixels_only_when_asked_and_the_classifier_api_names_its_request(trained_repository, mnist_test_set,
-                                                                          tmp_path):
+def test_pixels_only_when_asked_and_the_classifier_api_names_its_request(
+    trained_repository, mnist_test_set, tmp_path
+):
     images = images_of(mnist_test_set, 4)
     pixels = np.rint(images * 255).astype(np.uint8)
     log_file = tmp_path / "payloads.jsonl"
-    with start_server(trained_repository, "--workers", "1", "--payload-log", str(log_file),
-                      "--payload-log-pixels", "true") as server:
+    with start_server(
+        trained_repository,
+        "--workers",
+        "1",
+        "--payload-log",
+        str(log_file),
+        "--payload-log-pixels",
+        "true",
+    ) as server:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             request = pb.ClassifyRequest(images=[pb.Image(raw_pixels=p.tobytes()) for p in pixels])
@@ -123,7 +157,9 @@ def test_pixels_only_when_asked_and_the_classifier_api_names_its_request(trained
     logged = np.frombuffer(base64.b64decode(record["input"]["pixels_uint8_base64"]), np.uint8)
     assert np.array_equal(logged, pixels.ravel())
     assert record["output"]["labels"] == [p.label for p in answer.predictions]
-    assert record["output"]["classes"] == [str(p.label) for p in answer.predictions]  # MNIST's names
+    assert record["output"]["classes"] == [
+        str(p.label) for p in answer.predictions
+    ]  # MNIST's names
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -151,11 +187,16 @@ def test_cloudevents_reach_an_http_endpoint(trained_repository, mnist_test_set):
     threading.Thread(target=endpoint.serve_forever, daemon=True).start()
     images = images_of(mnist_test_set, 20)
     try:
-        with start_server(trained_repository, "--workers", "1",
-                          "--payload-log", f"http://127.0.0.1:{endpoint.server_port}/events") as server:
+        with start_server(
+            trained_repository,
+            "--workers",
+            "1",
+            "--payload-log",
+            f"http://127.0.0.1:{endpoint.server_port}/events",
+        ) as server:
             client = tritonclient_grpc.InferenceServerClient(server.target)
             for i in range(20):
-                kserve_call(client, images[i:i + 1], f"event-{i}")
+                kserve_call(client, images[i : i + 1], f"event-{i}")
             client.close()
             assert server.stop() == 0
     finally:
@@ -167,7 +208,9 @@ def test_cloudevents_reach_an_http_endpoint(trained_repository, mnist_test_set):
         assert event.get_subject() == "mnist/1"
         data = event.get_data()
         assert event.get_id() == data["id"] and data["id"].startswith("event-")
-        assert data["input"]["sha256"] == sha256_of(images[int(data["id"].split("-")[1])][np.newaxis])
+        assert data["input"]["sha256"] == sha256_of(
+            images[int(data["id"].split("-")[1])][np.newaxis]
+        )
 
 
 def test_a_sink_that_never_answers_costs_records_not_calls(trained_repository, mnist_test_set):
@@ -177,10 +220,17 @@ def test_a_sink_that_never_answers_costs_records_not_calls(trained_repository, m
     silent.listen(64)  # connections complete in the kernel; nobody ever reads or answers
     images = images_of(mnist_test_set, 300)
     try:
-        with start_server(trained_repository, "--workers", "1", "--payload-log-queue-size", "8",
-                          "--payload-log", f"http://127.0.0.1:{silent.getsockname()[1]}/") as server:
+        with start_server(
+            trained_repository,
+            "--workers",
+            "1",
+            "--payload-log-queue-size",
+            "8",
+            "--payload-log",
+            f"http://127.0.0.1:{silent.getsockname()[1]}/",
+        ) as server:
             client = tritonclient_grpc.InferenceServerClient(server.target)
-            answers = [kserve_call(client, images[i:i + 1], f"full-{i}") for i in range(300)]
+            answers = [kserve_call(client, images[i : i + 1], f"full-{i}") for i in range(300)]
             client.close()
             counts = records_metric(server.metrics_url)
             server.stop()
@@ -196,11 +246,28 @@ def test_bad_payload_log_settings_are_one_line(trained_repository):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository),
-                             "--payload-log", "x.jsonl", "--payload-log-sample-rate", "0"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "--model-repository",
+            str(trained_repository),
+            "--payload-log",
+            "x.jsonl",
+            "--payload-log-sample-rate",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].endswith("--payload-log-sample-rate must be in (0, 1]")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--payload-log-sample-rate must be in (0, 1]")
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -209,10 +276,28 @@ def test_a_payload_log_file_that_cannot_be_opened_is_one_line(trained_repository
     import sys
 
     target = Path(tmp_path) / "missing-folder" / "payloads.jsonl"
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository),
-                             "--workers", "1", "--port", str(free_port()), "--http-port", str(free_port()),
-                             "--metrics-port", "0", "--payload-log", str(target)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "--model-repository",
+            str(trained_repository),
+            "--workers",
+            "1",
+            "--port",
+            str(free_port()),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            "0",
+            "--payload-log",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "payload" in result.stderr.strip().splitlines()[-1]

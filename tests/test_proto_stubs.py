@@ -11,11 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
-KSERVE_METHODS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-                  # Triton's extensions (issue 11)
-                  "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"]
+KSERVE_METHODS = [
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    # Triton's extensions (issue 11)
+    "ModelConfig",
+    "ModelStatistics",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+]
 
 # Prints {message: {field: [number, type, label]}} for every message a module's file defines.
 _FIELDS_PROBE = """
@@ -63,8 +73,13 @@ print(json.dumps({"kserve": kserve.paths, "classifier": classifier.paths,
                   "package": mnist_classifier_pb2.DESCRIPTOR.package}))
 """
     found = json.loads(run_python("-c", probe))
-    assert sorted(found["kserve"]) == sorted(f"/inference.GRPCInferenceService/{m}" for m in KSERVE_METHODS)
-    assert sorted(found["classifier"]) == ["/mnist.v1.Classifier/Classify", "/mnist.v1.Classifier/DescribeModel"]
+    assert sorted(found["kserve"]) == sorted(
+        f"/inference.GRPCInferenceService/{m}" for m in KSERVE_METHODS
+    )
+    assert sorted(found["classifier"]) == [
+        "/mnist.v1.Classifier/Classify",
+        "/mnist.v1.Classifier/DescribeModel",
+    ]
     assert found["package"] == "mnist.v1"
 
 
@@ -75,7 +90,9 @@ def test_kserve_messages_match_tritonclient_on_the_wire() -> None:
     for message, fields in ours.items():
         assert message in triton, f"{message} is not in tritonclient's protocol"
         for name, spec in fields.items():
-            assert triton[message].get(name) == spec, f"{message}.{name}: ours {spec}, triton {triton[message].get(name)}"
+            assert triton[message].get(name) == spec, (
+                f"{message}.{name}: ours {spec}, triton {triton[message].get(name)}"
+            )
 
 
 def test_importing_the_client_leaves_kserve_symbols_unregistered() -> None:

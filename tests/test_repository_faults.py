@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from core.repository import RepositoryError, list_versions, write_version
 from core.metadata import ModelMetadata
+from core.repository import RepositoryError, list_versions, write_version
 from serving.process import start_server
 from tests.support.lifecycle import (
     Load,

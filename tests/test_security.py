@@ -3,6 +3,7 @@
 Real files, real certificates (tests/support/pki) and real TLS handshakes through OpenSSL, in
 memory (ssl.MemoryBIO): no socket, no server. The ports themselves are test_tls.py's.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,14 @@ import pytest
 
 from serving.http_api import security as http_security
 from serving.inference.errors import Unauthenticated
-from serving.security import SecurityConfigError, TlsFiles, TokenFile, WatchedFiles, bearer_token, read_file
+from serving.security import (
+    SecurityConfigError,
+    TlsFiles,
+    TokenFile,
+    WatchedFiles,
+    bearer_token,
+    read_file,
+)
 from tests.support.pki import issue, make_ca
 
 
@@ -27,7 +35,10 @@ def test_watched_files_follow_a_change_and_keep_the_last_usable_state(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="mnist-serve"):
         path.write_text("   ")  # half-written: unusable
         assert watched.current() == ("two, longer", False)
-    assert "the value files changed but cannot be used yet" in caplog.text and "is empty" in caplog.text
+    assert (
+        "the value files changed but cannot be used yet" in caplog.text
+        and "is empty" in caplog.text
+    )
     path.unlink()
     assert watched.current() == ("two, longer", False)
     path.write_text("three")
@@ -81,7 +92,10 @@ def handshake(server_context: ssl.SSLContext, client_context: ssl.SSLContext) ->
 
 def test_the_https_context_serves_a_renewed_certificate_at_the_next_handshake(tmp_path):
     old_ca, new_ca = make_ca(tmp_path, "old-ca"), make_ca(tmp_path, "new-ca")
-    old, renewed = issue(tmp_path, "old", old_ca, server=True), issue(tmp_path, "renewed", new_ca, server=True)
+    old, renewed = (
+        issue(tmp_path, "old", old_ca, server=True),
+        issue(tmp_path, "renewed", new_ca, server=True),
+    )
     files = TlsFiles(tmp_path / "tls.crt", tmp_path / "tls.key")
 
     def install(cert, key) -> None:

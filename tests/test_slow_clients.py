@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 
-
 from bench.slow_clients import (
     Trickle,
     close_all,

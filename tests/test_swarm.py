@@ -727,6 +727,7 @@ def test_tls_override_hands_certificates_and_token_as_secrets(tmp_path):
 
 # --- model_sync.py against a real registry (no engine needed) ---------------------------------------
 
+
 def _model_sync():
     import importlib.util
 
@@ -750,8 +751,12 @@ def _push_model_image(base: str, name: str, tag: str, files: dict[str, bytes]) -
             location = answer.headers["Location"]
         location = location if location.startswith("http") else base + location
         joiner = "&" if "?" in location else "?"
-        put = urllib.request.Request(f"{location}{joiner}digest={digest}", data=blob, method="PUT",
-                                     headers={"Content-Type": "application/octet-stream"})
+        put = urllib.request.Request(
+            f"{location}{joiner}digest={digest}",
+            data=blob,
+            method="PUT",
+            headers={"Content-Type": "application/octet-stream"},
+        )
         urllib.request.urlopen(put, timeout=30).close()
         return digest
 
@@ -762,50 +767,92 @@ def _push_model_image(base: str, name: str, tag: str, files: dict[str, bytes]) -
             info.size = len(content)
             tar.addfile(info, io.BytesIO(content))
     layer_blob = gzip.compress(layer.getvalue())
-    config_blob = json.dumps({"architecture": "amd64", "os": "linux",
-                              "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                   "size": len(config_blob), "digest": upload(config_blob)},
-        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                    "size": len(layer_blob), "digest": upload(layer_blob)}],
-    }).encode()
+    config_blob = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {
+                "mediaType": "application/vnd.docker.container.image.v1+json",
+                "size": len(config_blob),
+                "digest": upload(config_blob),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                    "size": len(layer_blob),
+                    "digest": upload(layer_blob),
+                }
+            ],
+        }
+    ).encode()
     put = urllib.request.Request(
-        f"{base}/v2/{name}/manifests/{tag}", data=manifest, method="PUT",
-        headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"})
+        f"{base}/v2/{name}/manifests/{tag}",
+        data=manifest,
+        method="PUT",
+        headers={"Content-Type": "application/vnd.docker.distribution.manifest.v2+json"},
+    )
     urllib.request.urlopen(put, timeout=30).close()
 
 
-def test_model_sync_fetches_checked_versions_and_refuses_an_altered_one(trained_repository, tmp_path):
+def test_model_sync_fetches_checked_versions_and_refuses_an_altered_one(
+    trained_repository, tmp_path
+):
     """deploy/swarm/model_sync.py against Debian's docker-registry on loopback: a version whose
     model.onnx matches metadata.json's sha256 lands in the repository; one that does not is refused
     and never appears there, and the sync keeps the good one."""
     if shutil.which("docker-registry") is None:
         if CI:
-            pytest.fail("no docker-registry: under CI=true this test must run (.ci/run installs it)")
+            pytest.fail(
+                "no docker-registry: under CI=true this test must run (.ci/run installs it)"
+            )
         pytest.skip("no docker-registry on PATH (Debian: apt-get install docker-registry)")
     port = free_port()
     config = tmp_path / "registry.yml"
-    config.write_text(json.dumps({"version": 0.1, "log": {"level": "error"},
-                                  "storage": {"filesystem": {"rootdirectory": str(tmp_path / "store")}},
-                                  "http": {"addr": f"127.0.0.1:{port}"}}))
-    registry = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    config.write_text(
+        json.dumps(
+            {
+                "version": 0.1,
+                "log": {"level": "error"},
+                "storage": {"filesystem": {"rootdirectory": str(tmp_path / "store")}},
+                "http": {"addr": f"127.0.0.1:{port}"},
+            }
+        )
+    )
+    registry = subprocess.Popen(
+        ["docker-registry", "serve", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for("the registry", lambda: _answers(base), timeout=60, interval=0.3)
         version_dir = trained_repository / "mnist" / "1"
         onnx = (version_dir / "model.onnx").read_bytes()
         metadata = (version_dir / "metadata.json").read_text()
-        _push_model_image(base, "mnist-model", "1", {
-            "mnist/1/model.onnx": onnx, "mnist/1/metadata.json": metadata.encode(),
-            "mnist/config.pbtxt": (trained_repository / "mnist" / "config.pbtxt").read_bytes()})
+        _push_model_image(
+            base,
+            "mnist-model",
+            "1",
+            {
+                "mnist/1/model.onnx": onnx,
+                "mnist/1/metadata.json": metadata.encode(),
+                "mnist/config.pbtxt": (trained_repository / "mnist" / "config.pbtxt").read_bytes(),
+            },
+        )
         altered = bytearray(onnx)
         altered[-1] ^= 0xFF  # one flipped byte: the sha256 in metadata.json no longer matches
-        _push_model_image(base, "mnist-model", "2", {
-            "mnist/2/model.onnx": bytes(altered),
-            "mnist/2/metadata.json": metadata.replace('"version": 1', '"version": 2').encode()})
+        _push_model_image(
+            base,
+            "mnist-model",
+            "2",
+            {
+                "mnist/2/model.onnx": bytes(altered),
+                "mnist/2/metadata.json": metadata.replace('"version": 1', '"version": 2').encode(),
+            },
+        )
         sync = _model_sync()
         into = tmp_path / "models"
         settings = sync.SyncConfig(base, "mnist-model", into)

@@ -1,4 +1,5 @@
 """Training stage: data reading, the article's network, export, parity, the model repository."""
+
 from __future__ import annotations
 
 import gzip
@@ -14,12 +15,12 @@ import onnx
 import pytest
 from google.protobuf import text_format
 
-from tests.support.common import QUICK_TRAIN_ARGS, ROOT, run_train
 from core.idx import DatasetError, find_data_dir, load_idx_dir, parse_idx
+from tests.support.common import QUICK_TRAIN_ARGS, ROOT, run_train
 from training.data import load_dataset
 
-
 # --- data -------------------------------------------------------------------------------------
+
 
 def test_reads_the_real_mnist_files(mnist_path):
     data = load_idx_dir(mnist_path)
@@ -64,7 +65,9 @@ def test_corrupt_file_fails_its_checksum(mnist_path, tmp_path):
     labels = bytearray(gzip.decompress((folder / "t10k-labels-idx1-ubyte.gz").read_bytes()))
     labels[100] = (labels[100] + 1) % 10  # still a well-formed IDX file: only the checksum can tell
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(labels)))
-    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte: sha256 .* differs from the expected"):
+    with pytest.raises(
+        DatasetError, match=r"t10k-labels-idx1-ubyte: sha256 .* differs from the expected"
+    ):
         load_idx_dir(folder)
 
 
@@ -77,8 +80,16 @@ def test_truncated_gzip_is_a_clear_error(mnist_path, tmp_path):
 
 
 def test_cli_reports_a_bad_data_folder_in_one_line(tmp_path):
-    result = run_train("--data-dir", str(tmp_path / "nowhere"), "--limit", "10", "--epochs", "1",
-                       "--out", str(tmp_path / "repo"))
+    result = run_train(
+        "--data-dir",
+        str(tmp_path / "nowhere"),
+        "--limit",
+        "10",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "repo"),
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in result.stderr
@@ -87,8 +98,10 @@ def test_cli_reports_a_bad_data_folder_in_one_line(tmp_path):
 def test_fashion_mnist_is_a_second_real_dataset():
     folder = find_data_dir("fashion-mnist")
     if folder is None:
-        how = ("set FASHION_MNIST_DATA_DIR to the folder of its IDX files (`make test` does when "
-               "../shared/datasets/fashion-mnist exists) or apt-get install dataset-fashion-mnist")
+        how = (
+            "set FASHION_MNIST_DATA_DIR to the folder of its IDX files (`make test` does when "
+            "../shared/datasets/fashion-mnist exists) or apt-get install dataset-fashion-mnist"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(f"Fashion-MNIST is missing under CI: {how}")
         pytest.skip(f"Fashion-MNIST not found: {how}")
@@ -100,6 +113,7 @@ def test_fashion_mnist_is_a_second_real_dataset():
 
 # --- the network -----------------------------------------------------------------------------
 
+
 def test_article_network_shapes_and_parameters():
     from training.quiet import import_tensorflow_quietly
 
@@ -109,15 +123,26 @@ def test_article_network_shapes_and_parameters():
     model = build_article_cnn()
     shapes = [tuple(layer.output.shape) for layer in model.layers]
     params = [layer.count_params() for layer in model.layers]
-    assert shapes == [(None, 24, 24, 32), (None, 12, 12, 32), (None, 8, 8, 64), (None, 4, 4, 64),
-                      (None, 1024), (None, 10)]
+    assert shapes == [
+        (None, 24, 24, 32),
+        (None, 12, 12, 32),
+        (None, 8, 8, 64),
+        (None, 4, 4, 64),
+        (None, 1024),
+        (None, 10),
+    ]
     assert params == [832, 0, 51264, 0, 0, 10250]
     assert model.count_params() == 62346
 
 
 def test_summary_flag_prints_the_keras_summary():
-    result = subprocess.run([sys.executable, "-m", "training.cli", "--summary"], capture_output=True,
-                            text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", "--summary"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "62,346" in result.stdout and "(None, 8, 8, 64)" in result.stdout
     assert result.stderr.strip() == "", "TensorFlow's import chatter must not reach the user"
@@ -148,11 +173,14 @@ def test_same_seed_same_model(mnist_path):
 
 # --- end to end: fit → export → parity → repository ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("small_run")
     # The article's network with the quick recipe of the serving tests (~95 % on the test digits).
-    result = run_train(*QUICK_TRAIN_ARGS, "--out", str(root / "repo"), "--artifacts", str(root / "artifacts"))
+    result = run_train(
+        *QUICK_TRAIN_ARGS, "--out", str(root / "repo"), "--artifacts", str(root / "artifacts")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root, result
 
@@ -165,7 +193,15 @@ def test_end_to_end_writes_a_triton_repository(small_run):
     for png in ("training_curves.png", "confusion_matrix.png", "misclassified.png"):
         assert (root / "artifacts" / "mnist-v1" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (root / "artifacts" / "mnist-v1" / "model.keras").is_file()
-    for row in ("recipe", "epochs", "wall time", "train accuracy", "val accuracy", "test accuracy", "parity"):
+    for row in (
+        "recipe",
+        "epochs",
+        "wall time",
+        "train accuracy",
+        "val accuracy",
+        "test accuracy",
+        "parity",
+    ):
         assert any(line.startswith(row) for line in result.stdout.splitlines()), row
 
 
@@ -173,12 +209,20 @@ def test_config_pbtxt_is_a_valid_triton_model_config(small_run):
     from tritonclient.grpc import model_config_pb2
 
     root, _ = small_run
-    config = text_format.Parse((root / "repo" / "mnist" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    assert config.name == "mnist" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 64
+    config = text_format.Parse(
+        (root / "repo" / "mnist" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    assert (
+        config.name == "mnist"
+        and config.platform == "onnxruntime_onnx"
+        and config.max_batch_size == 64
+    )
     assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
-        ("images", model_config_pb2.TYPE_FP32, [28, 28, 1])]
+        ("images", model_config_pb2.TYPE_FP32, [28, 28, 1])
+    ]
     assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [
-        ("probabilities", model_config_pb2.TYPE_FP32, [10])]
+        ("probabilities", model_config_pb2.TYPE_FP32, [10])
+    ]
     assert config.HasField("dynamic_batching")
 
 
@@ -189,7 +233,9 @@ def test_onnx_model_interface_and_metadata(small_run):
     (inp,), (out,) = model.graph.input, model.graph.output
     dims = lambda t: [d.dim_value or d.dim_param or None for d in t.type.tensor_type.shape.dim]  # noqa: E731
     assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert dims(inp)[1:] == [28, 28, 1] and isinstance(dims(inp)[0], (str, type(None)))  # dynamic batch
+    assert dims(inp)[1:] == [28, 28, 1] and isinstance(
+        dims(inp)[0], (str, type(None))
+    )  # dynamic batch
     assert out.name == "probabilities" and dims(out)[1:] == [10]
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     props = {p.key: p.value for p in model.metadata_props}
@@ -208,7 +254,9 @@ def test_published_model_reads_the_test_digits_as_well_as_it_claims(small_run, m
     version = load_version(root / "repo", "mnist")
     images, labels = mnist_test_set
     session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
-    predicted = session.run(None, {"images": (images.astype(np.float32) / 255)[..., None]})[0].argmax(axis=1)
+    predicted = session.run(None, {"images": (images.astype(np.float32) / 255)[..., None]})[
+        0
+    ].argmax(axis=1)
     accuracy = float((predicted == labels).mean())
     # 5,400 images, two epochs: a competent reader of digits, and exactly what the run reported.
     assert accuracy >= 0.90, accuracy
@@ -259,11 +307,22 @@ def test_metadata_records_parity_and_checksum(small_run):
 
 def test_a_new_run_adds_the_next_version(small_run, tmp_path):
     root, _ = small_run
-    repository = tmp_path / "repo"  # a copy of its own: the module's repository keeps exactly version 1
+    repository = (
+        tmp_path / "repo"
+    )  # a copy of its own: the module's repository keeps exactly version 1
     shutil.copytree(root / "repo", repository)
     before = (repository / "mnist" / "1" / "model.onnx").read_bytes()
-    result = run_train("--limit", "500", "--epochs", "1", "--no-int8", "--out", str(repository),
-                       "--artifacts", str(tmp_path / "artifacts"))
+    result = run_train(
+        "--limit",
+        "500",
+        "--epochs",
+        "1",
+        "--no-int8",
+        "--out",
+        str(repository),
+        "--artifacts",
+        str(tmp_path / "artifacts"),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (repository / "mnist").iterdir()) == ["1", "2", "config.pbtxt"]
     assert (repository / "mnist" / "2" / "model.onnx").is_file()
@@ -293,19 +352,29 @@ def test_parity_failure_names_the_images(small_run, mnist_test_set):
     # Which images differ, worked out here: Keras against onnxruntime on the nudged graph.
     import onnxruntime as ort
 
-    nudged = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    per_image = np.abs(keras_model.predict(inputs, verbose=0) - nudged.run(None, {"images": inputs})[0]).max(axis=1)
+    nudged = ort.InferenceSession(
+        onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    per_image = np.abs(
+        keras_model.predict(inputs, verbose=0) - nudged.run(None, {"images": inputs})[0]
+    ).max(axis=1)
     differing = np.flatnonzero(per_image > 1e-4).tolist()
     assert differing, "the nudge must change some probabilities"
     first = ", ".join(map(str, differing[:3]))
-    with pytest.raises(ParityError, match=rf"ONNX differs from Keras: max \|Δp\| .* on {len(differing)} images \({first}"):
+    with pytest.raises(
+        ParityError,
+        match=rf"ONNX differs from Keras: max \|Δp\| .* on {len(differing)} images \({first}",
+    ):
         check_parity(keras_model, onnx_model.SerializeToString(), inputs, labels[:200])
 
 
 # --- the folder's SHA256SUMS, a parity failure through the CLI, flags and Fashion-MNIST ------------
 
+
 def _write_sums(folder: Path, digests: dict[str, str]) -> None:
-    (folder / "SHA256SUMS").write_text("".join(f"{digest}  {stem}\n" for stem, digest in digests.items()))
+    (folder / "SHA256SUMS").write_text(
+        "".join(f"{digest}  {stem}\n" for stem, digest in digests.items())
+    )
 
 
 def test_the_folders_own_sha256sums_decide(mnist_path, tmp_path):
@@ -315,12 +384,19 @@ def test_the_folders_own_sha256sums_decide(mnist_path, tmp_path):
     labels = bytearray(gzip.decompress((folder / "t10k-labels-idx1-ubyte.gz").read_bytes()))
     labels[8 + 0] = 3  # the first test label is 7 in MNIST; this folder's copy says 3
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(labels)))
-    digests = {gz.stem: hashlib.sha256(gzip.decompress(gz.read_bytes())).hexdigest()
-               for gz in folder.glob("*.gz")}
+    digests = {
+        gz.stem: hashlib.sha256(gzip.decompress(gz.read_bytes())).hexdigest()
+        for gz in folder.glob("*.gz")
+    }
     _write_sums(folder, digests)  # sums of this folder's files: they are accepted as they are
     assert load_idx_dir(folder).test_labels[0] == 3
-    _write_sums(folder, {**digests, "train-images-idx3-ubyte": "0" * 64})  # a sum that no longer matches
-    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte: sha256 .* differs from the expected 000000000000"):
+    _write_sums(
+        folder, {**digests, "train-images-idx3-ubyte": "0" * 64}
+    )  # a sum that no longer matches
+    with pytest.raises(
+        DatasetError,
+        match=r"train-images-idx3-ubyte: sha256 .* differs from the expected 000000000000",
+    ):
         load_idx_dir(folder)
 
 
@@ -348,16 +424,38 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_parity_failure_exits_non_zero_and_publishes_nothing(mnist_path, tmp_path):
-    result = subprocess.run([sys.executable, "-c", PARITY_BREAK, "--limit", "500", "--epochs", "1",
-                             "--out", str(tmp_path / "repo"), "--artifacts", str(tmp_path / "artifacts")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, "MNIST_DATA_DIR": str(mnist_path)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PARITY_BREAK,
+            "--limit",
+            "500",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "repo"),
+            "--artifacts",
+            str(tmp_path / "artifacts"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "MNIST_DATA_DIR": str(mnist_path)},
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("mnist-train: error: ParityError: ONNX differs from Keras"), last
     assert "Traceback" not in result.stderr
-    published = [p for p in (tmp_path / "repo").rglob("*") if p.is_file()] if (tmp_path / "repo").exists() else []
-    assert published == [], published  # no model.onnx, no metadata.json, no config.pbtxt, no INT8 copy
+    published = (
+        [p for p in (tmp_path / "repo").rglob("*") if p.is_file()]
+        if (tmp_path / "repo").exists()
+        else []
+    )
+    assert published == [], (
+        published
+    )  # no model.onnx, no metadata.json, no config.pbtxt, no INT8 copy
 
 
 def fashion_mnist_dir() -> Path | None:
@@ -379,27 +477,58 @@ def test_fashion_mnist_end_to_end_with_the_export_flags(tmp_path):
     if folder is None:
         if os.environ.get("CI") == "true":
             pytest.fail("Fashion-MNIST is missing under CI: apt-get install dataset-fashion-mnist")
-        pytest.skip("Fashion-MNIST not found: set FASHION_MNIST_DATA_DIR or apt-get install dataset-fashion-mnist")
-    result = run_train("--dataset", "fashion-mnist", "--data-dir", str(folder), "--limit", "1000", "--epochs", "1",
-                       "--optimizer", "adam", "--learning-rate", "0.002", "--opset", "18", "--max-batch-size", "32",
-                       "--validation-split", "0.25", "--no-int8", "--model-name", "fashion",
-                       "--out", str(tmp_path / "repo"), "--artifacts", str(tmp_path / "artifacts"))
+        pytest.skip(
+            "Fashion-MNIST not found: set FASHION_MNIST_DATA_DIR or apt-get install dataset-fashion-mnist"
+        )
+    result = run_train(
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(folder),
+        "--limit",
+        "1000",
+        "--epochs",
+        "1",
+        "--optimizer",
+        "adam",
+        "--learning-rate",
+        "0.002",
+        "--opset",
+        "18",
+        "--max-batch-size",
+        "32",
+        "--validation-split",
+        "0.25",
+        "--no-int8",
+        "--model-name",
+        "fashion",
+        "--out",
+        str(tmp_path / "repo"),
+        "--artifacts",
+        str(tmp_path / "artifacts"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     version = load_version(tmp_path / "repo", "fashion")
     meta = version.metadata
     assert meta.dataset == "fashion-mnist" and meta.class_names[9] == "Ankle boot"
-    assert (meta.train_images, meta.validation_images) == (750, 250)  # --validation-split 0.25 of --limit 1000
+    assert (meta.train_images, meta.validation_images) == (
+        750,
+        250,
+    )  # --validation-split 0.25 of --limit 1000
     model = onnx.load(version.model_path)
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
     from tritonclient.grpc import model_config_pb2
 
-    config = text_format.Parse((tmp_path / "repo" / "fashion" / "config.pbtxt").read_text(),
-                               model_config_pb2.ModelConfig())
+    config = text_format.Parse(
+        (tmp_path / "repo" / "fashion" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
     assert config.name == "fashion" and config.max_batch_size == 32
     # The published model reads Fashion-MNIST's own test images (from the folder) far above chance (0.1):
     # 750 images, one epoch give about 0.55.
     data = load_idx_dir(folder, "fashion-mnist")
     session = ort.InferenceSession(str(version.model_path), providers=["CPUExecutionProvider"])
-    predicted = session.run(None, {"images": (data.test_images.astype(np.float32) / 255)[..., None]})[0].argmax(axis=1)
+    predicted = session.run(
+        None, {"images": (data.test_images.astype(np.float32) / 255)[..., None]}
+    )[0].argmax(axis=1)
     accuracy = float((predicted == data.test_labels).mean())
     assert accuracy >= 0.4 and meta.onnx_test_accuracy == pytest.approx(accuracy, abs=1e-4)

@@ -1,4 +1,5 @@
 """`--workers`: several real server processes on one port, one metrics endpoint, one clean drain."""
+
 from __future__ import annotations
 
 import hashlib
@@ -40,20 +41,27 @@ def test_both_workers_serve_and_the_metrics_sum_over_them(two_workers, mnist_tes
     for start in range(0, calls * per_call, per_call):
         # A new client is a new connection; the kernel hands each one to either worker.
         with ClassifierClient(two_workers.target) as client:
-            probabilities = client.infer_kserve(images[start:start + per_call])
-        correct += int((probabilities.argmax(axis=1) == labels[start:start + per_call]).sum())
+            probabilities = client.infer_kserve(images[start : start + per_call])
+        correct += int((probabilities.argmax(axis=1) == labels[start : start + per_call]).sum())
     assert correct >= 0.85 * calls * per_call
 
     samples = scrape(two_workers.metrics_url)
     # Every call's and batch's metrics name the model and version that answered.
-    assert samples['mnist_requests_total{code="OK",method="ModelInfer",model="mnist",version="1"}'] == calls
+    assert (
+        samples['mnist_requests_total{code="OK",method="ModelInfer",model="mnist",version="1"}']
+        == calls
+    )
     assert samples['mnist_images_total{model="mnist",version="1"}'] == calls * per_call
-    per_worker = {key: value for key, value in samples.items() if key.startswith("mnist_worker_images{")}
+    per_worker = {
+        key: value for key, value in samples.items() if key.startswith("mnist_worker_images{")
+    }
     workers = child_pids(two_workers.proc.pid)
     assert {int(key.split('pid="')[1].split('"')[0]) for key in per_worker} <= workers
     assert len(per_worker) == 2 and all(value > 0 for value in per_worker.values()), per_worker
     assert sum(per_worker.values()) == calls * per_call
-    assert samples['mnist_model_info{model="mnist",provider="CPUExecutionProvider",version="1"}'] == 1
+    assert (
+        samples['mnist_model_info{model="mnist",provider="CPUExecutionProvider",version="1"}'] == 1
+    )
     assert samples['mnist_queue_depth{model="mnist",version="1"}'] == 0
     log = two_workers.log()
     assert "2 workers on 127.0.0.1" in log
@@ -63,8 +71,14 @@ def test_sigterm_drains_every_worker_and_exits_0(trained_repository, tmp_path, m
     from serving.client import ClassifierClient
     from serving.process import start_server
 
-    server = start_server(trained_repository, "--workers", "2", "--metrics-port", "0",
-                          log_path=tmp_path / "server.log")
+    server = start_server(
+        trained_repository,
+        "--workers",
+        "2",
+        "--metrics-port",
+        "0",
+        log_path=tmp_path / "server.log",
+    )
     wait_for_both_workers(server)
     workers = child_pids(server.proc.pid)
     with ClassifierClient(server.target) as client:
@@ -72,7 +86,11 @@ def test_sigterm_drains_every_worker_and_exits_0(trained_repository, tmp_path, m
     assert server.stop(signal.SIGTERM) == 0
     log = server.log()
     assert "SIGTERM: draining 2 workers" in log
-    assert log.count("draining: NOT_SERVING") == 2 and "[worker 0]: stopped" in log and "[worker 1]: stopped" in log
+    assert (
+        log.count("draining: NOT_SERVING") == 2
+        and "[worker 0]: stopped" in log
+        and "[worker 1]: stopped" in log
+    )
     for pid in workers:  # no orphan left behind (the spawn resource tracker included)
         assert wait_until_gone(pid), f"process {pid} outlived the server"
 
@@ -80,9 +98,27 @@ def test_sigterm_drains_every_worker_and_exits_0(trained_repository, tmp_path, m
 def test_sigterm_while_the_workers_load_still_exits_0(trained_repository, tmp_path):
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository),
-                                 "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0",
-                                 "--http-port", "0", "--workers", "2"], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "serving.cli",
+                "--model-repository",
+                str(trained_repository),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--metrics-port",
+                "0",
+                "--http-port",
+                "0",
+                "--workers",
+                "2",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while "2 workers on" not in log.read_text():
             assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
@@ -96,27 +132,67 @@ def test_a_taken_port_is_one_line_before_any_worker_starts(trained_repository):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository),
-                                 "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-                                 "--http-port", "0", "--workers", "2"],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "serving.cli",
+                "--model-repository",
+                str(trained_repository),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metrics-port",
+                "0",
+                "--http-port",
+                "0",
+                "--workers",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"mnist-serve: error: cannot listen on 127.0.0.1:{port} (Address already in use); "
-        "is another server running? choose another --port"]
+        "is another server running? choose another --port"
+    ]
 
 
 def serve_and_fail(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving.cli", "--host", "127.0.0.1", "--port", str(free_port()),
-                           "--metrics-port", "0", "--http-port", "0", "--workers", "2", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            "--workers",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_missing_model_is_one_line_from_the_parent(tmp_path):
     result = serve_and_fail("--model-repository", str(tmp_path / "empty"))
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
-                                                   if line.startswith("mnist-serve: error: no versions of model")]
+    assert result.stderr.strip().splitlines() == [
+        line
+        for line in result.stderr.strip().splitlines()
+        if line.startswith("mnist-serve: error: no versions of model")
+    ]
 
 
 def test_a_worker_that_fails_to_start_stops_the_server(trained_repository, tmp_path):
@@ -159,10 +235,15 @@ def test_small_and_large_batches_give_the_same_answers(trained_repository, mnist
     from serving.inference.runtime import OnnxRuntimeSession, RuntimeOptions
 
     model = str(load_version(trained_repository, "mnist").model_path)
-    runtime = OnnxRuntimeSession(model, RuntimeOptions(device="cpu", intra_op_threads=2, multi_thread_min_batch=16))
+    runtime = OnnxRuntimeSession(
+        model, RuntimeOptions(device="cpu", intra_op_threads=2, multi_thread_min_batch=16)
+    )
     assert "batches under 16 images on 1 thread, larger on 2" in runtime.threading()
     batch = to_model_input(mnist_test_set[0][:64])
     together = runtime.run(batch)
-    one_by_one = np.concatenate([runtime.run(batch[i:i + 1]) for i in range(len(batch))])
+    one_by_one = np.concatenate([runtime.run(batch[i : i + 1]) for i in range(len(batch))])
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)
-    assert "one session" in OnnxRuntimeSession(model, RuntimeOptions(device="cpu", intra_op_threads=1)).threading()
+    assert (
+        "one session"
+        in OnnxRuntimeSession(model, RuntimeOptions(device="cpu", intra_op_threads=1)).threading()
+    )

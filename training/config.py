@@ -1,4 +1,5 @@
 """Training configuration: the named recipes and the flags that override them."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -23,11 +24,19 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # The article's: /255 pixels, one-hot labels, categorical cross-entropy, plain SGD at
     # Keras' default rate (0.01), batch 100, 5 epochs. It reports 0.9704 on the test set.
-    "article": Recipe(architecture="article", epochs=5, batch_size=100, optimizer="sgd", learning_rate=0.01),
+    "article": Recipe(
+        architecture="article", epochs=5, batch_size=100, optimizer="sgd", learning_rate=0.01
+    ),
     # The strongest recipe found for a 2-core CPU in about 10 minutes (README: figures).
     "best": Recipe(
-        architecture="best", epochs=12, batch_size=128, optimizer="adam", learning_rate=3e-3,
-        schedule="cosine", augment=True, label_smoothing=0.05,
+        architecture="best",
+        epochs=12,
+        batch_size=128,
+        optimizer="adam",
+        learning_rate=3e-3,
+        schedule="cosine",
+        augment=True,
+        label_smoothing=0.05,
     ),
 }
 
@@ -49,8 +58,13 @@ class TrainConfig:
     parity_tolerance: float = 1e-4
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {**asdict(self.recipe), "validation_split": self.validation_split, "seed": self.seed,
-                "limit": self.limit, "dataset": self.dataset}
+        return {
+            **asdict(self.recipe),
+            "validation_split": self.validation_split,
+            "seed": self.seed,
+            "limit": self.limit,
+            "dataset": self.dataset,
+        }
 
 
 def make_config(recipe_name: str, overrides: dict[str, Any], **settings: Any) -> TrainConfig:

@@ -3,6 +3,7 @@
 Reading, checksumming and finding the files is core.idx's job, shared with the load tests and
 the docker helpers; only the download lives here, because it needs Keras.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,4 +31,12 @@ def _download(dataset: str) -> Dataset:
             f"could not download {dataset} ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
             f"offline, pass --data-dir or set {ENV_VARS[dataset]} to a folder with the IDX files"
         ) from err
-    return Dataset(dataset, CLASS_NAMES[dataset], x_train, y_train, x_test, y_test, source="keras.datasets download")
+    return Dataset(
+        dataset,
+        CLASS_NAMES[dataset],
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        source="keras.datasets download",
+    )

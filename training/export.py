@@ -1,4 +1,5 @@
 """Keras → ONNX with tf2onnx, named and annotated for the model repository."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,12 @@ def export_onnx(model: keras.Model, metadata: dict[str, str], opset: int = 17) -
     _rename_io(onnx_model.graph)
     del onnx_model.metadata_props[:]
     for key, value in metadata.items():
-        onnx_model.metadata_props.add(key=key, value=value if isinstance(value, str) else json.dumps(value))
-    onnx_model.doc_string = "MNIST CNN (article: 'Convolutional Neural Networks for Beginners'), exported with tf2onnx"
+        onnx_model.metadata_props.add(
+            key=key, value=value if isinstance(value, str) else json.dumps(value)
+        )
+    onnx_model.doc_string = (
+        "MNIST CNN (article: 'Convolutional Neural Networks for Beginners'), exported with tf2onnx"
+    )
     onnx.checker.check_model(onnx_model)
     return onnx_model
 

@@ -1,4 +1,5 @@
 """Fitting a network to a data set under a recipe, repeatably for a fixed seed."""
+
 from __future__ import annotations
 
 import sys
@@ -43,25 +44,35 @@ def _optimizer(config: TrainConfig, steps: int) -> keras.optimizers.Optimizer:
     if recipe.schedule == "cosine":
         warmup = max(1, steps // 10)
         rate = keras.optimizers.schedules.CosineDecay(
-            recipe.learning_rate / 10, decay_steps=steps - warmup,
-            warmup_target=recipe.learning_rate, warmup_steps=warmup,
+            recipe.learning_rate / 10,
+            decay_steps=steps - warmup,
+            warmup_target=recipe.learning_rate,
+            warmup_steps=warmup,
         )
     elif recipe.schedule != "constant":
         raise ValueError(f"unknown schedule '{recipe.schedule}'; use constant or cosine")
-    optimizers = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam,
-                  "rmsprop": keras.optimizers.RMSprop, "adamw": keras.optimizers.AdamW}
+    optimizers = {
+        "sgd": keras.optimizers.SGD,
+        "adam": keras.optimizers.Adam,
+        "rmsprop": keras.optimizers.RMSprop,
+        "adamw": keras.optimizers.AdamW,
+    }
     if recipe.optimizer not in optimizers:
-        raise ValueError(f"unknown optimizer '{recipe.optimizer}'; choose one of {', '.join(optimizers)}")
+        raise ValueError(
+            f"unknown optimizer '{recipe.optimizer}'; choose one of {', '.join(optimizers)}"
+        )
     return optimizers[recipe.optimizer](learning_rate=rate)
 
 
 def _augmenter(seed: int) -> keras.Sequential:
     # Small enough that a digit stays itself (a rotated 6 must not become a 9).
-    return keras.Sequential([
-        keras.layers.RandomRotation(0.04, fill_mode="constant", seed=seed),
-        keras.layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 1),
-        keras.layers.RandomZoom(0.08, fill_mode="constant", seed=seed + 2),
-    ])
+    return keras.Sequential(
+        [
+            keras.layers.RandomRotation(0.04, fill_mode="constant", seed=seed),
+            keras.layers.RandomTranslation(0.08, 0.08, fill_mode="constant", seed=seed + 1),
+            keras.layers.RandomZoom(0.08, fill_mode="constant", seed=seed + 2),
+        ]
+    )
 
 
 def _training_data(x, y, config: TrainConfig):
@@ -73,7 +84,10 @@ def _training_data(x, y, config: TrainConfig):
         tf.data.Dataset.from_tensor_slices((x, y))
         .shuffle(len(x), seed=config.seed, reshuffle_each_iteration=True)
         .batch(recipe.batch_size)
-        .map(lambda images, labels: (augment(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(
+            lambda images, labels: (augment(images, training=True), labels),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
         .prefetch(tf.data.AUTOTUNE)
     )
 
@@ -87,9 +101,14 @@ def fit(config: TrainConfig, data: Dataset, verbose: int | None = None) -> FitRe
     if config.limit:
         images, labels = images[: config.limit], labels[: config.limit]
     (x_train, y_train), (x_val, y_val) = split_train_validation(
-        to_model_input(images), keras.utils.to_categorical(labels, NUM_CLASSES), config.validation_split
+        to_model_input(images),
+        keras.utils.to_categorical(labels, NUM_CLASSES),
+        config.validation_split,
     )
-    x_test, y_test = to_model_input(data.test_images), keras.utils.to_categorical(data.test_labels, NUM_CLASSES)
+    x_test, y_test = (
+        to_model_input(data.test_images),
+        keras.utils.to_categorical(data.test_labels, NUM_CLASSES),
+    )
 
     model = ARCHITECTURES[recipe.architecture](len(data.class_names))
     steps = recipe.epochs * -(-len(x_train) // recipe.batch_size)
@@ -115,9 +134,13 @@ def fit(config: TrainConfig, data: Dataset, verbose: int | None = None) -> FitRe
     _, train_accuracy = model.evaluate(x_train, y_train, batch_size=1000, verbose=0)
     val_accuracy = history.history["val_accuracy"][-1] if len(x_val) else None
     return FitResult(
-        model=model, history={k: [float(v) for v in vs] for k, vs in history.history.items()},
-        wall_seconds=wall, train_accuracy=float(train_accuracy),
+        model=model,
+        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        wall_seconds=wall,
+        train_accuracy=float(train_accuracy),
         val_accuracy=None if val_accuracy is None else float(val_accuracy),
-        test_accuracy=float(test_accuracy), test_loss=float(test_loss),
-        train_size=len(x_train), val_size=len(x_val),
+        test_accuracy=float(test_accuracy),
+        test_loss=float(test_loss),
+        train_size=len(x_train),
+        val_size=len(x_val),
     )

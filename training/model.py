@@ -1,4 +1,5 @@
 """The networks: the article's CNN, and the stronger variant the `best` recipe trains."""
+
 from __future__ import annotations
 
 import keras
@@ -55,7 +56,8 @@ ARCHITECTURES = {"article": build_article_cnn, "best": build_best_cnn}
 
 # Written into metadata.json, so a published model says how it differs from the article's.
 DESCRIPTIONS = {
-    "article": "the article's: Conv2D(32,5x5,relu) > MaxPool(2) > Conv2D(64,5x5,relu) > MaxPool(2) > Flatten > Dense(10,softmax)",
+    "article": "the article's: Conv2D(32,5x5,relu) > MaxPool(2) > Conv2D(64,5x5,relu) > MaxPool(2) > "
+    "Flatten > Dense(10,softmax)",
     "best": "grown from the article's: Conv2D(32,5x5) > BatchNorm > relu > MaxPool(2) > Conv2D(64,5x5) > BatchNorm > "
-            "relu > MaxPool(2) > Flatten > Dropout(0.25) > Dense(128,relu) > Dropout(0.4) > Dense(10,softmax)",
+    "relu > MaxPool(2) > Flatten > Dropout(0.25) > Dense(128,relu) > Dropout(0.4) > Dense(10,softmax)",
 }

@@ -1,4 +1,5 @@
 """PNG figures of a training run: curves, confusion matrix, misclassified digits."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,22 +38,41 @@ def plot_training_curves(history: dict[str, list[float]], path: Path) -> None:
 def plot_confusion_matrix(counts: np.ndarray, class_names: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 6))
     image = ax.imshow(np.log1p(counts), cmap="Blues")
-    ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)),
-           xticklabels=class_names, yticklabels=class_names, xlabel="predicted", ylabel="true",
-           title=f"Test confusion matrix ({counts.trace()} / {counts.sum()} correct)")
+    ax.set(
+        xticks=range(len(class_names)),
+        yticks=range(len(class_names)),
+        xticklabels=class_names,
+        yticklabels=class_names,
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Test confusion matrix ({counts.trace()} / {counts.sum()} correct)",
+    )
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     threshold = counts.max() / 2
     for (t, p), n in np.ndenumerate(counts):
-        ax.text(p, t, str(n), ha="center", va="center", fontsize=7,
-                color="white" if n > threshold else "black")
+        ax.text(
+            p,
+            t,
+            str(n),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if n > threshold else "black",
+        )
     fig.colorbar(image, ax=ax, label="log(1 + count)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_misclassified(images: np.ndarray, true: np.ndarray, predicted: np.ndarray,
-                       class_names: list[str], path: Path, limit: int = 36) -> None:
+def plot_misclassified(
+    images: np.ndarray,
+    true: np.ndarray,
+    predicted: np.ndarray,
+    class_names: list[str],
+    path: Path,
+    limit: int = 36,
+) -> None:
     wrong = np.flatnonzero(true != predicted)[:limit]
     columns = 6
     rows = max(1, -(-len(wrong) // columns))
@@ -61,8 +81,13 @@ def plot_misclassified(images: np.ndarray, true: np.ndarray, predicted: np.ndarr
         ax.axis("off")
     for ax, index in zip(axes.flat, wrong):
         ax.imshow(images[index].squeeze(), cmap="gray")
-        ax.set_title(f"#{index}\ntrue {class_names[true[index]]} → {class_names[predicted[index]]}", fontsize=7)
-    fig.suptitle(f"Misclassified test images ({len(np.flatnonzero(true != predicted))} in all, first {len(wrong)})")
+        ax.set_title(
+            f"#{index}\ntrue {class_names[true[index]]} → {class_names[predicted[index]]}",
+            fontsize=7,
+        )
+    fig.suptitle(
+        f"Misclassified test images ({len(np.flatnonzero(true != predicted))} in all, first {len(wrong)})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

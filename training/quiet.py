@@ -1,4 +1,5 @@
 """Silence TensorFlow's import-time chatter so the CLI prints only what matters."""
+
 from __future__ import annotations
 
 import contextlib

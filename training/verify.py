@@ -1,4 +1,5 @@
 """Proof that the exported ONNX model computes what the Keras model computes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,14 +39,21 @@ class ParityReport:
 
 def onnx_predict(onnx_bytes: bytes, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    return np.concatenate([
-        session.run([OUTPUT_NAME], {INPUT_NAME: images[i: i + batch_size]})[0]
-        for i in range(0, len(images), batch_size)
-    ])
+    return np.concatenate(
+        [
+            session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size]})[0]
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
-def check_parity(model: keras.Model, onnx_bytes: bytes, images: np.ndarray, labels: np.ndarray,
-                 tolerance: float = 1e-4) -> ParityReport:
+def check_parity(
+    model: keras.Model,
+    onnx_bytes: bytes,
+    images: np.ndarray,
+    labels: np.ndarray,
+    tolerance: float = 1e-4,
+) -> ParityReport:
     """Run both over every image; raise ParityError naming the images that differ."""
     keras_probs = model.predict(images, batch_size=1000, verbose=0)
     onnx_probs = onnx_predict(onnx_bytes, images)

@@ -6,6 +6,7 @@
 
 Rendering is pure (parser or module in, Markdown out); `on_files` adds the pages to the build.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,8 @@ def _value(action: argparse.Action) -> str:
         return _code(action.metavar)
     kind = getattr(action.type, "__name__", None)
     return {"int": "integer", "float": "number", "Path": "path", "_boolean": "true \\| false"}.get(
-        kind, "text")
+        kind, "text"
+    )
 
 
 def _default(action: argparse.Action) -> str:
@@ -106,7 +108,9 @@ def parser_markdown(parser: argparse.ArgumentParser, command: Command) -> str:
             "",
         ]
     # argparse keeps no public list of its groups; its catch-all "options" group goes last here.
-    groups = sorted(parser._action_groups, key=lambda group: group.title in ("options", "optional arguments"))
+    groups = sorted(
+        parser._action_groups, key=lambda group: group.title in ("options", "optional arguments")
+    )
     for group in groups:
         actions = [a for a in group._group_actions if not isinstance(a, argparse._HelpAction)]
         if not actions:
@@ -118,18 +122,27 @@ def parser_markdown(parser: argparse.ArgumentParser, command: Command) -> str:
         header = ["flag", "value", "default"] + (["environment"] if env else []) + ["meaning"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for action in actions:
-            flags = ", ".join(_code(s) for s in action.option_strings) or _code(action.metavar or action.dest)
+            flags = ", ".join(_code(s) for s in action.option_strings) or _code(
+                action.metavar or action.dest
+            )
             row = [flags, _value(action), _default(action)]
             if env:
-                row.append(_code(command.env_prefix + action.dest.upper()) if action.option_strings else "")
+                row.append(
+                    _code(command.env_prefix + action.dest.upper()) if action.option_strings else ""
+                )
             row.append(_cell(_help(action, parser.prog)))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-_EXPOSED = {"counter": "{}_total", "histogram": "{}_bucket, {}_sum, {}_count", "gauge": "{}",
-            "info": "{}_info", "summary": "{}_sum, {}_count"}
+_EXPOSED = {
+    "counter": "{}_total",
+    "histogram": "{}_bucket, {}_sum, {}_count",
+    "gauge": "{}",
+    "info": "{}_info",
+    "summary": "{}_sum, {}_count",
+}
 
 
 def metrics_markdown(module: ModuleType) -> str:
@@ -149,7 +162,9 @@ def metrics_markdown(module: ModuleType) -> str:
         "|---|---|---|---|",
     ]
     for metric in metrics:  # prometheus_client keeps name, type and labels in private fields
-        names = ", ".join(f"`{n}`" for n in _EXPOSED[metric._type].format(*[metric._name] * 3).split(", "))
+        names = ", ".join(
+            f"`{n}`" for n in _EXPOSED[metric._type].format(*[metric._name] * 3).split(", ")
+        )
         labels = ", ".join(f"`{label}`" for label in metric._labelnames)
         lines.append(f"| {names} | {metric._type} | {labels} | {_cell(metric._documentation)} |")
     lines.append("")

@@ -3,6 +3,7 @@
 KServe v2 messages have their own module (kserve_converters): its stubs clash with
 tritonclient's when both are imported, so only the server process loads them.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,8 +43,12 @@ def classify_response(model: ServedModel, probabilities: np.ndarray) -> pb.Class
     class_names = model.class_names
     return pb.ClassifyResponse(
         predictions=[
-            pb.Prediction(label=int(label), class_name=class_names[label],
-                          confidence=float(confidence), probabilities=row)
+            pb.Prediction(
+                label=int(label),
+                class_name=class_names[label],
+                confidence=float(confidence),
+                probabilities=row,
+            )
             for label, confidence, row in zip(labels, confidences, probabilities.tolist())
         ],
         model_name=model.name,

@@ -5,9 +5,10 @@ A thin servicer: readiness comes from the Server, each call's (model, version) f
 lookup (the registry: models -> versions), conversions from kserve_converters and triton, and
 the model core's errors become status codes in serving.grpc_api.status.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from serving import __version__
 from serving.generated import grpc_predict_v2_pb2 as pb
@@ -31,12 +32,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._is_ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._is_ready() and self.lookup.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(
+            ready=self._is_ready() and self.lookup.is_ready(request.name, request.version)
+        )
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="mnist-serve", version=__version__, extensions=self.triton.extensions)
+        return pb.ServerMetadataResponse(
+            name="mnist-serve", version=__version__, extensions=self.triton.extensions
+        )
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context
+    ) -> pb.ModelMetadataResponse:
         model = self.lookup.resolve(request.name, request.version)
         return convert.model_metadata(model, self.lookup.ready_versions(model.name))
 
@@ -52,18 +59,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=self.triton.config(request.name, request.version))
 
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context
+    ) -> pb.ModelStatisticsResponse:
         return self.triton.statistics(request.name, request.version)
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context
+    ) -> pb.RepositoryIndexResponse:
         return self.triton.index(ready_only=request.ready)
 
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
-                                  context) -> pb.RepositoryModelLoadResponse:
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context
+    ) -> pb.RepositoryModelLoadResponse:
         await self.triton.load(request.model_name, request.parameters.keys())
         return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
-                                    context) -> pb.RepositoryModelUnloadResponse:
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context
+    ) -> pb.RepositoryModelUnloadResponse:
         await self.triton.unload(request.model_name, request.parameters.keys())
         return pb.RepositoryModelUnloadResponse()

@@ -5,11 +5,13 @@ by `tolerant`, turns it into a MalformedRequest, which serving.grpc_api.status a
 INVALID_ARGUMENT and the metrics count like any call. gRPC's own handling would answer UNKNOWN
 and log a traceback per call.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from serving.log_limit import OncePerInterval
 

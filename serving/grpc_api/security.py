@@ -5,6 +5,7 @@
 - Tokens: `token_checked` wraps each protected method (serving.grpc_api.handlers) inside the error
   mapping, so a refusal gets its status code (UNAUTHENTICATED) there and is counted like any call.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -12,11 +13,13 @@ import grpc
 from serving.security import TlsFiles, TokenFile, WatchedFiles, bearer_token
 
 # Methods that stay open with --auth-token-file: liveness and readiness, as probes call them.
-OPEN_METHODS = frozenset({
-    "/inference.GRPCInferenceService/ServerLive",
-    "/inference.GRPCInferenceService/ServerReady",
-    "/inference.GRPCInferenceService/ModelReady",
-})
+OPEN_METHODS = frozenset(
+    {
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+        "/inference.GRPCInferenceService/ModelReady",
+    }
+)
 # Services whose every other method needs the token: inference and model description/control.
 PROTECTED_SERVICES = ("/mnist.v1.Classifier/", "/inference.GRPCInferenceService/")
 HOW_TO_SEND = "the metadata 'authorization: Bearer <token>'"
@@ -36,7 +39,8 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
         return new if changed else None  # None: gRPC keeps the configuration it has
 
     return grpc.dynamic_ssl_server_credentials(
-        watched.current()[0], fetch, require_client_authentication=files.client_ca is not None)
+        watched.current()[0], fetch, require_client_authentication=files.client_ca is not None
+    )
 
 
 def needs_token(method: str) -> bool:
@@ -52,5 +56,7 @@ def token_checked(handler: grpc.RpcMethodHandler, token: TokenFile) -> grpc.RpcM
         return await behaviour(request, context)
 
     return grpc.unary_unary_rpc_method_handler(
-        guarded, request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer)
+        guarded,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )

@@ -8,6 +8,7 @@ transport reads the same table (serving.http_api.status), so the two cannot disa
 A request that is not valid protobuf never reaches a servicer: the deserializer shim
 (serving.grpc_api.malformed) turns it into a MalformedRequest, answered INVALID_ARGUMENT here.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -66,6 +67,7 @@ def mapping_errors(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMetho
         return _fail(context, code, message)
 
     return grpc.unary_unary_rpc_method_handler(
-        mapped, request_deserializer=malformed.tolerant(handler.request_deserializer),
+        mapped,
+        request_deserializer=malformed.tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )

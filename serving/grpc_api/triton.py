@@ -6,6 +6,7 @@ a model repository, are Triton's unsupported overrides asked for), asks the mode
 gRPC servicer (kserve.py) sends those messages as they are; the REST routes
 (serving.http_api.extensions) send them as JSON. No grpc import here: only the protobuf messages.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -34,25 +35,36 @@ def model_statistics(model: ServedModel) -> pb.ModelStatistics:
         inference_count=stats.inference_count,
         execution_count=stats.execution_count,
         inference_stats=pb.InferStatistics(
-            success=_duration(stats.success), fail=_duration(stats.fail), queue=_duration(stats.queue),
-            compute_input=_duration(stats.compute_input), compute_infer=_duration(stats.compute_infer),
+            success=_duration(stats.success),
+            fail=_duration(stats.fail),
+            queue=_duration(stats.queue),
+            compute_input=_duration(stats.compute_input),
+            compute_infer=_duration(stats.compute_infer),
             compute_output=_duration(stats.compute_output),
-            cache_hit=pb.StatisticDuration(), cache_miss=pb.StatisticDuration(),  # no response cache
+            cache_hit=pb.StatisticDuration(),
+            cache_miss=pb.StatisticDuration(),  # no response cache
         ),
         batch_stats=[
-            pb.InferBatchStatistics(batch_size=size, compute_input=_duration(b.compute_input),
-                                    compute_infer=_duration(b.compute_infer),
-                                    compute_output=_duration(b.compute_output))
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
             for size, b in sorted(stats.batches.items())
         ],
     )
 
 
 def repository_index(entries: list[IndexEntry]) -> pb.RepositoryIndexResponse:
-    return pb.RepositoryIndexResponse(models=[
-        pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
-        for e in entries
-    ])
+    return pb.RepositoryIndexResponse(
+        models=[
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=e.name, version=e.version, state=e.state, reason=e.reason
+            )
+            for e in entries
+        ]
+    )
 
 
 class TritonExtensions:
@@ -92,7 +104,9 @@ class TritonExtensions:
     def _registry(self, extension: str) -> ModelRegistry:
         registry = self.lookup.registry
         if registry is None:
-            raise ModelControlDisabled(f"this server has no model repository, so no {extension} extension")
+            raise ModelControlDisabled(
+                f"this server has no model repository, so no {extension} extension"
+            )
         return registry
 
 
@@ -104,5 +118,7 @@ def no_overrides(parameters: Iterable[str]) -> None:
     """
     overrides = sorted(key for key in parameters if key == "config" or key.startswith("file:"))
     if overrides:
-        raise InvalidInput(f"load/unload parameters ({', '.join(overrides)}) are not supported: "
-                           "put the configuration and files in the model repository")
+        raise InvalidInput(
+            f"load/unload parameters ({', '.join(overrides)}) are not supported: "
+            "put the configuration and files in the model repository"
+        )

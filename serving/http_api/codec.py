@@ -15,6 +15,7 @@ Pure functions over bytes: the REST layer's own structure is checked here (is it
 `inputs` a list, is `shape` a list of integers); the tensor itself is checked by the same
 serving.inputs.wire functions the gRPC API uses, so there is one copy of those checks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,18 +52,24 @@ class InferRequest:
     timeout_s: float | None = None  # Triton's `timeout` parameter (microseconds), in seconds
 
 
-def parse_infer_request(body: bytes, header_length: str | None, max_batch_size: int) -> InferRequest:
+def parse_infer_request(
+    body: bytes, header_length: str | None, max_batch_size: int
+) -> InferRequest:
     """A REST inference request body (JSON, or JSON + binary tensor data) to an InferRequest."""
     json_part, binary = _split_body(body, header_length)
     request = _load_object(json_part)
     inputs = request.get("inputs")
     if not isinstance(inputs, list):
-        raise InvalidInput("the request has no 'inputs' list; send {\"inputs\": [{\"name\": \"images\", "
-                           "\"datatype\": \"UINT8\", \"shape\": [1, 28, 28, 1], \"data\": [...]}]}")
+        raise InvalidInput(
+            'the request has no \'inputs\' list; send {"inputs": [{"name": "images", '
+            '"datatype": "UINT8", "shape": [1, 28, 28, 1], "data": [...]}]}'
+        )
     outputs = _list_of_objects(request.get("outputs", []), "outputs")
     names = [output.get("name") for output in outputs]
     if not all(isinstance(name, str) for name in names):
-        raise InvalidInput("every entry of 'outputs' needs a 'name' string, e.g. {\"name\": \"probabilities\"}")
+        raise InvalidInput(
+            "every entry of 'outputs' needs a 'name' string, e.g. {\"name\": \"probabilities\"}"
+        )
     check_kserve_request(len(inputs), 0, names)
     tensor = _list_of_objects(inputs, "inputs")[0]
     parameters = _parameters(request, "the request")
@@ -74,13 +81,23 @@ def parse_infer_request(body: bytes, header_length: str | None, max_batch_size: 
     )
 
 
-def infer_response(request: InferRequest, model_name: str, model_version: str,
-                   probabilities: np.ndarray) -> tuple[bytes, dict[str, str]]:
+def infer_response(
+    request: InferRequest, model_name: str, model_version: str, probabilities: np.ndarray
+) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers, the probabilities as JSON `data` or as binary data."""
-    values = np.ascontiguousarray(probabilities, dtype=contract.KSERVE_DTYPES[contract.OUTPUT_DATATYPE])
-    output: dict[str, Any] = {"name": contract.OUTPUT_NAME, "datatype": contract.OUTPUT_DATATYPE,
-                              "shape": list(values.shape)}
-    body: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": [output]}
+    values = np.ascontiguousarray(
+        probabilities, dtype=contract.KSERVE_DTYPES[contract.OUTPUT_DATATYPE]
+    )
+    output: dict[str, Any] = {
+        "name": contract.OUTPUT_NAME,
+        "datatype": contract.OUTPUT_DATATYPE,
+        "shape": list(values.shape),
+    }
+    body: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "outputs": [output],
+    }
     if request.request_id:
         body["id"] = request.request_id
     if request.binary_output:
@@ -110,10 +127,20 @@ def model_metadata(name: str, version: str, num_classes: int) -> dict[str, Any]:
         "name": name,
         "versions": [version],
         "platform": PLATFORM,
-        "inputs": [{"name": contract.INPUT_NAME, "datatype": contract.INPUT_DATATYPE,
-                    "shape": contract.input_shape()}],
-        "outputs": [{"name": contract.OUTPUT_NAME, "datatype": contract.OUTPUT_DATATYPE,
-                     "shape": contract.output_shape(num_classes)}],
+        "inputs": [
+            {
+                "name": contract.INPUT_NAME,
+                "datatype": contract.INPUT_DATATYPE,
+                "shape": contract.input_shape(),
+            }
+        ],
+        "outputs": [
+            {
+                "name": contract.OUTPUT_NAME,
+                "datatype": contract.OUTPUT_DATATYPE,
+                "shape": contract.output_shape(num_classes),
+            }
+        ],
     }
 
 
@@ -130,12 +157,18 @@ def parse_repository_request(body: bytes) -> RepositoryRequest:
     try:
         request = orjson.loads(body) if body.strip() else {}
     except orjson.JSONDecodeError as error:
-        raise InvalidInput(f"the request body is not valid JSON ({error}); send e.g. {{\"ready\": true}} "
-                           "or {\"parameters\": {}}, or nothing") from error
+        raise InvalidInput(
+            f'the request body is not valid JSON ({error}); send e.g. {{"ready": true}} '
+            'or {"parameters": {}}, or nothing'
+        ) from error
     if not isinstance(request, dict):
-        raise InvalidInput(f"the request body is a JSON {type(request).__name__}; send a JSON object or nothing")
+        raise InvalidInput(
+            f"the request body is a JSON {type(request).__name__}; send a JSON object or nothing"
+        )
     parameters = _parameters(request, "the request")
-    return RepositoryRequest(ready=_flag(request.get("ready", False), "ready"), parameters=tuple(parameters))
+    return RepositoryRequest(
+        ready=_flag(request.get("ready", False), "ready"), parameters=tuple(parameters)
+    )
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
@@ -147,8 +180,10 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     except ValueError:
         length = -1
     if not 0 <= length <= len(body):
-        raise InvalidInput(f"{HEADER_LENGTH} is {header_length!r}; it must be the JSON header's length in "
-                           f"bytes, between 0 and the body's {len(body)}")
+        raise InvalidInput(
+            f"{HEADER_LENGTH} is {header_length!r}; it must be the JSON header's length in "
+            f"bytes, between 0 and the body's {len(body)}"
+        )
     return body[:length], body[length:]
 
 
@@ -156,11 +191,15 @@ def _load_object(text: bytes) -> dict[str, Any]:
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as error:
-        raise InvalidInput(f"the request body is not valid JSON ({error}); send a KServe v2 inference "
-                           "request, with Content-Type application/json") from error
+        raise InvalidInput(
+            f"the request body is not valid JSON ({error}); send a KServe v2 inference "
+            "request, with Content-Type application/json"
+        ) from error
     if not isinstance(value, dict):
-        raise InvalidInput(f"the request body is a JSON {type(value).__name__}; send a JSON object "
-                           "with an 'inputs' list")
+        raise InvalidInput(
+            f"the request body is a JSON {type(value).__name__}; send a JSON object "
+            "with an 'inputs' list"
+        )
     return value
 
 
@@ -187,18 +226,31 @@ def _decode_tensor(tensor: dict[str, Any], binary: bytes, max_batch_size: int) -
     name = tensor.get("name")
     datatype = tensor.get("datatype")
     if not isinstance(name, str) or not isinstance(datatype, str):
-        raise InvalidInput("the input needs 'name' and 'datatype' strings, e.g. \"name\": \"images\", "
-                           "\"datatype\": \"UINT8\"")
+        raise InvalidInput(
+            "the input needs 'name' and 'datatype' strings, e.g. \"name\": \"images\", "
+            '"datatype": "UINT8"'
+        )
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidInput(f"input '{name}' has shape {shape!r}; send a list of integers such as [1, 28, 28, 1]")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise InvalidInput(
+            f"input '{name}' has shape {shape!r}; send a list of integers such as [1, 28, 28, 1]"
+        )
     raw = _binary_data(tensor, name, binary)
     values = _json_values(tensor.get("data"), name, datatype)
     # The typed values go where the wire checks expect the declared datatype's values.
     fp32, uint = (values, ()) if datatype != "UINT8" else ((), values)
     try:
-        return decode_kserve_input(name=name, datatype=datatype, shape=shape, raw=raw, fp32_contents=fp32,
-                                   uint_contents=uint, max_batch_size=max_batch_size)
+        return decode_kserve_input(
+            name=name,
+            datatype=datatype,
+            shape=shape,
+            raw=raw,
+            fp32_contents=fp32,
+            uint_contents=uint,
+            max_batch_size=max_batch_size,
+        )
     except InvalidInput as error:
         raise InvalidInput(_in_rest_terms(str(error))) from error
 
@@ -207,12 +259,16 @@ def _binary_data(tensor: dict[str, Any], name: str, binary: bytes) -> bytes | No
     size = _parameters(tensor, f"input '{name}'").get("binary_data_size")
     if size is None:
         if binary:
-            raise InvalidInput(f"the body carries {len(binary)} bytes after the JSON header but input '{name}' "
-                               "declares no parameters.binary_data_size")
+            raise InvalidInput(
+                f"the body carries {len(binary)} bytes after the JSON header but input '{name}' "
+                "declares no parameters.binary_data_size"
+            )
         return None
     if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
-        raise InvalidInput(f"input '{name}' declares binary_data_size {size!r} but {len(binary)} bytes follow "
-                           f"the JSON header ({HEADER_LENGTH})")
+        raise InvalidInput(
+            f"input '{name}' declares binary_data_size {size!r} but {len(binary)} bytes follow "
+            f"the JSON header ({HEADER_LENGTH})"
+        )
     return binary
 
 
@@ -223,15 +279,26 @@ def _json_values(data: Any, name: str, datatype: str) -> np.ndarray | tuple[()]:
     try:
         values = np.asarray(data)
     except ValueError as error:  # ragged nesting
-        raise InvalidInput(f"input '{name}' data is ragged ({error}); nested lists must be regular") from error
+        raise InvalidInput(
+            f"input '{name}' data is ragged ({error}); nested lists must be regular"
+        ) from error
     if values.dtype.kind not in "iuf" or values.dtype == np.bool_:
-        raise InvalidInput(f"input '{name}' data holds {values.dtype.kind!r}-kind values (strings, booleans, "
-                           "nulls or objects); send numbers")
+        raise InvalidInput(
+            f"input '{name}' data holds {values.dtype.kind!r}-kind values (strings, booleans, "
+            "nulls or objects); send numbers"
+        )
     values = values.ravel()
-    if datatype == "UINT8" and values.dtype.kind == "f" and values.size and not np.all(values == np.round(values)):
+    if (
+        datatype == "UINT8"
+        and values.dtype.kind == "f"
+        and values.size
+        and not np.all(values == np.round(values))
+    ):
         first = int(np.flatnonzero(values != np.round(values))[0])
-        raise InvalidInput(f"input '{name}' is UINT8 but its data holds {values[first]:g} at index {first}; "
-                           "send integers 0..255, or declare FP32 with values in [0, 1]")
+        raise InvalidInput(
+            f"input '{name}' is UINT8 but its data holds {values[first]:g} at index {first}; "
+            "send integers 0..255, or declare FP32 with values in [0, 1]"
+        )
     return values
 
 
@@ -239,7 +306,10 @@ def _binary_output(parameters: dict[str, Any], outputs: list[dict[str, Any]]) ->
     """Triton's rule: an output's own `binary_data` wins, else the request's `binary_data_output`."""
     default = parameters.get("binary_data_output", False)
     for output in outputs:
-        return _flag(_parameters(output, f"output '{output['name']}'").get("binary_data", default), "binary_data")
+        return _flag(
+            _parameters(output, f"output '{output['name']}'").get("binary_data", default),
+            "binary_data",
+        )
     return _flag(default, "binary_data_output")
 
 
@@ -254,7 +324,9 @@ def _timeout(parameters: dict[str, Any]) -> float | None:
     if timeout is None:
         return None
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-        raise InvalidInput(f"parameter 'timeout' is {timeout!r}; send microseconds as a non-negative number")
+        raise InvalidInput(
+            f"parameter 'timeout' is {timeout!r}; send microseconds as a non-negative number"
+        )
     return timeout / 1e6 if timeout else None  # 0: no timeout, as in Triton
 
 

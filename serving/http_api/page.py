@@ -9,6 +9,7 @@
   the model saw, so the page can show them. Random MNIST digits go through the standard
   `/v2/models/{model}/infer` instead, as UINT8 JSON.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,29 +45,41 @@ class PageRoutes:
 
     async def describe(self, request: web.Request) -> web.Response:
         model = self.lookup.resolve("", "")
-        return web.Response(body=codec.dumps({
-            "model_name": model.name,
-            "model_version": model.version_label,
-            "execution_provider": model.provider,
-            "class_names": model.class_names,
-            "test_accuracy": model.metadata.test_accuracy,
-            "recipe": model.metadata.recipe,
-        }), content_type=codec.JSON_TYPE)
+        return web.Response(
+            body=codec.dumps(
+                {
+                    "model_name": model.name,
+                    "model_version": model.version_label,
+                    "execution_provider": model.provider,
+                    "class_names": model.class_names,
+                    "test_accuracy": model.metadata.test_accuracy,
+                    "recipe": model.metadata.recipe,
+                }
+            ),
+            content_type=codec.JSON_TYPE,
+        )
 
     async def classify(self, request: web.Request) -> web.Response:
         encoded = await request.read()
         # Decoding and framing an image costs milliseconds: off the event loop, as gRPC calls wait there.
-        image = await asyncio.get_running_loop().run_in_executor(None, decode_encoded_image, encoded)
+        image = await asyncio.get_running_loop().run_in_executor(
+            None, decode_encoded_image, encoded
+        )
         model = self.lookup.resolve("", "")
         probabilities = (await model.predict(image[np.newaxis]))[0]
         label = int(probabilities.argmax())
         framed = np.round(image.reshape(-1) * 255.0).astype(np.uint8)
-        return web.Response(body=codec.dumps({
-            "model_name": model.name,
-            "model_version": model.version_label,
-            "label": label,
-            "class_name": model.class_names[label],
-            "confidence": float(probabilities[label]),
-            "probabilities": probabilities,
-            "framed": framed,  # the 28x28 pixels the model saw, 0..255, row-major
-        }), content_type=codec.JSON_TYPE)
+        return web.Response(
+            body=codec.dumps(
+                {
+                    "model_name": model.name,
+                    "model_version": model.version_label,
+                    "label": label,
+                    "class_name": model.class_names[label],
+                    "confidence": float(probabilities[label]),
+                    "probabilities": probabilities,
+                    "framed": framed,  # the 28x28 pixels the model saw, 0..255, row-major
+                }
+            ),
+            content_type=codec.JSON_TYPE,
+        )

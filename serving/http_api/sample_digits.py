@@ -6,6 +6,7 @@ their labels, so the page needs neither the data set nor the network at run time
 
     python -m serving.http_api.sample_digits --data-dir ../shared/datasets/mnist
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,15 +37,25 @@ def unsprite(sheet: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, required=True, help="folder with MNIST's IDX files")
+    parser.add_argument(
+        "--data-dir", type=Path, required=True, help="folder with MNIST's IDX files"
+    )
     args = parser.parse_args(argv)
     data = load_idx_dir(args.data_dir, "mnist")
-    Image.fromarray(sprite(data.test_images[:COUNT]), mode="L").save(STATIC / "digits.png", optimize=True)
-    (STATIC / "digits.json").write_text(json.dumps({
-        "source": "MNIST test set, images 0-99 (Yann LeCun, Corinna Cortes, Christopher J.C. Burges; CC BY-SA 3.0)",
-        "per_row": PER_ROW,
-        "labels": [int(label) for label in data.test_labels[:COUNT]],
-    }) + "\n")
+    Image.fromarray(sprite(data.test_images[:COUNT]), mode="L").save(
+        STATIC / "digits.png", optimize=True
+    )
+    (STATIC / "digits.json").write_text(
+        json.dumps(
+            {
+                "source": "MNIST test set, images 0-99 "
+                "(Yann LeCun, Corinna Cortes, Christopher J.C. Burges; CC BY-SA 3.0)",
+                "per_row": PER_ROW,
+                "labels": [int(label) for label in data.test_labels[:COUNT]],
+            }
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

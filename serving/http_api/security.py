@@ -3,6 +3,7 @@
 The same --tls-cert/--tls-key/--tls-client-ca files and the same token rule as the gRPC port
 (serving.grpc_api.security); a refusal is Unauthenticated, answered 401 from the error table.
 """
+
 from __future__ import annotations
 
 import ssl

@@ -5,11 +5,14 @@ code; the middleware in serving.http_api.app answers them as the protocol's
 `{"error": "<message>"}` with the code from STATUS_CODES. gRPC reads the same table
 (serving.grpc_api.status), so the two cannot disagree.
 """
+
 from __future__ import annotations
 
 from serving.inference.errors import STATUS_CODES, ServingError, codes_for
 
-HTTP_STATUS: dict[type[ServingError], int] = {cls: codes.http for cls, codes in STATUS_CODES.items()}
+HTTP_STATUS: dict[type[ServingError], int] = {
+    cls: codes.http for cls, codes in STATUS_CODES.items()
+}
 
 
 def status_for(error: ServingError) -> int:

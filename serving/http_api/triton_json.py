@@ -5,6 +5,7 @@ messages its gRPC API sends (serving.grpc_api.triton builds them once, for both)
 in Triton's spelling: proto field names, every field (zeros too), enums by name, and 64-bit
 integers as numbers where protobuf's own JSON writes strings.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,19 +13,25 @@ from typing import Any
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
-
 # The 64-bit integer field types, which protobuf's JSON writes as strings (JavaScript's numbers lose
 # precision above 2^53) and Triton's REST API writes as numbers; tritonclient.http expects numbers.
-_INT64_TYPES = frozenset({descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,
-                          descriptor.FieldDescriptor.TYPE_SINT64, descriptor.FieldDescriptor.TYPE_FIXED64,
-                          descriptor.FieldDescriptor.TYPE_SFIXED64})
+_INT64_TYPES = frozenset(
+    {
+        descriptor.FieldDescriptor.TYPE_INT64,
+        descriptor.FieldDescriptor.TYPE_UINT64,
+        descriptor.FieldDescriptor.TYPE_SINT64,
+        descriptor.FieldDescriptor.TYPE_FIXED64,
+        descriptor.FieldDescriptor.TYPE_SFIXED64,
+    }
+)
 
 
 def message_json(message: Message) -> dict[str, Any]:
     """A protobuf message as Triton's REST API writes it: proto field names, every field (zeros too),
     enums by name, 64-bit integers as numbers."""
-    value = json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                      always_print_fields_with_no_presence=True)
+    value = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     _int64_as_numbers(message.DESCRIPTOR, value)
     return value
 

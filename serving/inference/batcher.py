@@ -24,14 +24,16 @@ form the next batch.
 faster, but it left waiting calls in gRPC's own queues, beyond shedding and
 draining.)
 """
+
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -100,7 +102,9 @@ class DynamicBatcher:
                 f"the request queue is full ({self.max_queue_size} requests waiting); retry with backoff"
             )
         if len(images) > self.max_batch_size:
-            raise ValueError(f"{len(images)} images exceed the batch limit of {self.max_batch_size}")
+            raise ValueError(
+                f"{len(images)} images exceed the batch limit of {self.max_batch_size}"
+            )
         if len(images) == 1 and self.run_lone_inline and self._idle():
             return self._run_alone(images, deadline)
         future = asyncio.get_running_loop().create_future()
@@ -116,7 +120,12 @@ class DynamicBatcher:
 
     def _idle(self) -> bool:
         """Running, with nothing queued or running, and no --max-queue-delay asking to wait for company."""
-        return not self._queue and not self._running and self.max_queue_delay <= 0 and self._worker is not None
+        return (
+            not self._queue
+            and not self._running
+            and self.max_queue_delay <= 0
+            and self._worker is not None
+        )
 
     def _run_alone(self, images: np.ndarray, deadline: float | None) -> np.ndarray:
         """A batch of one request, run at once on the caller's turn of the loop (the batcher is idle)."""
@@ -133,8 +142,9 @@ class DynamicBatcher:
         return outputs
 
     @staticmethod
-    def _traced(calls: list, images: np.ndarray,
-                infer: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    def _traced(
+        calls: list, images: np.ndarray, infer: Callable[[np.ndarray], np.ndarray]
+    ) -> np.ndarray:
         """infer(images) inside the batch's spans (serving.tracing), on the calling thread."""
         batch = tracing.start_batch(calls, len(images))
         if batch is None:  # none of its calls is sampled
@@ -199,7 +209,7 @@ class DynamicBatcher:
         for pending in batch:
             count = len(pending.images)
             if not pending.future.done():
-                pending.future.set_result(outputs[offset: offset + count])
+                pending.future.set_result(outputs[offset : offset + count])
             offset += count
 
     async def _wait_for_company(self) -> None:
@@ -231,7 +241,9 @@ class DynamicBatcher:
                 continue
             if pending.deadline is not None and pending.deadline <= now:
                 self._queue.popleft()
-                pending.future.set_exception(DeadlinePassed("the deadline passed while the request was queued"))
+                pending.future.set_exception(
+                    DeadlinePassed("the deadline passed while the request was queued")
+                )
                 self._observer.request_dropped("deadline")
                 continue
             if size + len(pending.images) > self.max_batch_size:

@@ -8,6 +8,7 @@ that echoed a 1 MiB field would break the call itself (the client would see "met
 exceeds hard limit" instead of the real error). Client-supplied strings go through quoted(),
 which cuts them short and says so.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

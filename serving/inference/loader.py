@@ -5,19 +5,35 @@ matches metadata.json, onnxruntime opens the file, its input and output are the 
 and warm-up runs. Each refusal carries a short `reason` (the failure metric's label) and a
 message that says what was wrong.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.contract import IMAGE_SHAPE, INPUT_NAME, OUTPUT_NAME
-from core.repository import METADATA_FILENAME, MODEL_FILENAME, ModelVersion, RepositoryError, load_version
+from core.repository import (
+    METADATA_FILENAME,
+    MODEL_FILENAME,
+    ModelVersion,
+    RepositoryError,
+    load_version,
+)
 from serving.inference.runtime import DeviceUnavailable, OnnxRuntimeSession, RuntimeOptions
 
 # The failure metric's reasons, one per check.
 # "config": config.pbtxt refused; "deleted": a served version's folder removed with nothing to replace it.
-REASONS = ("incomplete", "metadata", "checksum", "invalid_onnx", "signature", "warmup", "device", "config",
-           "deleted")
+REASONS = (
+    "incomplete",
+    "metadata",
+    "checksum",
+    "invalid_onnx",
+    "signature",
+    "warmup",
+    "device",
+    "config",
+    "deleted",
+)
 
 
 class LoadFailure(Exception):
@@ -47,24 +63,35 @@ def fingerprint(directory: Path) -> tuple:
     return tuple(sorted((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in stats))
 
 
-def open_version(repository: Path, name: str, number: int, options: RuntimeOptions) -> OpenedVersion:
+def open_version(
+    repository: Path, name: str, number: int, options: RuntimeOptions
+) -> OpenedVersion:
     """Check and open <repository>/<name>/<number>, warmed up; LoadFailure says why not. Blocking."""
     directory = Path(repository) / name / str(number)
     try:
         return _open_version(Path(repository), name, number, directory, options)
     except OSError as err:  # a file removed or replaced between two steps of the checks
-        raise LoadFailure("incomplete", f"{directory}: {err.strerror or err} while checking it "
-                                        "(removed or still being written?)") from err
+        raise LoadFailure(
+            "incomplete",
+            f"{directory}: {err.strerror or err} while checking it "
+            "(removed or still being written?)",
+        ) from err
 
 
-def _open_version(repository: Path, name: str, number: int, directory: Path,
-                  options: RuntimeOptions) -> OpenedVersion:
+def _open_version(
+    repository: Path, name: str, number: int, directory: Path, options: RuntimeOptions
+) -> OpenedVersion:
     if not (directory / MODEL_FILENAME).is_file():
-        raise LoadFailure("incomplete", f"{directory}: no {MODEL_FILENAME} (a folder still being written?)")
+        raise LoadFailure(
+            "incomplete", f"{directory}: no {MODEL_FILENAME} (a folder still being written?)"
+        )
     if not (directory / METADATA_FILENAME).exists() and _siblings_have_metadata(directory):
         # Published versions of this model carry metadata.json: one without it is still being copied.
-        raise LoadFailure("incomplete", f"{directory}: no {METADATA_FILENAME} beside {MODEL_FILENAME} "
-                                        "(a folder still being written?)")
+        raise LoadFailure(
+            "incomplete",
+            f"{directory}: no {METADATA_FILENAME} beside {MODEL_FILENAME} "
+            "(a folder still being written?)",
+        )
     try:
         version = load_version(repository, name, number)
     except RepositoryError as err:
@@ -79,18 +106,28 @@ def _open_version(repository: Path, name: str, number: int, directory: Path,
         raise LoadFailure("device", str(err)) from err
     except Exception as err:  # noqa: BLE001 - onnxruntime's own exceptions (InvalidProtobuf, Fail...)
         if not version.model_path.is_file():
-            raise LoadFailure("incomplete", f"{version.model_path} was removed while being checked") from err
-        raise LoadFailure("invalid_onnx", f"{version.model_path}: onnxruntime cannot open it "
-                                          f"({_first_line(err)}); republish the version") from err
+            raise LoadFailure(
+                "incomplete", f"{version.model_path} was removed while being checked"
+            ) from err
+        raise LoadFailure(
+            "invalid_onnx",
+            f"{version.model_path}: onnxruntime cannot open it "
+            f"({_first_line(err)}); republish the version",
+        ) from err
     problem = signature_problem(runtime, len(version.class_names))
     if problem:
-        raise LoadFailure("signature", f"{version.model_path}: {problem}; the server's contract is "
-                                       f"{INPUT_NAME} float32 [N, {', '.join(map(str, IMAGE_SHAPE))}] -> "
-                                       f"{OUTPUT_NAME} float32 [N, classes]")
+        raise LoadFailure(
+            "signature",
+            f"{version.model_path}: {problem}; the server's contract is "
+            f"{INPUT_NAME} float32 [N, {', '.join(map(str, IMAGE_SHAPE))}] -> "
+            f"{OUTPUT_NAME} float32 [N, classes]",
+        )
     try:
         runtime.warm_up()
     except Exception as err:  # noqa: BLE001 - a model that opens but cannot run
-        raise LoadFailure("warmup", f"{version.model_path}: warm-up failed ({_first_line(err)})") from err
+        raise LoadFailure(
+            "warmup", f"{version.model_path}: warm-up failed ({_first_line(err)})"
+        ) from err
     return OpenedVersion(version, runtime, sha)
 
 
@@ -106,13 +143,19 @@ def signature_problem(runtime: OnnxRuntimeSession, num_classes: int) -> str | No
         return f"the graph's outputs are {sorted(by_name)}, without '{OUTPUT_NAME}'"
     output = by_name[OUTPUT_NAME]
     if output.type != "tensor(float)" or len(output.shape) != 2 or output.shape[1] != num_classes:
-        return f"output '{OUTPUT_NAME}' is {output.type} {output.shape}, not [N, {num_classes}] for {num_classes} classes"
+        return (
+            f"output '{OUTPUT_NAME}' is {output.type} {output.shape}, "
+            f"not [N, {num_classes}] for {num_classes} classes"
+        )
     return None
 
 
 def _siblings_have_metadata(directory: Path) -> bool:
-    return any((sibling / METADATA_FILENAME).is_file() for sibling in directory.parent.iterdir()
-               if sibling != directory and sibling.name.isdigit())
+    return any(
+        (sibling / METADATA_FILENAME).is_file()
+        for sibling in directory.parent.iterdir()
+        if sibling != directory and sibling.name.isdigit()
+    )
 
 
 def _first_line(err: Exception) -> str:

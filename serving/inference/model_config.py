@@ -5,6 +5,7 @@ The file is what `core.repository.write_version` writes and Triton reads; a mode
 Imports the generated protobuf stubs: load it in the server process only (tritonclient
 registers the same `inference.*` message names).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,13 +34,21 @@ def read_model_config(model_dir: Path, max_batch_size: int) -> model_config_pb2.
     path = model_dir / CONFIG_FILENAME
     config = model_config_pb2.ModelConfig()
     try:
-        text = path.read_text(encoding="utf-8") if path.is_file() else triton_config(name, max_batch_size)
+        text = (
+            path.read_text(encoding="utf-8")
+            if path.is_file()
+            else triton_config(name, max_batch_size)
+        )
         text_format.Parse(text, config, allow_unknown_field=True)
     except (text_format.ParseError, UnicodeDecodeError) as err:  # binary garbage is not UTF-8 text
-        raise ConfigError(f"{path} is not a valid Triton model configuration ({_first_line(err)}); "
-                          "fix or rewrite it") from err
+        raise ConfigError(
+            f"{path} is not a valid Triton model configuration ({_first_line(err)}); "
+            "fix or rewrite it"
+        ) from err
     if config.name and config.name != name:
-        raise ConfigError(f"{path} names model '{config.name}' but sits in folder '{name}'; Triton requires them equal")
+        raise ConfigError(
+            f"{path} names model '{config.name}' but sits in folder '{name}'; Triton requires them equal"
+        )
     config.name = name
     if not config.platform and not config.backend:
         config.platform = PLATFORM

@@ -7,6 +7,7 @@ as a whole (`_publish`, one assignment), never edited in place, so a lookup sees
 before a change or after it, never half of one. What keeps it in line with the repository is
 serving.inference.registry.
 """
+
 from __future__ import annotations
 
 from serving.inference.errors import ServingError, UnknownModel, UnknownVersion, quoted
@@ -56,13 +57,16 @@ class ModelTable:
         if version == "":
             model = versions[max(versions)]
         else:
-            number = version_number(version)  # bounded and checked before int(): serving.inference.names
+            number = version_number(
+                version
+            )  # bounded and checked before int(): serving.inference.names
             model = versions.get(number) if number is not None else None
         if model is None:
             rule = "" if number is not None else f" ({VERSION_RULE})"
             raise UnknownVersion(
                 f"model '{name}' version {quoted(version)} is not served{rule}; ready versions: "
-                f"{', '.join(map(str, sorted(versions)))} (leave the version empty for the newest)")
+                f"{', '.join(map(str, sorted(versions)))} (leave the version empty for the newest)"
+            )
         ANSWERING.set(model.answering)  # the call's metrics name this version
         return model
 
@@ -78,7 +82,11 @@ class ModelTable:
 
     def served(self) -> list[ServedModel]:
         """Every ready version of every model, by name then version."""
-        return [self._served[name][v] for name in sorted(self._served) for v in sorted(self._served[name])]
+        return [
+            self._served[name][v]
+            for name in sorted(self._served)
+            for v in sorted(self._served[name])
+        ]
 
     def config(self, name: str) -> ModelConfig:
         """The model's config.pbtxt as Triton's ModelConfig (of a model with a ready version)."""

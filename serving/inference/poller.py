@@ -3,6 +3,7 @@
 A poll lists folders and stats files; only a new or changed version folder costs more (its
 checks run in a worker thread while the served versions keep answering).
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -29,14 +29,16 @@ Model control (Triton's modes):
 `none` syncs once at start, `poll` syncs every --repository-poll-secs (serving.inference.poller),
 `explicit` syncs the models that load()/unload() name.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -49,10 +51,15 @@ from serving.inference.errors import (
     quoted,
 )
 from serving.inference.loader import LoadFailure, OpenedVersion, fingerprint, open_version
-from serving.inference.names import NAME_RULE, is_model_name
-from serving.inference.model_config import ConfigError, ModelConfig, read_model_config, version_policy
-from serving.inference.runtime import CPU, RuntimeOptions
+from serving.inference.model_config import (
+    ConfigError,
+    ModelConfig,
+    read_model_config,
+    version_policy,
+)
 from serving.inference.model_table import ModelTable
+from serving.inference.names import NAME_RULE, is_model_name
+from serving.inference.runtime import CPU, RuntimeOptions
 from serving.inference.served_model import ServedModel
 from serving.inference.stats import InferenceStats
 from serving.inference.version_policy import VersionPolicy
@@ -84,7 +91,9 @@ class _NoLifecycleObserver:
 @dataclass(frozen=True)
 class RegistryOptions:
     repository: Path
-    model_names: tuple[str, ...] = ()  # () : every model in the repository (explicit mode: none at start)
+    model_names: tuple[
+        str, ...
+    ] = ()  # () : every model in the repository (explicit mode: none at start)
     pinned_version: int | None = None  # --model-version: serve exactly this version of each model
     control_mode: str = "poll"
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
@@ -138,19 +147,30 @@ class _VersionObserver:
             self.outer.queue_depth(requests)
 
 
-def _timed_infer(run: Callable[[np.ndarray], np.ndarray], observer: _VersionObserver,
-                 stats: InferenceStats) -> Callable[[np.ndarray], np.ndarray]:
+def _timed_infer(
+    run: Callable[[np.ndarray], np.ndarray], observer: _VersionObserver, stats: InferenceStats
+) -> Callable[[np.ndarray], np.ndarray]:
     """The batcher's infer function, timing Triton's compute_input / compute_infer / compute_output."""
 
     def infer(images: np.ndarray) -> np.ndarray:
         started = time.perf_counter()
-        tensor = np.ascontiguousarray(images, dtype=np.float32)  # the input tensor onnxruntime reads
+        tensor = np.ascontiguousarray(
+            images, dtype=np.float32
+        )  # the input tensor onnxruntime reads
         ready = time.perf_counter()
         outputs = run(tensor)
         computed = time.perf_counter()
-        outputs = np.asarray(outputs, dtype=np.float32)  # the outputs, as the batcher hands them back
+        outputs = np.asarray(
+            outputs, dtype=np.float32
+        )  # the outputs, as the batcher hands them back
         done = time.perf_counter()
-        stats.batch_computed(len(images), observer.requests_in_batch, ready - started, computed - ready, done - computed)
+        stats.batch_computed(
+            len(images),
+            observer.requests_in_batch,
+            ready - started,
+            computed - ready,
+            done - computed,
+        )
         return outputs
 
     return infer
@@ -161,13 +181,17 @@ def list_models(repository: Path) -> list[str]:
     repository = Path(repository)
     if not repository.is_dir():
         return []
-    return sorted(p.name for p in repository.iterdir() if not p.name.startswith(".") and _is_model_dir(p))
+    return sorted(
+        p.name for p in repository.iterdir() if not p.name.startswith(".") and _is_model_dir(p)
+    )
 
 
 def _is_model_dir(path: Path) -> bool:
     try:
-        return path.is_dir() and ((path / "config.pbtxt").is_file()
-                                  or any(c.name.isdigit() for c in path.iterdir() if c.is_dir()))
+        return path.is_dir() and (
+            (path / "config.pbtxt").is_file()
+            or any(c.name.isdigit() for c in path.iterdir() if c.is_dir())
+        )
     except OSError:  # removed while being looked at
         return False
 
@@ -194,7 +218,9 @@ class ModelRegistry(ModelTable):
         # (name, version) -> (files' fingerprint, sha256) of each served version when it was checked.
         self._loaded: dict[tuple[str, int], tuple[tuple, str]] = {}
         self._orphans: set[tuple[str, int]] = set()  # served versions whose folder is gone
-        self._config_refused: dict[str, tuple[tuple, str]] = {}  # name -> (files' fingerprint, message)
+        self._config_refused: dict[
+            str, tuple[tuple, str]
+        ] = {}  # name -> (files' fingerprint, message)
         self._retiring: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
 
@@ -214,14 +240,25 @@ class ModelRegistry(ModelTable):
         entries: list[IndexEntry] = []
         for name in sorted(set(list_models(self.repository)) | set(self._served)):
             versions = self._served.get(name, {})
-            refused = {v: r for (n, v), r in self._refused.items() if n == name and v not in versions}
+            refused = {
+                v: r for (n, v), r in self._refused.items() if n == name and v not in versions
+            }
             entries += [IndexEntry(name, str(v), "READY") for v in sorted(versions)]
             if ready_only:
                 continue
-            entries += [IndexEntry(name, str(v), "UNAVAILABLE", r.message) for v, r in sorted(refused.items())]
+            entries += [
+                IndexEntry(name, str(v), "UNAVAILABLE", r.message)
+                for v, r in sorted(refused.items())
+            ]
             if not versions and not refused:
-                entries.append(IndexEntry(name, "", "UNAVAILABLE" if self._is_managed(name) else "",
-                                          "no version could load" if self._is_managed(name) else "unloaded"))
+                entries.append(
+                    IndexEntry(
+                        name,
+                        "",
+                        "UNAVAILABLE" if self._is_managed(name) else "",
+                        "no version could load" if self._is_managed(name) else "unloaded",
+                    )
+                )
         return entries
 
     # ---- lifecycle: coroutines on the event loop, one at a time ----
@@ -239,13 +276,17 @@ class ModelRegistry(ModelTable):
     async def sync(self, names: Iterable[str] | None = None) -> None:
         """Bring the served versions of `names` (default: the managed models) in line with the repository."""
         async with self._lock:
-            for name in sorted(set(names) if names is not None else self._managed_names() | set(self._served)):
+            for name in sorted(
+                set(names) if names is not None else self._managed_names() | set(self._served)
+            ):
                 await self._sync_model(name)
 
     async def load(self, name: str) -> None:
         """RepositoryModelLoad: load (or reload) `name` per its policy. Explicit mode only."""
         self._require_explicit("load")
-        if not is_model_name(name):  # a client's string becomes a path here: no '..', no NUL, bounded
+        if not is_model_name(
+            name
+        ):  # a client's string becomes a path here: no '..', no NUL, bounded
             raise UnknownModel(f"no model {quoted(name)} in the repository: {NAME_RULE}")
         if not (self.repository / name).is_dir():
             raise UnknownModel(f"no model '{name}' in the repository {self.repository}")
@@ -291,8 +332,12 @@ class ModelRegistry(ModelTable):
             raise ModelControlDisabled(
                 f"explicit model load / unload is not allowed if polling is enabled (--model-control-mode "
                 f"{self.options.control_mode}; {action} refused): "
-                + ("the server polls the repository, so publish or remove version folders instead"
-                   if self.options.control_mode == "poll" else "restart with --model-control-mode explicit"))
+                + (
+                    "the server polls the repository, so publish or remove version folders instead"
+                    if self.options.control_mode == "poll"
+                    else "restart with --model-control-mode explicit"
+                )
+            )
 
     def _why_not_served(self, name: str) -> str:
         if name in self._config_refused:
@@ -303,8 +348,10 @@ class ModelRegistry(ModelTable):
         on_disk = list_versions(self.repository, name)
         pinned = self.options.pinned_version
         if pinned is not None and on_disk:
-            return (f"model '{name}' has no version {pinned} under {self.repository} "
-                    f"(available: {', '.join(map(str, on_disk))})")
+            return (
+                f"model '{name}' has no version {pinned} under {self.repository} "
+                f"(available: {', '.join(map(str, on_disk))})"
+            )
         if not on_disk:
             return no_versions_message(self.repository, name)
         return f"model '{name}': its version_policy selects none of the versions {on_disk}"
@@ -319,8 +366,12 @@ class ModelRegistry(ModelTable):
         current = self._served.get(name, {})
         if not self._is_managed(name) or not model_dir.is_dir():
             if current:
-                log.info("model '%s' %s: unloading versions %s", name,
-                         "left the repository" if not model_dir.is_dir() else "is not managed", sorted(current))
+                log.info(
+                    "model '%s' %s: unloading versions %s",
+                    name,
+                    "left the repository" if not model_dir.is_dir() else "is not managed",
+                    sorted(current),
+                )
             self._publish(name, {})
             for model in current.values():
                 self._retire(model)
@@ -331,14 +382,22 @@ class ModelRegistry(ModelTable):
             self._refuse_config(name, model_dir, str(err))
             if name not in self._configs:
                 return
-            config = self._configs[name]  # keep following the last good config.pbtxt until it is fixed
+            config = self._configs[
+                name
+            ]  # keep following the last good config.pbtxt until it is fixed
         else:
             self._config_refused.pop(name, None)
         policy = self._policy(config)
         try:
             on_disk = list_versions(self.repository, name)
-        except OSError as err:  # the folder went away between two looks: the next poll sees what is left
-            log.warning("model '%s': cannot list its versions (%s); trying again at the next poll", name, err)
+        except (
+            OSError
+        ) as err:  # the folder went away between two looks: the next poll sees what is left
+            log.warning(
+                "model '%s': cannot list its versions (%s); trying again at the next poll",
+                name,
+                err,
+            )
             return
         loaded: dict[int, ServedModel] = {}
         try:
@@ -346,7 +405,9 @@ class ModelRegistry(ModelTable):
             # A served version stays a candidate even when a change to its files was refused.
             candidates = [v for v in on_disk if v in current or not self._still_refused(name, v)]
             while True:
-                missing = sorted(policy.select(candidates) - current.keys() - loaded.keys(), reverse=True)
+                missing = sorted(
+                    policy.select(candidates) - current.keys() - loaded.keys(), reverse=True
+                )
                 if not missing:
                     break
                 for number in missing:
@@ -369,10 +430,13 @@ class ModelRegistry(ModelTable):
             if number not in served:
                 self._retire(model)
         if loaded or replaced:
-            log.info("model '%s' (%s) now serves versions %s", name, policy.describe(), sorted(served))
+            log.info(
+                "model '%s' (%s) now serves versions %s", name, policy.describe(), sorted(served)
+            )
 
-    async def _recheck_changed(self, name: str, current: dict[int, ServedModel]
-                               ) -> tuple[dict[int, ServedModel], list[ServedModel]]:
+    async def _recheck_changed(
+        self, name: str, current: dict[int, ServedModel]
+    ) -> tuple[dict[int, ServedModel], list[ServedModel]]:
         """Check again each served version whose files changed; swap in those whose model changed.
 
         Returns the versions to go on with and the ServedModels they replace. A change that fails
@@ -391,19 +455,34 @@ class ModelRegistry(ModelTable):
             self._refused.pop((name, number), None)
             if opened.sha256 == known[1]:
                 self._loaded[(name, number)] = (stamp, opened.sha256)
-                log.info("model '%s' version %d: its files changed but its model did not (sha256 %s…); "
-                         "it keeps serving", name, number, opened.sha256[:12])
+                log.info(
+                    "model '%s' version %d: its files changed but its model did not (sha256 %s…); "
+                    "it keeps serving",
+                    name,
+                    number,
+                    opened.sha256[:12],
+                )
                 del opened
                 continue
             result[number] = self._serve(name, number, opened, stamp)
             replaced.append(model)
-            log.info("model '%s' version %d changed on disk: the new model (sha256 %s…) replaces the "
-                     "loaded one (%s…) after its accepted calls finish", name, number,
-                     opened.sha256[:12], known[1][:12])
+            log.info(
+                "model '%s' version %d changed on disk: the new model (sha256 %s…) replaces the "
+                "loaded one (%s…) after its accepted calls finish",
+                name,
+                number,
+                opened.sha256[:12],
+                known[1][:12],
+            )
         return result, replaced
 
-    def _keep_orphans(self, name: str, current: dict[int, ServedModel], served: dict[int, ServedModel],
-                      on_disk: list[int]) -> dict[int, ServedModel]:
+    def _keep_orphans(
+        self,
+        name: str,
+        current: dict[int, ServedModel],
+        served: dict[int, ServedModel],
+        on_disk: list[int],
+    ) -> dict[int, ServedModel]:
         """When every served version's folder is gone and nothing replaces them, keep them serving."""
         gone = {v: m for v, m in current.items() if v not in on_disk}
         if served or not gone:
@@ -414,13 +493,19 @@ class ModelRegistry(ModelTable):
             if (name, number) not in self._orphans:
                 self._orphans.add((name, number))
                 self._observer.load_failed(name, "deleted")
-                log.warning("model '%s' version %d: its folder was deleted but no other version can serve; "
-                            "it keeps serving from memory until a valid version is published", name, number)
+                log.warning(
+                    "model '%s' version %d: its folder was deleted but no other version can serve; "
+                    "it keeps serving from memory until a valid version is published",
+                    name,
+                    number,
+                )
         return gone
 
     async def _load(self, name: str, number: int) -> ServedModel:
         """Check and open a version, batcher started; LoadFailure (refused, logged, counted) if not."""
-        stamp = fingerprint(self.repository / name / str(number))  # before reading: a later change is news
+        stamp = fingerprint(
+            self.repository / name / str(number)
+        )  # before reading: a later change is news
         opened = await self._open(name, number, stamp)
         return self._serve(name, number, opened, stamp)
 
@@ -428,12 +513,19 @@ class ModelRegistry(ModelTable):
         started = time.monotonic()
         try:
             opened: OpenedVersion = await asyncio.get_running_loop().run_in_executor(
-                None, open_version, self.repository, name, number, self.options.runtime)
+                None, open_version, self.repository, name, number, self.options.runtime
+            )
         except LoadFailure as failure:
             self._refuse(name, number, failure, stamp)
             raise
-        log.info("model '%s' version %d passed its checks (sha256 %s…, %s) in %.2f s", name, number,
-                 opened.sha256[:12], opened.runtime.provider, time.monotonic() - started)
+        log.info(
+            "model '%s' version %d passed its checks (sha256 %s…, %s) in %.2f s",
+            name,
+            number,
+            opened.sha256[:12],
+            opened.runtime.provider,
+            time.monotonic() - started,
+        )
         return opened
 
     def _serve(self, name: str, number: int, opened: OpenedVersion, stamp: tuple) -> ServedModel:
@@ -441,14 +533,21 @@ class ModelRegistry(ModelTable):
         stats = InferenceStats()
         batches = self._observer.batch_observer(name, number, options.max_queue_size)
         observer = _VersionObserver(stats, batches)
-        batcher = DynamicBatcher(_timed_infer(opened.runtime.run, observer, stats), options.max_batch_size,
-                                 options.max_queue_delay, options.max_queue_size, observer,
-                                 run_lone_inline=opened.runtime.provider == CPU)
+        batcher = DynamicBatcher(
+            _timed_infer(opened.runtime.run, observer, stats),
+            options.max_batch_size,
+            options.max_queue_delay,
+            options.max_queue_size,
+            observer,
+            run_lone_inline=opened.runtime.provider == CPU,
+        )
         batcher.start()
         self._refused.pop((name, number), None)
         self._loaded[(name, number)] = (stamp, opened.sha256)
         self._observer.version_loaded(name, number, opened.runtime.provider)
-        return ServedModel(opened.version, opened.runtime.provider, options.max_batch_size, batcher, stats)
+        return ServedModel(
+            opened.version, opened.runtime.provider, options.max_batch_size, batcher, stats
+        )
 
     def _refuse(self, name: str, number: int, failure: LoadFailure, stamp: tuple) -> None:
         self._refused[(name, number)] = _Refusal(stamp, failure.reason, failure.message)
@@ -458,34 +557,56 @@ class ModelRegistry(ModelTable):
             known = self._loaded.get((name, number), ((), ""))[1]
             after = f"version {number} keeps serving the copy it loaded before the change (sha256 {known[:12]}…)"
         else:
-            after = f"still serving versions {serving}" if serving else "no version of it is serving"
-        log.warning("model '%s' version %d refused (%s): %s; %s", name, number, failure.reason, failure.message,
-                    after)
+            after = (
+                f"still serving versions {serving}" if serving else "no version of it is serving"
+            )
+        log.warning(
+            "model '%s' version %d refused (%s): %s; %s",
+            name,
+            number,
+            failure.reason,
+            failure.message,
+            after,
+        )
 
     def _refuse_config(self, name: str, model_dir: Path, message: str) -> None:
-        stamp = _file_stamp(model_dir / "config.pbtxt")  # the file's own: a new version is no new refusal
-        if name not in self._config_refused or self._config_refused[name][0] != stamp:  # once per change
+        stamp = _file_stamp(
+            model_dir / "config.pbtxt"
+        )  # the file's own: a new version is no new refusal
+        if (
+            name not in self._config_refused or self._config_refused[name][0] != stamp
+        ):  # once per change
             self._config_refused[name] = (stamp, message)
             self._observer.load_failed(name, "config")
-            log.warning("model '%s' config refused: %s; the last good one stays in force", name, message)
+            log.warning(
+                "model '%s' config refused: %s; the last good one stays in force", name, message
+            )
 
     def _still_refused(self, name: str, number: int) -> bool:
         """A refused version is tried again only once its files have changed."""
         refusal = self._refused.get((name, number))
-        return refusal is not None and refusal.fingerprint == fingerprint(self.repository / name / str(number))
+        return refusal is not None and refusal.fingerprint == fingerprint(
+            self.repository / name / str(number)
+        )
 
     def _retire(self, model: ServedModel, now: bool = False) -> asyncio.Task:
         """Drain a version no call can reach any more, then let it go."""
-        task = asyncio.get_running_loop().create_task(self._drain(model, 0.0 if now else self.options.retire_delay))
+        task = asyncio.get_running_loop().create_task(
+            self._drain(model, 0.0 if now else self.options.retire_delay)
+        )
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         return task
 
     async def _drain(self, model: ServedModel, delay: float) -> None:
-        await asyncio.sleep(delay)  # calls that looked it up before the switch and have not queued yet
+        await asyncio.sleep(
+            delay
+        )  # calls that looked it up before the switch and have not queued yet
         await model.batcher.close()
         name, version = model.name, model.version_label
-        if model.version.version not in self._served.get(name, {}):  # not replaced by a new copy of it
+        if model.version.version not in self._served.get(
+            name, {}
+        ):  # not replaced by a new copy of it
             self._observer.version_unloaded(name, model.version.version, model.provider)
             self._loaded.pop((name, model.version.version), None)
         del model  # the last reference to its onnxruntime sessions

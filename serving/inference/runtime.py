@@ -1,4 +1,5 @@
 """The onnxruntime session: provider choice (CUDA or CPU), threads, warm-up. Knows nothing of batching."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 
 from core.contract import IMAGE_SHAPE, INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
-from serving.inference import activity
 from serving import tracing
+from serving.inference import activity
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,33 @@ class OnnxRuntimeSession:
         self._small = self.session
         if self.provider == CPU and options.intra_op_threads != 1:
             self._small = ort.InferenceSession(
-                model_path, _session_options(dataclasses.replace(options, intra_op_threads=1)), providers=[CPU])
-        log.info("onnxruntime %s on %s: %s; %s", ort.__version__, self.provider, self.reason, self.threading())
+                model_path,
+                _session_options(dataclasses.replace(options, intra_op_threads=1)),
+                providers=[CPU],
+            )
+        log.info(
+            "onnxruntime %s on %s: %s; %s",
+            ort.__version__,
+            self.provider,
+            self.reason,
+            self.threading(),
+        )
 
     def threading(self) -> str:
         if self._small is self.session:
             return f"one session, {self.options.intra_op_threads or 'default'} intra-op thread(s)"
-        return (f"batches under {self.options.multi_thread_min_batch} images on 1 thread, larger on "
-                f"{self.options.intra_op_threads or 'one per core'}")
+        return (
+            f"batches under {self.options.multi_thread_min_batch} images on 1 thread, larger on "
+            f"{self.options.intra_op_threads or 'one per core'}"
+        )
 
     def session_for(self, images: int, others_idle: bool) -> ort.InferenceSession:
         """Large batches take every core only while the other --workers idle (inference.activity)."""
-        return self.session if others_idle and images >= self.options.multi_thread_min_batch else self._small
+        return (
+            self.session
+            if others_idle and images >= self.options.multi_thread_min_batch
+            else self._small
+        )
 
     def run(self, images: np.ndarray) -> np.ndarray:
         board = activity.current()
@@ -82,9 +98,14 @@ class OnnxRuntimeSession:
     def _run(self, images: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
         if tracing.on:  # a child of the batch span (none during warm-up)
             threads = 1 if session is not self.session else self.options.intra_op_threads
-            with tracing.child("onnxruntime.run", {"onnxruntime.provider": self.provider,
-                                                   "batch.size": len(images),
-                                                   "onnxruntime.intra_op_threads": threads}):
+            with tracing.child(
+                "onnxruntime.run",
+                {
+                    "onnxruntime.provider": self.provider,
+                    "batch.size": len(images),
+                    "onnxruntime.intra_op_threads": threads,
+                },
+            ):
                 return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
         return session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
@@ -108,7 +129,9 @@ def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
     return settings
 
 
-def _create_session(model_path: str, options: RuntimeOptions) -> tuple[ort.InferenceSession, str, str]:
+def _create_session(
+    model_path: str, options: RuntimeOptions
+) -> tuple[ort.InferenceSession, str, str]:
     """Pick the provider: CUDA when asked or when `auto` finds it working, else the CPU."""
     settings = _session_options(options)
     if options.device == "cpu":
@@ -119,9 +142,13 @@ def _create_session(model_path: str, options: RuntimeOptions) -> tuple[ort.Infer
         # onnxruntime falls back to the CPU silently when the CUDA provider fails to load.
         if session.get_providers()[0] == CUDA:
             return session, CUDA, f"--device {options.device}: the CUDA provider initialised"
-        problem = "the CUDA provider failed to initialise (missing CUDA 13 / cuDNN 9 libraries or no GPU)"
+        problem = (
+            "the CUDA provider failed to initialise (missing CUDA 13 / cuDNN 9 libraries or no GPU)"
+        )
     if options.device == "cuda":
-        raise DeviceUnavailable(f"--device cuda: {problem}; use --device auto or cpu on this machine")
+        raise DeviceUnavailable(
+            f"--device cuda: {problem}; use --device auto or cpu on this machine"
+        )
     session = ort.InferenceSession(model_path, settings, providers=[CPU])
     return session, CPU, f"--device auto fell back to the CPU: {problem}"
 

@@ -4,11 +4,12 @@ Transport-free: it takes arrays and a deadline and returns arrays, or raises the
 of serving.inference.errors. A caller that goes away cancels its task; the batcher then skips
 its request.
 """
+
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -18,8 +19,8 @@ from core.metadata import ModelMetadata
 from core.repository import ModelVersion
 from serving import payload_log
 from serving.inference.batcher import DynamicBatcher
-from serving.inference.stats import InferenceStats
 from serving.inference.errors import UnknownModel, UnknownVersion, quoted
+from serving.inference.stats import InferenceStats
 
 if TYPE_CHECKING:
     from serving.inference.registry import ModelRegistry
@@ -107,8 +108,9 @@ class ServedModel:
     def ready_versions(self, name: str) -> list[int]:
         return [self.version.version] if name in ("", self.name) else []
 
-    async def predict(self, images: np.ndarray, deadline: float | None = None,
-                      request_id: str = "") -> np.ndarray:
+    async def predict(
+        self, images: np.ndarray, deadline: float | None = None, request_id: str = ""
+    ) -> np.ndarray:
         """Probabilities [N, classes] for `images` [N, 28, 28, 1] through the batcher.
 
         `deadline` is a time.monotonic() instant after which the answer is useless (None: no
@@ -119,7 +121,9 @@ class ServedModel:
         sink = payload_log.active
         try:
             probabilities = await self.batcher.submit(images, deadline)
-        except Exception as error:  # queue full, deadline, draining: a failed request in the statistics
+        except (
+            Exception
+        ) as error:  # queue full, deadline, draining: a failed request in the statistics
             latency = time.perf_counter() - started
             self.stats.request_done(latency, ok=False)
             if sink is not None and sink.sampled():
@@ -131,8 +135,22 @@ class ServedModel:
             sink.offer(self._sample(request_id, images, probabilities, latency, "OK"))
         return probabilities
 
-    def _sample(self, request_id: str, images: np.ndarray, probabilities: np.ndarray | None,
-                latency: float, outcome: str) -> payload_log.CallSample:
-        return payload_log.CallSample(time.time(), request_id or uuid.uuid4().hex, self.name,
-                                      self.version_label, images, probabilities,
-                                      tuple(self.class_names), latency, outcome)
+    def _sample(
+        self,
+        request_id: str,
+        images: np.ndarray,
+        probabilities: np.ndarray | None,
+        latency: float,
+        outcome: str,
+    ) -> payload_log.CallSample:
+        return payload_log.CallSample(
+            time.time(),
+            request_id or uuid.uuid4().hex,
+            self.name,
+            self.version_label,
+            images,
+            probabilities,
+            tuple(self.class_names),
+            latency,
+            outcome,
+        )

@@ -10,6 +10,7 @@ Triton's meanings, kept here so that perf_analyzer and model_analyzer read the s
   to every request in it, so the sums grow with the requests, not the batches).
 Counters are updated from the event loop and from the inference thread, hence the lock.
 """
+
 from __future__ import annotations
 
 import threading
@@ -63,7 +64,9 @@ class InferenceStats:
             for wait in waits:
                 self.queue.add(wait)
 
-    def batch_computed(self, images: int, requests: int, input_s: float, infer_s: float, output_s: float) -> None:
+    def batch_computed(
+        self, images: int, requests: int, input_s: float, infer_s: float, output_s: float
+    ) -> None:
         with self._lock:
             self.inference_count += images
             self.execution_count += 1
@@ -79,11 +82,28 @@ class InferenceStats:
         """A consistent copy to report from."""
         with self._lock:
             copy = InferenceStats(
-                self.inference_count, self.execution_count, self.last_inference_ms,
-                *(Duration(d.count, d.ns) for d in (self.success, self.fail, self.queue, self.compute_input,
-                                                    self.compute_infer, self.compute_output)),
-                batches={size: BatchDurations(*(Duration(d.count, d.ns) for d in
-                                                (b.compute_input, b.compute_infer, b.compute_output)))
-                         for size, b in self.batches.items()},
+                self.inference_count,
+                self.execution_count,
+                self.last_inference_ms,
+                *(
+                    Duration(d.count, d.ns)
+                    for d in (
+                        self.success,
+                        self.fail,
+                        self.queue,
+                        self.compute_input,
+                        self.compute_infer,
+                        self.compute_output,
+                    )
+                ),
+                batches={
+                    size: BatchDurations(
+                        *(
+                            Duration(d.count, d.ns)
+                            for d in (b.compute_input, b.compute_infer, b.compute_output)
+                        )
+                    )
+                    for size, b in self.batches.items()
+                },
             )
         return copy

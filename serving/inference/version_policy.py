@@ -8,10 +8,11 @@ One difference from Triton, on purpose: the policy is applied to the versions th
 A newest version that fails its checks is left out and the policy picks again from the rest, so
 `latest {1}` keeps serving the previous version instead of leaving the model unavailable.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class VersionPolicy:
             return set(ordered)
         if self.kind == "specific":
             return set(ordered) & set(self.versions)
-        return set(ordered[-self.num_versions:])
+        return set(ordered[-self.num_versions :])
 
     def describe(self) -> str:
         if self.kind == "latest":

@@ -7,6 +7,7 @@ images together (check_pixel_budget, from the headers alone). Raises InvalidInpu
 is wrong, in words of its own: Pillow's messages may hold object reprs ("<_io.BytesIO object at
 0x...>"), which tell the caller nothing.
 """
+
 from __future__ import annotations
 
 import io
@@ -161,8 +162,12 @@ def _check_format(data: bytes) -> None:
             "send the file's bytes, or raw_pixels for 28x28 uint8 pixels"
         )
     if kind.startswith("base64"):
-        raise InvalidInput(f"encoded holds {kind}; send the decoded file bytes (protobuf bytes need no base64)")
-    raise InvalidInput(f"encoded holds a {kind} image; only PNG and JPEG are accepted: re-encode it as PNG")
+        raise InvalidInput(
+            f"encoded holds {kind}; send the decoded file bytes (protobuf bytes need no base64)"
+        )
+    raise InvalidInput(
+        f"encoded holds a {kind} image; only PNG and JPEG are accepted: re-encode it as PNG"
+    )
 
 
 def _check_dimensions(size: tuple[int, int]) -> None:

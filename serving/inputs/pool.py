@@ -7,6 +7,7 @@ run on the loop and refuse an oversized call at once; the decoding itself runs o
 (Pillow and numpy release the GIL while they work), so a heavy call costs its own latency only.
 Requests of raw or float pixels need no decoding worth moving and are converted on the loop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,29 +26,37 @@ if TYPE_CHECKING:
     from serving.generated import mnist_classifier_pb2
 
 DEFAULT_DECODE_THREADS = 1  # per worker process; a heavy call then takes one core, not all
-WAITING_PER_THREAD = 8  # calls with encoded images waiting per decoding thread before new ones are shed
+WAITING_PER_THREAD = (
+    8  # calls with encoded images waiting per decoding thread before new ones are shed
+)
 
 
 class DecodePool:
     """A ClassifyRequest's images to a model batch, the heavy part on `threads` worker threads."""
 
-    def __init__(self, threads: int = DEFAULT_DECODE_THREADS,
-                 max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS) -> None:
+    def __init__(
+        self,
+        threads: int = DEFAULT_DECODE_THREADS,
+        max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
+    ) -> None:
         self.threads = threads
         self.max_decoded_pixels = max_decoded_pixels
         self._max_calls = threads * WAITING_PER_THREAD
         self._calls = 0  # calls decoding or waiting for a thread; only the event loop changes it
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
-    async def classify_images(self, images: Sequence[mnist_classifier_pb2.Image], max_batch_size: int) -> np.ndarray:
+    async def classify_images(
+        self, images: Sequence[mnist_classifier_pb2.Image], max_batch_size: int
+    ) -> np.ndarray:
         """The request's images as a float32 batch [N, 28, 28, 1]; InvalidInput or QueueFull otherwise."""
         if tracing.on:
             with tracing.stage("decode", images=len(images)):
                 return await self._classify_images(images, max_batch_size)
         return await self._classify_images(images, max_batch_size)
 
-    async def _classify_images(self, images: Sequence[mnist_classifier_pb2.Image],
-                               max_batch_size: int) -> np.ndarray:
+    async def _classify_images(
+        self, images: Sequence[mnist_classifier_pb2.Image], max_batch_size: int
+    ) -> np.ndarray:
         check_classify_request(images, max_batch_size, self.max_decoded_pixels)
         if not has_encoded(images):
             return decode_classify_images(images, max_batch_size)
@@ -57,7 +66,8 @@ class DecodePool:
         try:
             # A caller that goes away cancels this await; a call still waiting for a thread is dropped.
             return await asyncio.get_running_loop().run_in_executor(
-                self._executor, decode_classify_images, images, max_batch_size)
+                self._executor, decode_classify_images, images, max_batch_size
+            )
         finally:
             self._calls -= 1
 

@@ -32,7 +32,9 @@ _MAX_DIMS = max(len(shape) for shape in _KSERVE_FEATURE_SHAPES) + 1
 def decode_raw_pixels(data: bytes) -> np.ndarray:
     """784 uint8 pixels, row-major, to a (28, 28, 1) float32 image in [0, 1]."""
     if len(data) != PIXELS:
-        raise InvalidInput(f"raw_pixels holds {len(data)} bytes; expected 784 (28x28 uint8, row-major)")
+        raise InvalidInput(
+            f"raw_pixels holds {len(data)} bytes; expected 784 (28x28 uint8, row-major)"
+        )
     return scale_pixels(np.frombuffer(data, dtype=np.uint8)).reshape(SIDE, SIDE, 1)
 
 
@@ -64,17 +66,25 @@ def has_encoded(images: Sequence[mnist_classifier_pb2.Image]) -> bool:
     return any(image.WhichOneof("data") == "encoded" for image in images)
 
 
-def check_classify_request(images: Sequence[mnist_classifier_pb2.Image], max_batch_size: int,
-                           max_decoded_pixels: int | None) -> None:
+def check_classify_request(
+    images: Sequence[mnist_classifier_pb2.Image],
+    max_batch_size: int,
+    max_decoded_pixels: int | None,
+) -> None:
     """The cheap checks of a ClassifyRequest, before any pixel is decoded: image count and pixel budget."""
     _check_batch_size(len(images), "the request", max_batch_size)
     if max_decoded_pixels is not None:
-        check_pixel_budget([image.encoded for image in images if image.WhichOneof("data") == "encoded"],
-                           max_decoded_pixels)
+        check_pixel_budget(
+            [image.encoded for image in images if image.WhichOneof("data") == "encoded"],
+            max_decoded_pixels,
+        )
 
 
-def decode_classify_images(images: Sequence[mnist_classifier_pb2.Image], max_batch_size: int,
-                           max_decoded_pixels: int | None = None) -> np.ndarray:
+def decode_classify_images(
+    images: Sequence[mnist_classifier_pb2.Image],
+    max_batch_size: int,
+    max_decoded_pixels: int | None = None,
+) -> np.ndarray:
     """A ClassifyRequest's images to a float32 batch [N, 28, 28, 1].
 
     `max_decoded_pixels` bounds the pixels of the request's encoded images together, read from
@@ -114,22 +124,44 @@ def decode_kserve_input(
     """
     if tracing.on:
         with tracing.stage("decode", datatype=datatype):
-            return _decode_kserve_input(name, datatype, shape, raw, fp32_contents, uint_contents,
-                                        max_batch_size, other_contents)
-    return _decode_kserve_input(name, datatype, shape, raw, fp32_contents, uint_contents,
-                                max_batch_size, other_contents)
+            return _decode_kserve_input(
+                name,
+                datatype,
+                shape,
+                raw,
+                fp32_contents,
+                uint_contents,
+                max_batch_size,
+                other_contents,
+            )
+    return _decode_kserve_input(
+        name, datatype, shape, raw, fp32_contents, uint_contents, max_batch_size, other_contents
+    )
 
 
-def _decode_kserve_input(name: str, datatype: str, shape: Sequence[int], raw: bytes | None,
-                         fp32_contents: Sequence[float], uint_contents: Sequence[int],
-                         max_batch_size: int, other_contents: Mapping[str, int] | None) -> np.ndarray:
+def _decode_kserve_input(
+    name: str,
+    datatype: str,
+    shape: Sequence[int],
+    raw: bytes | None,
+    fp32_contents: Sequence[float],
+    uint_contents: Sequence[int],
+    max_batch_size: int,
+    other_contents: Mapping[str, int] | None,
+) -> np.ndarray:
     if name != INPUT_NAME:
-        raise InvalidInput(f"the input tensor is named {quoted(name)}; this model's only input is named '{INPUT_NAME}'")
+        raise InvalidInput(
+            f"the input tensor is named {quoted(name)}; this model's only input is named '{INPUT_NAME}'"
+        )
     if datatype not in KSERVE_DTYPES:
-        raise InvalidInput(f"input '{INPUT_NAME}' has datatype {quoted(datatype)}; "
-                           "send FP32 (values in [0, 1]) or UINT8 (0..255)")
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' has datatype {quoted(datatype)}; "
+            "send FP32 (values in [0, 1]) or UINT8 (0..255)"
+        )
     count = _kserve_batch_size(shape, max_batch_size)
-    flat = _kserve_elements(datatype, count, raw, fp32_contents, uint_contents, other_contents or {})
+    flat = _kserve_elements(
+        datatype, count, raw, fp32_contents, uint_contents, other_contents or {}
+    )
     if datatype == "UINT8":
         return scale_pixels(flat).reshape(count, SIDE, SIDE, 1)
     # A read-only view of the request's bytes where they already are native float32 (no copy: the
@@ -139,23 +171,35 @@ def _decode_kserve_input(name: str, datatype: str, shape: Sequence[int], raw: by
     return pixels.reshape(count, SIDE, SIDE, 1)
 
 
-def check_kserve_request(input_count: int, raw_count: int, requested_outputs: Sequence[str]) -> None:
+def check_kserve_request(
+    input_count: int, raw_count: int, requested_outputs: Sequence[str]
+) -> None:
     """The parts of a ModelInferRequest around its one tensor: how many inputs, raw entries, outputs."""
     if input_count != 1:
-        raise InvalidInput(f"the request has {input_count} input tensors; this model takes exactly one, "
-                           f"'{INPUT_NAME}' (FP32 or UINT8, shape [N, 28, 28, 1])")
+        raise InvalidInput(
+            f"the request has {input_count} input tensors; this model takes exactly one, "
+            f"'{INPUT_NAME}' (FP32 or UINT8, shape [N, 28, 28, 1])"
+        )
     if raw_count and raw_count != input_count:
-        raise InvalidInput(f"raw_input_contents has {raw_count} entries for "
-                           f"{input_count} inputs; send one per input")
+        raise InvalidInput(
+            f"raw_input_contents has {raw_count} entries for "
+            f"{input_count} inputs; send one per input"
+        )
     if len(requested_outputs) > 1:
-        raise InvalidInput(f"the request asks for {len(requested_outputs)} outputs; "
-                           f"this model has one, '{OUTPUT_NAME}'")
+        raise InvalidInput(
+            f"the request asks for {len(requested_outputs)} outputs; "
+            f"this model has one, '{OUTPUT_NAME}'"
+        )
     for name in requested_outputs:
         if name != OUTPUT_NAME:
-            raise InvalidInput(f"unknown output {quoted(name)}; this model's only output is '{OUTPUT_NAME}'")
+            raise InvalidInput(
+                f"unknown output {quoted(name)}; this model's only output is '{OUTPUT_NAME}'"
+            )
 
 
-def _check_unit_floats(pixels: np.ndarray, field: str, where: Callable[[int], str], hint: str) -> None:
+def _check_unit_floats(
+    pixels: np.ndarray, field: str, where: Callable[[int], str], hint: str
+) -> None:
     # One pass each for min and max decides the common case: NaN propagates into both and an
     # infinity is out of range, so only a bad tensor pays for finding the first culprit.
     if not pixels.size or (pixels.min() >= 0.0 and pixels.max() <= 1.0):
@@ -200,21 +244,33 @@ def _kserve_batch_size(shape: Sequence[int], max_batch_size: int) -> int:
             f"input '{INPUT_NAME}' has shape {shown_dims(shape)}; expected [N, 28, 28, 1] (or [N, 28, 28] or [N, 784])"
         )
     if dims[0] < 1:
-        raise InvalidInput(f"input '{INPUT_NAME}' has batch size {dims[0]} (shape[0]); send at least one image")
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' has batch size {dims[0]} (shape[0]); send at least one image"
+        )
     _check_batch_size(dims[0], f"input '{INPUT_NAME}'", max_batch_size)
     return dims[0]
 
 
 def _kserve_elements(
-    datatype: str, count: int, raw: bytes | None, fp32_contents: Sequence[float], uint_contents: Sequence[int],
+    datatype: str,
+    count: int,
+    raw: bytes | None,
+    fp32_contents: Sequence[float],
+    uint_contents: Sequence[int],
     other_contents: Mapping[str, int],
 ) -> np.ndarray:
     """The tensor's flat elements, from raw bytes or typed contents, checked for size."""
     expected = count * PIXELS
     dtype = KSERVE_DTYPES[datatype]
-    typed_fields = [f"contents.{field}" for field, size in
-                    (("fp32_contents", len(fp32_contents)), ("uint_contents", len(uint_contents)),
-                     *sorted(other_contents.items())) if size]
+    typed_fields = [
+        f"contents.{field}"
+        for field, size in (
+            ("fp32_contents", len(fp32_contents)),
+            ("uint_contents", len(uint_contents)),
+            *sorted(other_contents.items()),
+        )
+        if size
+    ]
     if raw:
         # The protocol forbids typed contents beside raw_input_contents, whatever their type.
         if typed_fields:
@@ -237,9 +293,13 @@ def _kserve_elements(
             "or raw_input_contents, or declare the datatype that matches"
         )
     if not len(typed):
-        raise InvalidInput(f"input '{INPUT_NAME}' carries no data; send the pixels in raw_input_contents or {field}")
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' carries no data; send the pixels in raw_input_contents or {field}"
+        )
     if len(typed) != expected:
-        raise InvalidInput(f"{field} holds {len(typed)} values; expected {expected} ({count} x 784)")
+        raise InvalidInput(
+            f"{field} holds {len(typed)} values; expected {expected} ({count} x 784)"
+        )
     if datatype == "FP32":
         return np.asarray(typed, dtype=np.float32)
     values = np.asarray(typed, dtype=np.int64)
@@ -249,5 +309,3 @@ def _kserve_elements(
             f"{field} holds {values[first]} at {_batch_position(first)}; UINT8 values must be 0..255"
         )
     return values.astype(np.uint8)
-
-

@@ -1,5 +1,6 @@
 """docker-compose.yml as Compose reads it, and the Dockerfiles' stages: what the compose, container
 and monitoring tests read the project's container files with."""
+
 from __future__ import annotations
 
 import os
@@ -15,11 +16,14 @@ from tests.support.common import ROOT
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 
-_VARIABLE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<bare>\w+))")
+_VARIABLE = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<braced>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<bare>\w+))"
+)
 
 
 def interpolate(text: str, variables: dict[str, str]) -> str:
     """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, $VAR and $$."""
+
     def substitute(match: re.Match) -> str:
         if match["escaped"]:
             return "$"
@@ -32,6 +36,7 @@ def interpolate(text: str, variables: dict[str, str]) -> str:
         if op in (":?", "?") and (value is None or (op == ":?" and not value)):
             raise ValueError(f"{name}: {arg or 'required'}")
         return value or ""
+
     return _VARIABLE.sub(substitute, text)
 
 
@@ -72,6 +77,7 @@ def compose_order(compose: dict) -> list[str]:
             for dependency in services[name].get("depends_on") or {}:
                 visit(dependency, path + (name,))
             order.append(name)
+
     for name in services:
         visit(name)
     return order
@@ -80,7 +86,9 @@ def compose_order(compose: dict) -> list[str]:
 def docker_compose() -> str:
     exe = shutil.which("docker-compose")
     if exe is None:
-        message = "the docker-compose binary is not installed (Debian: apt-get install docker-compose)"
+        message = (
+            "the docker-compose binary is not installed (Debian: apt-get install docker-compose)"
+        )
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{message}; CI must install it to validate docker-compose.yml")
         pytest.skip(message)
@@ -108,7 +116,9 @@ def parse_dockerfile(path: Path) -> tuple[dict[str, str], list[Stage]]:
         instruction, _, rest = line.partition(" ")
         instruction, rest = instruction.upper(), rest.strip()
         if instruction == "FROM":
-            match = re.fullmatch(r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", rest, re.IGNORECASE)
+            match = re.fullmatch(
+                r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", rest, re.IGNORECASE
+            )
             stages.append(Stage(match[2] or str(len(stages)), match[1], []))
         elif instruction == "ARG" and not stages:
             name, _, default = rest.partition("=")
@@ -134,5 +144,6 @@ def stage_closure(stages: list[Stage], target: str) -> list[Stage]:
             source = re.search(r"--from=(\S+)", copy)
             if source and source[1] in by_name:
                 visit(source[1])
+
     visit(target)
     return seen

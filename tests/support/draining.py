@@ -1,5 +1,6 @@
 """Calls held in a server's queue on purpose, and the server's health: what the draining tests
 (and others that stop a server under load) use to know which calls were accepted."""
+
 from __future__ import annotations
 
 import threading
@@ -16,8 +17,9 @@ from tests.support.lifecycle import wait_for
 REFUSAL = "the server is shutting down and takes no new requests"
 
 
-def classify(target: str, image: np.ndarray, timeout: float = 60,
-             together: threading.Barrier | None = None) -> tuple[str, object]:
+def classify(
+    target: str, image: np.ndarray, timeout: float = 60, together: threading.Barrier | None = None
+) -> tuple[str, object]:
     """One Classify call on a plain channel (no client retries: the server's own answer is kept).
 
     The channel connects first, and callers sharing `together` then go at once: on a busy machine
@@ -29,7 +31,8 @@ def classify(target: str, image: np.ndarray, timeout: float = 60,
             together.wait(30)
         try:
             response = pb_grpc.ClassifierStub(channel).Classify(
-                pb.ClassifyRequest(images=[pb.Image(raw_pixels=image.tobytes())]), timeout=timeout)
+                pb.ClassifyRequest(images=[pb.Image(raw_pixels=image.tobytes())]), timeout=timeout
+            )
             return "ok", response.predictions[0].label
         except grpc.RpcError as err:
             return err.code().name, err.details()
@@ -50,14 +53,19 @@ def in_background(function, *args):
 
 def queue_depth(server) -> float:
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith(("mnist_queue_depth ", "mnist_queue_depth{")))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(("mnist_queue_depth ", "mnist_queue_depth{"))
+    )
 
 
 def health(target: str, service: str = "") -> str:
     with grpc.insecure_channel(target) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.RpcError as err:
             return err.code().name
@@ -67,7 +75,9 @@ def hold_calls(server, images: np.ndarray) -> list:
     """Send one call per image and return once all of them wait in the server's queue."""
     together = threading.Barrier(len(images))
     results = [in_background(classify, server.target, image, 60, together) for image in images]
-    wait_for(lambda: queue_depth(server) == len(images), 30, f"{len(images)} calls held in the queue")
+    wait_for(
+        lambda: queue_depth(server) == len(images), 30, f"{len(images)} calls held in the queue"
+    )
     return results
 
 

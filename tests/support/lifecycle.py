@@ -5,6 +5,7 @@ A "variant" is a trained model whose last layer's bias is shifted by a seeded am
 valid ONNX file with the contract's signature whose answers differ from the original's on some
 digits, so a test can tell which version computed an answer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,9 @@ def variant_bytes(source: Path, seed: int) -> bytes:
     model = onnx.load(str(source))
     if seed:
         rng = np.random.default_rng(seed)
-        bias = next(i for i in model.graph.initializer if i.dims == [10] and "dense" in i.name.lower())
+        bias = next(
+            i for i in model.graph.initializer if i.dims == [10] and "dense" in i.name.lower()
+        )
         values = numpy_helper.to_array(bias) + rng.normal(0.0, 4.0, size=10).astype(np.float32)
         bias.CopyFrom(numpy_helper.from_array(values.astype(np.float32), bias.name))
     return model.SerializeToString()
@@ -41,21 +44,29 @@ def variant_bytes(source: Path, seed: int) -> bytes:
 
 def wrong_signature_bytes() -> bytes:
     """A valid ONNX model that takes flat pixels [N, 784] as 'pixels': not the server's contract."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weights = numpy_helper.from_array(np.zeros((784, 10), np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["pixels", "w"], ["probabilities"])], "flat",
+        [helper.make_node("MatMul", ["pixels", "w"], ["probabilities"])],
+        "flat",
         [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 784])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])], [weights])
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        [weights],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     return model.SerializeToString()
 
 
-def publish(repository: Path, name: str, version: int, onnx_bytes: bytes, metadata: ModelMetadata | None = None,
-            sha256: str | None = None) -> Path:
+def publish(
+    repository: Path,
+    name: str,
+    version: int,
+    onnx_bytes: bytes,
+    metadata: ModelMetadata | None = None,
+    sha256: str | None = None,
+) -> Path:
     """Write <repository>/<name>/<version> atomically (staging folder, then rename), as mnist-train does.
 
     `sha256` overrides the checksum written to metadata.json (a corrupted file's is the original's).
@@ -65,8 +76,12 @@ def publish(repository: Path, name: str, version: int, onnx_bytes: bytes, metada
     staging = model_dir / f".staging-{version}-{os.getpid()}"
     staging.mkdir()
     (staging / MODEL_FILENAME).write_bytes(onnx_bytes)
-    meta = dataclasses.replace(metadata or ModelMetadata(), model_name=name, version=version,
-                               model_sha256=sha256 or hashlib.sha256(onnx_bytes).hexdigest())
+    meta = dataclasses.replace(
+        metadata or ModelMetadata(),
+        model_name=name,
+        version=version,
+        model_sha256=sha256 or hashlib.sha256(onnx_bytes).hexdigest(),
+    )
     (staging / METADATA_FILENAME).write_text(meta.to_json())
     staging.rename(model_dir / str(version))
     return model_dir / str(version)
@@ -77,7 +92,9 @@ def write_config(repository: Path, name: str, version_policy: str = "") -> None:
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     temporary = model_dir / f".{CONFIG_FILENAME}.tmp"
-    temporary.write_text(triton_config(name, 64) + (f"version_policy: {version_policy}\n" if version_policy else ""))
+    temporary.write_text(
+        triton_config(name, 64) + (f"version_policy: {version_policy}\n" if version_policy else "")
+    )
     temporary.rename(model_dir / CONFIG_FILENAME)
 
 
@@ -91,7 +108,9 @@ class Reference:
         import onnxruntime as ort
 
         if model_file not in self._sessions:
-            self._sessions[model_file] = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+            self._sessions[model_file] = ort.InferenceSession(
+                str(model_file), providers=["CPUExecutionProvider"]
+            )
         return self._sessions[model_file].run(None, {"images": to_model_input(images)})[0]
 
 
@@ -165,8 +184,17 @@ class Load:
             except Exception as err:  # noqa: BLE001 - every failed call is a finding
                 self.failures.append(f"{api}: {type(err).__name__}: {err}")
                 continue
-            self.answers.append(Answer(api, model, version, indices, probabilities, started,
-                                       time.perf_counter() - clock))
+            self.answers.append(
+                Answer(
+                    api,
+                    model,
+                    version,
+                    indices,
+                    probabilities,
+                    started,
+                    time.perf_counter() - clock,
+                )
+            )
 
     def _caller(self, api: str):
         if api == "classify":
@@ -177,6 +205,7 @@ class Load:
             def classify(images):
                 result = client.classify(images, model_name=self.model, model_version=self.version)
                 return result.model_name, result.model_version, result.probabilities
+
             return classify
         if api == "kserve_grpc":
             import tritonclient.grpc as triton
@@ -186,25 +215,41 @@ class Load:
             def infer_grpc(images):
                 tensor = triton.InferInput("images", [len(images), 28, 28, 1], "UINT8")
                 tensor.set_data_from_numpy(images.reshape(-1, 28, 28, 1).astype(np.uint8))
-                result = client.infer(self.model, [tensor], model_version=self.version, client_timeout=30)
+                result = client.infer(
+                    self.model, [tensor], model_version=self.version, client_timeout=30
+                )
                 response = result.get_response()
                 return response.model_name, response.model_version, result.as_numpy("probabilities")
+
             return infer_grpc
         import tritonclient.http as triton_http
 
-        client = triton_http.InferenceServerClient(self.http_url.removeprefix("http://"), network_timeout=30)
+        client = triton_http.InferenceServerClient(
+            self.http_url.removeprefix("http://"), network_timeout=30
+        )
 
         def infer_rest(images):
             tensor = triton_http.InferInput("images", [len(images), 28, 28, 1], "UINT8")
-            tensor.set_data_from_numpy(images.reshape(-1, 28, 28, 1).astype(np.uint8), binary_data=True)
+            tensor.set_data_from_numpy(
+                images.reshape(-1, 28, 28, 1).astype(np.uint8), binary_data=True
+            )
             result = client.infer(self.model, [tensor], model_version=self.version)
             response = result.get_response()
-            return response["model_name"], response["model_version"], result.as_numpy("probabilities")
+            return (
+                response["model_name"],
+                response["model_version"],
+                result.as_numpy("probabilities"),
+            )
+
         return infer_rest
 
 
-def wrong_answers(answers: list[Answer], model_files: dict[tuple[str, str], Path], images: np.ndarray,
-                  reference: Reference) -> list[str]:
+def wrong_answers(
+    answers: list[Answer],
+    model_files: dict[tuple[str, str], Path],
+    images: np.ndarray,
+    reference: Reference,
+) -> list[str]:
     """Every answer whose probabilities differ from its own version's file (by model and version)."""
     problems = []
     for answer in answers:
@@ -214,8 +259,10 @@ def wrong_answers(answers: list[Answer], model_files: dict[tuple[str, str], Path
             continue
         expected = reference(model_files[key], images[answer.indices])
         if not np.allclose(answer.probabilities, expected, atol=1e-4):
-            problems.append(f"{answer.api}: {key} differs from its file by "
-                            f"{np.abs(answer.probabilities - expected).max():.2e}")
+            problems.append(
+                f"{answer.api}: {key} differs from its file by "
+                f"{np.abs(answer.probabilities - expected).max():.2e}"
+            )
     return problems
 
 

@@ -1,5 +1,6 @@
 """The Kubernetes manifests as kubectl renders them, and their strict validation offline (Kubernetes'
 schemas from kubernetes-validate, KServe's and the Prometheus Operator's vendored CRD schemas)."""
+
 from __future__ import annotations
 
 import copy
@@ -45,8 +46,12 @@ _rendered: dict[str, list[dict[str, Any]]] = {}
 def render(name: str) -> list[dict[str, Any]]:
     """The objects `kubectl kustomize deploy/kubernetes/<name>` prints (cached: rendering is pure)."""
     if name not in _rendered:
-        result = subprocess.run([_kubectl(), "kustomize", str(KUBERNETES / name)],
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [_kubectl(), "kustomize", str(KUBERNETES / name)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, f"kubectl kustomize {name} failed:\n{result.stderr}"
         _rendered[name] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     return copy.deepcopy(_rendered[name])
@@ -70,12 +75,16 @@ def validation_errors(doc: dict[str, Any]) -> list[str]:
         if schema_file is None:
             return [f"{label}: no vendored schema for {doc['apiVersion']} {doc['kind']}"]
         validator = jsonschema.Draft202012Validator(json.loads((SCHEMAS / schema_file).read_text()))
-        return [f"{label}: {'.'.join(map(str, error.absolute_path))}: {error.message}"
-                for error in validator.iter_errors(doc)]
+        return [
+            f"{label}: {'.'.join(map(str, error.absolute_path))}: {error.message}"
+            for error in validator.iter_errors(doc)
+        ]
     try:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     except kubernetes_validate.ValidationError as error:
         return [f"{label}: {'.'.join(map(str, error.absolute_path))}: {error.message}"]
     except kubernetes_validate.SchemaNotFoundError:
-        return [f"{label}: no Kubernetes {KUBERNETES_VERSION} schema for {doc.get('apiVersion')} {doc.get('kind')}"]
+        return [
+            f"{label}: no Kubernetes {KUBERNETES_VERSION} schema for {doc.get('apiVersion')} {doc.get('kind')}"
+        ]
     return []

@@ -1,5 +1,6 @@
 """What the tests of `--workers N` read from a running server: its metrics, its workers' log lines
 and processes."""
+
 from __future__ import annotations
 
 import re

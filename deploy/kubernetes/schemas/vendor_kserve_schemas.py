@@ -8,6 +8,7 @@ openAPIV3Schema without descriptions, moves subtrees that occur more than once i
 makes it strict the way `kubectl apply --validate=strict` is: where a schema lists `properties`
 and neither allows extra ones nor preserves unknown fields, any other field is an error.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,8 +47,11 @@ def strict_schema(schema: dict) -> dict:
             out[key] = [strict_schema(sub) for sub in value]
         else:
             out[key] = value
-    if ("properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -101,16 +105,32 @@ def share_repeats(schema: dict) -> dict:
 
 def main(argv: list[str]) -> int:
     checkout = Path(argv[0])
-    commit = argv[1] if len(argv) > 1 else subprocess.run(
-        ["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    commit = (
+        argv[1]
+        if len(argv) > 1
+        else subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     for name, path in CRDS.items():
-        crd = yaml.safe_load(subprocess.run(["git", "-C", str(checkout), "show", f"{commit}:{path}"],
-                                            capture_output=True, text=True, check=True).stdout)
+        crd = yaml.safe_load(
+            subprocess.run(
+                ["git", "-C", str(checkout), "show", f"{commit}:{path}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         for version in crd["spec"]["versions"]:
             if not version.get("storage"):
                 continue
             schema = share_repeats(strict_schema(version["schema"]["openAPIV3Schema"]))
-            schema["$comment"] = f"kserve/kserve@{commit}:{path} {crd['spec']['group']}/{version['name']}"
+            schema["$comment"] = (
+                f"kserve/kserve@{commit}:{path} {crd['spec']['group']}/{version['name']}"
+            )
             out = HERE / f"kserve-{name}-{version['name']}.json"
             out.write_text(json.dumps(schema, sort_keys=True, separators=(",", ":")) + "\n")
             print(f"{out} {out.stat().st_size} bytes")
