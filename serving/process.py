@@ -135,22 +135,20 @@ class ServerProcess:
         self.stop()
 
 
-def start_server(
-    repository: Path | str,
+def serve_command(
+    repository: Path | str | None,
     *extra_args: str,
-    log_path: Path | None = None,
-    ready_timeout: float = 60.0,
-    env: dict[str, str] | None = None,
-    tls: ClientTls | None = None,
-) -> ServerProcess:
-    """Run `mnist-serve` on free loopback ports; return once it reports SERVING (over TLS with `tls`)."""
-    port, metrics_port, http_port = free_port(), free_port(), free_port()
-    args = [
+    port: int,
+    metrics_port: int = 0,
+    http_port: int = 0,
+) -> list[str]:
+    """The argv of `mnist-serve` on loopback (None: the caller names --model-repository in extra_args)."""
+    named = ["--model-repository", str(repository)] if repository is not None else []
+    return [
         sys.executable,
         "-m",
         "serving.cli",
-        "--model-repository",
-        str(repository),
+        *named,
         "--host",
         "127.0.0.1",
         "--port",
@@ -161,6 +159,21 @@ def start_server(
         str(http_port),
         *extra_args,
     ]
+
+
+def start_server(
+    repository: Path | str,
+    *extra_args: str,
+    log_path: Path | None = None,
+    ready_timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+    tls: ClientTls | None = None,
+) -> ServerProcess:
+    """Run `mnist-serve` on free loopback ports; return once it reports SERVING (over TLS with `tls`)."""
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
+    args = serve_command(
+        repository, *extra_args, port=port, metrics_port=metrics_port, http_port=http_port
+    )
     # Without a log path the output still goes to a file, so that a server that fails to start says why.
     temporary_log = log_path is None
     if log_path is None:

@@ -106,29 +106,11 @@ def test_not_serving_until_the_model_is_warm(trained_repository, tmp_path):
     """Before warm-up ends nothing reports SERVING; after, everything does."""
     import os
 
-    from serving.process import free_port, wait_until_serving
+    from serving.process import free_port, serve_command, wait_until_serving
 
     port, log_path = free_port(), tmp_path / "server.log"
     # Enough warm-up runs (a batch of 1 and of 64 each) to take seconds on any machine.
-    args = [
-        sys.executable,
-        "-m",
-        "serving.cli",
-        "--model-repository",
-        str(trained_repository),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "0",
-        "--http-port",
-        "0",
-        "--workers",
-        "1",
-        "--warmup-runs",
-        "400",
-    ]
+    args = serve_command(trained_repository, "--workers", "1", "--warmup-runs", "400", port=port)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from core.repository import load_version
 from serving.client import ClassifierClient, InferenceClient, KServeAnswer
-from serving.process import free_port, start_server
+from serving.process import free_port, serve_command, start_server
 from serving.rest_client import RestClient, RestError
 from tests.support.common import ROOT
 
@@ -554,21 +554,7 @@ def test_sigterm_during_rest_load_loses_no_accepted_call(
 
 def test_a_taken_http_port_is_one_clear_line(server, trained_repository):
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serving.cli",
-            "--model-repository",
-            str(trained_repository),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-            "--metrics-port",
-            "0",
-            "--http-port",
-            str(server.http_port),
-        ],
+        serve_command(trained_repository, port=free_port(), http_port=server.http_port),
         capture_output=True,
         text=True,
         timeout=60,

@@ -7,7 +7,6 @@ import http.client
 import math
 import multiprocessing
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -19,7 +18,7 @@ from core.contract import to_model_input
 from core.repository import load_version
 from serving.inference import activity
 from serving.inference.runtime import OnnxRuntimeSession, RuntimeOptions
-from serving.process import free_port, start_server
+from serving.process import free_port, serve_command, start_server
 from serving.rest_client import RestClient
 
 
@@ -131,23 +130,9 @@ def test_the_rest_port_is_still_refused_when_another_server_holds_it(trained_rep
     """Sharing the port is for the workers only: a second server must not join a first one's."""
     with start_server(trained_repository, "--workers", "1", log_path=tmp_path / "a.log") as first:
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "serving.cli",
-                "--model-repository",
-                str(trained_repository),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(free_port()),
-                "--metrics-port",
-                "0",
-                "--http-port",
-                str(first.http_port),
-                "--workers",
-                "2",
-            ],
+            serve_command(
+                trained_repository, "--workers", "2", port=free_port(), http_port=first.http_port
+            ),
             capture_output=True,
             text=True,
             timeout=120,

@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 
 from core.repository import load_version
 from serving.config import ServeConfig
-from serving.process import free_port
+from serving.process import free_port, serve_command
 from serving.workers import resolve
 from tests.support.workers import child_pids, scrape, wait_for_both_workers, wait_until_gone
 
@@ -99,23 +98,7 @@ def test_sigterm_while_the_workers_load_still_exits_0(trained_repository, tmp_pa
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "serving.cli",
-                "--model-repository",
-                str(trained_repository),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(free_port()),
-                "--metrics-port",
-                "0",
-                "--http-port",
-                "0",
-                "--workers",
-                "2",
-            ],
+            serve_command(trained_repository, "--workers", "2", port=free_port()),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -133,23 +116,7 @@ def test_a_taken_port_is_one_line_before_any_worker_starts(trained_repository):
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "serving.cli",
-                "--model-repository",
-                str(trained_repository),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--metrics-port",
-                "0",
-                "--http-port",
-                "0",
-                "--workers",
-                "2",
-            ],
+            serve_command(trained_repository, "--workers", "2", port=port),
             capture_output=True,
             text=True,
             timeout=60,
@@ -163,22 +130,7 @@ def test_a_taken_port_is_one_line_before_any_worker_starts(trained_repository):
 
 def serve_and_fail(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serving.cli",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-            "--metrics-port",
-            "0",
-            "--http-port",
-            "0",
-            "--workers",
-            "2",
-            *args,
-        ],
+        serve_command(None, "--workers", "2", *args, port=free_port()),
         capture_output=True,
         text=True,
         timeout=120,
