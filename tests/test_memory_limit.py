@@ -2,7 +2,9 @@
 workers (one per core), 4x its capacity offered in 64-image calls on the gRPC and the REST ports.
 
 It must shed (RESOURCE_EXHAUSTED / 429), answer every admitted call correctly, and never be
-OOM-killed: `docker inspect` says OOMKilled false, 0 restarts, still running, still answering.
+OOM-killed. A gRPC connection past --grpc-max-concurrent-streams calls in flight has the excess
+refused by grpc core (RST_STREAM REFUSED_STREAM, UNAVAILABLE to the caller): never processed and
+retryable (serving.client retries it), so it counts as shed, in a count of its own: `docker inspect` says OOMKilled false, 0 restarts, still running, still answering.
 The RSS of each server process is sampled from this machine's /proc (a container's processes
 are this kernel's) and printed: the ceiling per worker that docs/reliability.md reports.
 
@@ -168,6 +170,11 @@ def _rest_body(images: np.ndarray) -> tuple[bytes, dict[str, str]]:
     }
 
 
+def _refused(error) -> bool:
+    """grpc core's words for a stream the server refused before any handler saw it (HTTP/2 code 7)."""
+    return "RST_STREAM" in (error.details() or "") and "error code 7" in error.details()
+
+
 async def _open_loop(
     grpc_target: str,
     http_url: str,
@@ -184,7 +191,8 @@ async def _open_loop(
     from bench.overload import CLASSIFY
     from serving.generated import mnist_classifier_pb2 as pb
 
-    counts = {"grpc_ok": 0, "grpc_shed": 0, "rest_ok": 0, "rest_shed": 0, "wrong": 0}
+    counts = {"grpc_ok": 0, "grpc_shed": 0, "grpc_refused": 0, "rest_ok": 0, "rest_shed": 0}
+    counts["wrong"] = 0
     other: list[str] = []
     channels = [grpc.aio.insecure_channel(grpc_target) for _ in range(4)]
     stubs = [
@@ -203,6 +211,8 @@ async def _open_loop(
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     counts["grpc_shed"] += 1
+                elif error.code() == grpc.StatusCode.UNAVAILABLE and _refused(error):
+                    counts["grpc_refused"] += 1
                 else:
                     other.append(f"gRPC {error.code().name}: {error.details()}")
                 return
