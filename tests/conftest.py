@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.common import QUICK_TRAIN_ARGS, ROOT, mnist_dir, run_train  # noqa: F401 (ROOT: older imports)
+from tests.support.common import mnist_dir
+from tests.support.quick_model import quick_model
 
 # tritonclient and serving/generated/grpc_predict_v2_pb2 define the same `inference.*` protobuf
 # symbols, and whichever file registers first makes the other fail to import. ClassifierClient's
@@ -76,20 +77,8 @@ def mnist_test_set(mnist_path) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def trained_repository(tmp_path_factory) -> Path:
-    """A model repository holding one small but competent model, trained once per session."""
-    root = tmp_path_factory.mktemp("trained")
-    result = run_train(
-        *QUICK_TRAIN_ARGS,
-        "--out",
-        str(root / "model_repository"),
-        "--artifacts",
-        str(root / "artifacts"),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (root / "summary.txt").write_text(
-        result.stdout
-    )  # mnist-train's summary, read by the INT8 tests
-    return root / "model_repository"
+    """A model repository holding one small but competent model (tests/support/quick_model.py)."""
+    return quick_model(tmp_path_factory.mktemp("trained"))
 
 
 @pytest.fixture(scope="session")
