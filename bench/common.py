@@ -11,7 +11,9 @@ server's speed must not depend on how its callers connect.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import itertools
 import math
 import os
 import time
@@ -30,11 +32,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Sample:
-    """One closed-loop measurement: the successful calls' latencies (s) in the window, errors."""
+    """One closed-loop measurement: the successful calls' latencies (s) in the window, errors.
+
+    `shed` counts the errors that were RESOURCE_EXHAUSTED (the server refusing load), a part of
+    `errors`.
+    """
 
     latencies: tuple[float, ...]
     errors: int
     seconds: float  # the measured window
+    shed: int = 0
 
     @property
     def calls_per_s(self) -> float:
@@ -52,6 +59,7 @@ def merge(samples: Sequence[Sample]) -> Sample:
         tuple(x for s in samples for x in s.latencies),
         sum(s.errors for s in samples),
         sum(s.seconds for s in samples),
+        sum(s.shed for s in samples),
     )
 
 
@@ -61,9 +69,15 @@ def spread(callers: int, connections: int) -> list[int]:
     return [k % count for k in range(callers)]
 
 
+def payload_cycles(payload: bytes | Sequence[bytes], callers: int) -> list[itertools.cycle]:
+    """What each caller sends: the one payload, or caller k the payloads k, k + callers, …"""
+    payloads = [payload] if isinstance(payload, bytes) else list(payload)
+    return [itertools.cycle(payloads[k % len(payloads) :: callers]) for k in range(callers)]
+
+
 async def closed_loop(
     target: str,
-    payload: bytes,
+    payload: bytes | Sequence[bytes],
     *,
     callers: int,
     connections: int = 1,
@@ -75,9 +89,10 @@ async def closed_loop(
 ) -> Sample:
     """`callers` coroutines sending `payload` to `method` back to back over `connections`.
 
-    Calls that complete in the `seconds` after `warmup` are measured; `on_window` is called when
-    that window opens and when it closes (e.g. to read CPU counters). Errors (any RPC status but
-    OK) are counted, never raised.
+    `payload` is one serialized request, or several that the callers take turns over. Calls that
+    complete in the `seconds` after `warmup` are measured; `on_window` is called when that window
+    opens and when it closes (e.g. to read CPU counters). Errors (any RPC status but OK) are
+    counted, never raised.
     """
     import grpc
 
@@ -85,13 +100,14 @@ async def closed_loop(
     options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
     uses = spread(callers, connections)
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(uses) + 1)]
+    cycles = payload_cycles(payload, callers)
     latencies: list[float] = []
-    errors = 0
+    errors = shed = 0
     try:
         stubs = [channel.unary_unary(method) for channel in channels]
         # Connect every channel first; a server that refuses is counted in the errors, not raised.
         connected = await asyncio.gather(
-            *(stub(payload, timeout=timeout) for stub in stubs), return_exceptions=True
+            *(stub(next(cycles[0]), timeout=timeout) for stub in stubs), return_exceptions=True
         )
         errors += sum(isinstance(reply, grpc.aio.AioRpcError) for reply in connected)
         measuring_from = time.perf_counter() + warmup
@@ -100,23 +116,24 @@ async def closed_loop(
             loop = asyncio.get_running_loop()
             loop.call_at(loop.time() + warmup, on_window)
 
-        async def caller(call) -> None:
-            nonlocal errors
+        async def caller(call, payloads: itertools.cycle) -> None:
+            nonlocal errors, shed
             while (now := time.perf_counter()) < until:
                 try:
-                    await call(payload, timeout=timeout)
-                except grpc.aio.AioRpcError:
+                    await call(next(payloads), timeout=timeout)
+                except grpc.aio.AioRpcError as error:
                     errors += 1
+                    shed += error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     continue
                 if now >= measuring_from:
                     latencies.append(time.perf_counter() - now)
 
-        await asyncio.gather(*(caller(stubs[use]) for use in uses))
+        await asyncio.gather(*(caller(stubs[use], cycles[k]) for k, use in enumerate(uses)))
         if on_window is not None:
             on_window()
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
-    return Sample(tuple(latencies), errors, seconds)
+    return Sample(tuple(latencies), errors, seconds, shed)
 
 
 def measure(target: str, payload: bytes, **load) -> Sample:
@@ -133,6 +150,18 @@ def rss_mib(pid: int | None, children: bool = False) -> float:
     except OSError:  # gone
         return float("nan")
     return (sum(tree_rss_by_process(pid).values()) if children else own) / 2**20
+
+
+def server_rss_mib(pid: int | None) -> float:
+    """A server's RSS summed over all its processes (with --workers the parent loads no model)."""
+    return rss_mib(pid, children=True)
+
+
+def largest_process_rss_mib(pid: int | None) -> float:
+    """The largest single process of a server (a worker): what one worker's limit must hold."""
+    if pid is None or not Path(f"/proc/{pid}").exists():
+        return float("nan")
+    return max(tree_rss_by_process(pid).values(), default=0) / 2**20
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -197,3 +226,21 @@ def test_images():
     from core.idx import find_data_dir, load_idx_dir
 
     return load_idx_dir(find_data_dir("mnist") or ROOT.parent / "shared/datasets/mnist").test_images
+
+
+def require_test_images(parser: argparse.ArgumentParser, data_dir: str | None, count: int):
+    """The first `count` MNIST test images from --data-dir or $MNIST_DATA_DIR; else a usage error."""
+    from core.idx import find_data_dir, load_idx_dir
+
+    folder = find_data_dir("mnist", data_dir)
+    if folder is None:
+        parser.error("the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR")
+    return np.ascontiguousarray(load_idx_dir(folder).test_images[:count])
+
+
+def idle_labels(classify: Callable, items: Sequence, step: int = 64) -> np.ndarray:
+    """The server's answers for `items`, asked `step` at a time while idle: what later answers
+    under load must equal. `classify` is e.g. ClassifierClient.classify or .classify_encoded."""
+    return np.concatenate(
+        [classify(items[i : i + step]).labels for i in range(0, len(items), step)]
+    )

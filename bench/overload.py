@@ -19,20 +19,34 @@ import argparse
 import asyncio
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 
-from core.idx import find_data_dir, load_idx_dir
+from bench import common
+from bench.common import (
+    CLASSIFY,
+    ROOT,
+    idle_labels,
+    largest_process_rss_mib,
+    percentile_ms,
+    require_test_images,
+    server_rss_mib,
+)
 from serving.client import ClassifierClient
 from serving.generated import mnist_classifier_pb2 as pb
-from serving.memory import process_tree, tree_rss_by_process, tree_rss_bytes
+from serving.memory import process_tree
 from serving.process import start_server
 
-ROOT = Path(__file__).resolve().parent.parent
-CLASSIFY = "/mnist.v1.Classifier/Classify"
+__all__ = ["CLASSIFY", "closed_loop", "main", "open_loop", "requests"]
+
+HEADER = (
+    f"{'load':>5} {'offered/s':>9} {'goodput/s':>9} {'ok':>6} {'shed':>6} {'other':>5} "
+    f"{'wrong':>5} {'p50 ms':>7} {'p99 ms':>7} {'shed p50/p99':>12} "
+    f"{'RSS MB start/max/end':>21} {'worker MB':>9}"
+)
 
 
 @dataclass
@@ -53,15 +67,52 @@ class LoadResult:
     rss_end_mb: float
     worker_rss_max_mb: float  # the largest single process (a worker) at any sample
 
+    def line(self) -> str:
+        """This load's row under HEADER."""
+        return (
+            f"{self.factor:>4g}x {self.offered_per_s:>9.0f} {self.goodput_per_s:>9.0f} "
+            f"{self.ok:>6} {self.shed:>6} {self.other_errors:>5} {self.wrong:>5} "
+            f"{self.p50_ms:>7.1f} {self.p99_ms:>7.1f} "
+            f"{self.shed_p50_ms:>5.1f}/{self.shed_p99_ms:<6.1f} "
+            f"{self.rss_start_mb:>7.0f}/{self.rss_max_mb:.0f}/{self.rss_end_mb:.0f} "
+            f"{self.worker_rss_max_mb:>9.0f}"
+        )
 
-def rss_mb(pid: int) -> float:
-    """The server's RSS summed over all its processes (with --workers the parent loads no model)."""
-    return tree_rss_bytes(pid) / 2**20
 
+@dataclass
+class OpenLoopTally:
+    """What came back from an open-loop run: answered and refused latencies, errors, RSS."""
 
-def worker_rss_mb(pid: int) -> float:
-    """The largest single process of the server: what one worker's share of a memory limit must hold."""
-    return max(tree_rss_by_process(pid).values(), default=0) / 2**20
+    ok_latency: list[float] = field(default_factory=list)
+    shed_latency: list[float] = field(default_factory=list)
+    other: int = 0
+    wrong: int = 0
+    rss: list[float] = field(default_factory=list)
+    worker_rss: list[float] = field(default_factory=list)
+
+    def sample_rss(self, pid: int) -> None:
+        self.rss.append(server_rss_mib(pid))
+        self.worker_rss.append(largest_process_rss_mib(pid))
+
+    def result(self, factor: float, offered_per_s: float, elapsed: float) -> LoadResult:
+        ok, shed = self.ok_latency, self.shed_latency
+        return LoadResult(
+            factor=factor,
+            offered_per_s=offered_per_s,
+            goodput_per_s=len(ok) / elapsed,
+            ok=len(ok),
+            shed=len(shed),
+            other_errors=self.other,
+            wrong=self.wrong,
+            p50_ms=percentile_ms(ok, 50),
+            p99_ms=percentile_ms(ok, 99),
+            shed_p50_ms=percentile_ms(shed, 50),
+            shed_p99_ms=percentile_ms(shed, 99),
+            rss_start_mb=self.rss[0],
+            rss_max_mb=max(self.rss),
+            rss_end_mb=self.rss[-1],
+            worker_rss_max_mb=max(self.worker_rss),
+        )
 
 
 def requests(images: np.ndarray, per_call: int, count: int) -> list[tuple[bytes, np.ndarray]]:
@@ -79,31 +130,17 @@ def requests(images: np.ndarray, per_call: int, count: int) -> list[tuple[bytes,
 async def closed_loop(
     target: str, calls: list[tuple[bytes, np.ndarray]], callers: int, seconds: float
 ) -> float:
-    """Calls/s with `callers` callers back to back: the capacity."""
-    channel = grpc.aio.insecure_channel(target)
-    call = channel.unary_unary(CLASSIFY)
-    done = 0
-    stop = time.monotonic() + seconds
+    """Calls/s with `callers` callers back to back: the capacity.
 
-    async def caller(k: int) -> None:
-        nonlocal done
-        i = k
-        while time.monotonic() < stop:
-            try:
-                await call(calls[i % len(calls)][0], timeout=30)
-                done += 1
-            except (
-                grpc.aio.AioRpcError
-            ) as error:  # more callers than the queue holds: some are shed
-                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-            i += callers
-
-    started = time.monotonic()
-    await asyncio.gather(*(caller(k) for k in range(callers)))
-    rate = done / (time.monotonic() - started)
-    await channel.close()
-    return rate
+    More callers than the queue holds: some are shed (RESOURCE_EXHAUSTED), which is expected;
+    any other error is not, and is raised.
+    """
+    sample = await common.closed_loop(
+        target, [data for data, _ in calls], callers=callers, seconds=seconds, method=CLASSIFY
+    )
+    if sample.errors > sample.shed:
+        raise RuntimeError(f"{sample.errors - sample.shed} calls failed measuring the capacity")
+    return sample.calls_per_s
 
 
 async def open_loop(
@@ -122,64 +159,49 @@ async def open_loop(
         ch.unary_unary(CLASSIFY, response_deserializer=pb.ClassifyResponse.FromString)
         for ch in pool
     ]
-    ok_latency: list[float] = []
-    shed_latency: list[float] = []
-    other = wrong = 0
-    rss, worker_rss = [rss_mb(pid)], [worker_rss_mb(pid)]
+    tally = OpenLoopTally()
+    tally.sample_rss(pid)
 
     async def one(i: int) -> None:
-        nonlocal other, wrong
         data, index = calls[i % len(calls)]
         started = time.perf_counter()
         try:
             response = await stubs[i % channels](data, timeout=10)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                shed_latency.append(time.perf_counter() - started)
+                tally.shed_latency.append(time.perf_counter() - started)
             else:
-                other += 1
+                tally.other += 1
             return
-        ok_latency.append(time.perf_counter() - started)
+        tally.ok_latency.append(time.perf_counter() - started)
         labels = np.array([p.label for p in response.predictions])
-        wrong += int((labels != reference[index]).sum())
+        tally.wrong += int((labels != reference[index]).sum())
 
-    tasks = []
     start = time.monotonic()
     total = int(rate * seconds)
-    next_sample = start + 1.0
-    for i in range(total):
-        due = start + i / rate
-        delay = due - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(one(i)))
-        if time.monotonic() >= next_sample:
-            rss.append(rss_mb(pid))
-            worker_rss.append(worker_rss_mb(pid))
-            next_sample += 1.0
-    await asyncio.gather(*tasks)
+    await on_schedule(one, rate, total, every_second=lambda: tally.sample_rss(pid))
     elapsed = time.monotonic() - start
-    rss.append(rss_mb(pid))
+    tally.rss.append(server_rss_mib(pid))
     for ch in pool:
         await ch.close()
-    ms = lambda values, q: float(np.percentile(values, q) * 1000) if values else float("nan")  # noqa: E731
-    return LoadResult(
-        factor=factor,
-        offered_per_s=total / seconds,
-        goodput_per_s=len(ok_latency) / elapsed,
-        ok=len(ok_latency),
-        shed=len(shed_latency),
-        other_errors=other,
-        wrong=wrong,
-        p50_ms=ms(ok_latency, 50),
-        p99_ms=ms(ok_latency, 99),
-        shed_p50_ms=ms(shed_latency, 50),
-        shed_p99_ms=ms(shed_latency, 99),
-        rss_start_mb=rss[0],
-        rss_max_mb=max(rss),
-        rss_end_mb=rss[-1],
-        worker_rss_max_mb=max(worker_rss),
-    )
+    return tally.result(factor, total / seconds, elapsed)
+
+
+async def on_schedule(send, rate: float, total: int, every_second) -> None:
+    """Start `send(i)` for i < `total` at `rate` a second whatever the answers (an open loop),
+    call `every_second` about once a second meanwhile, and wait for all of them."""
+    tasks = []
+    start = time.monotonic()
+    next_sample = start + 1.0
+    for i in range(total):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(send(i)))
+        if time.monotonic() >= next_sample:
+            every_second()
+            next_sample += 1.0
+    await asyncio.gather(*tasks)
 
 
 def plot(results: list[LoadResult], capacity: float, path: Path, title: str) -> None:
@@ -216,7 +238,7 @@ def plot(results: list[LoadResult], capacity: float, path: Path, title: str) -> 
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.overload", description=__doc__.split("\n\n")[0]
     )
@@ -245,82 +267,65 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overload.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "overload.png")
-    args = parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
 
-    folder = find_data_dir("mnist", args.data_dir)
-    if folder is None:
-        parser.error("the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR")
-    images = np.ascontiguousarray(load_idx_dir(folder).test_images[:2048])
+
+def measure_levels(server, args, images: np.ndarray) -> tuple[float, list[LoadResult], int]:
+    """The capacity, then each load level printed as it is measured; and the server's processes."""
     calls = requests(images, args.images_per_call, 512)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    server_args = (
-        "--workers",
-        str(args.workers),
-        "--max-queue-size",
-        str(args.max_queue_size),
-        "--http-port",
-        "0",
+    with ClassifierClient(server.target, timeout=60) as client:
+        reference = idle_labels(client.classify, images)
+    capacity = asyncio.run(closed_loop(server.target, calls, args.callers, args.seconds))
+    print(
+        f"capacity: {capacity:.0f} calls/s of {args.images_per_call} images "
+        f"({args.callers} closed-loop callers)"
     )
+    print(HEADER)
+    results = []
+    for factor in (float(f) for f in args.factors.split(",")):
+        load = open_loop(
+            server.target,
+            calls,
+            reference,
+            factor * capacity,
+            args.seconds,
+            server.proc.pid,
+            factor,
+        )
+        results.append(asyncio.run(load))
+        print(results[-1].line())
+    processes = len(process_tree(server.proc.pid))
+    print(f"RSS: summed over all {processes} server processes; worker MB: the largest one")
+    return capacity, results, processes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
+    images = require_test_images(parser, args.data_dir, 2048)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    server_args = ("--workers", str(args.workers), "--max-queue-size", str(args.max_queue_size))
     with start_server(
         args.model_repository,
         *server_args,
+        "--http-port",
+        "0",
         log_path=args.out.with_suffix(".log"),
-        ready_timeout=300,
-    ) as server:  # several workers start slowly on a loaded machine
-        with ClassifierClient(server.target, timeout=60) as client:
-            reference = np.concatenate(
-                [client.classify(images[i : i + 64]).labels for i in range(0, len(images), 64)]
-            )
-        capacity = asyncio.run(closed_loop(server.target, calls, args.callers, args.seconds))
-        print(
-            f"capacity: {capacity:.0f} calls/s of {args.images_per_call} images ({args.callers} closed-loop callers)"
-        )
-        print(
-            f"{'load':>5} {'offered/s':>9} {'goodput/s':>9} {'ok':>6} {'shed':>6} {'other':>5} {'wrong':>5} "
-            f"{'p50 ms':>7} {'p99 ms':>7} {'shed p50/p99':>12} {'RSS MB start/max/end':>21} {'worker MB':>9}"
-        )
-        results = []
-        for factor in (float(f) for f in args.factors.split(",")):
-            result = asyncio.run(
-                open_loop(
-                    server.target,
-                    calls,
-                    reference,
-                    factor * capacity,
-                    args.seconds,
-                    server.proc.pid,
-                    factor,
-                )
-            )
-            results.append(result)
-            print(
-                f"{factor:>4g}x {result.offered_per_s:>9.0f} {result.goodput_per_s:>9.0f} {result.ok:>6} "
-                f"{result.shed:>6} {result.other_errors:>5} {result.wrong:>5} {result.p50_ms:>7.1f} "
-                f"{result.p99_ms:>7.1f} {result.shed_p50_ms:>5.1f}/{result.shed_p99_ms:<6.1f} "
-                f"{result.rss_start_mb:>7.0f}/{result.rss_max_mb:.0f}/{result.rss_end_mb:.0f} "
-                f"{result.worker_rss_max_mb:>9.0f}"
-            )
-        processes = len(process_tree(server.proc.pid))
-        print(f"RSS: summed over all {processes} server processes; worker MB: the largest one")
-    args.out.write_text(
-        json.dumps(
-            {
-                "capacity_per_s": capacity,
-                "images_per_call": args.images_per_call,
-                "max_queue_size": args.max_queue_size,
-                "server_processes": processes,
-                "results": [asdict(r) for r in results],
-            },
-            indent=2,
-        )
+        ready_timeout=300,  # several workers start slowly on a loaded machine
+    ) as server:
+        capacity, results, processes = measure_levels(server, args, images)
+    figures = {
+        "capacity_per_s": capacity,
+        "images_per_call": args.images_per_call,
+        "max_queue_size": args.max_queue_size,
+        "server_processes": processes,
+        "results": [asdict(r) for r in results],
+    }
+    args.out.write_text(json.dumps(figures, indent=2))
+    title = (
+        f"Classify, {args.images_per_call} images per call, --max-queue-size "
+        f"{args.max_queue_size}, --workers {args.workers or 'default (one per core)'}"
     )
-    plot(
-        results,
-        capacity,
-        args.figure,
-        f"Classify, {args.images_per_call} images per call, --max-queue-size {args.max_queue_size}, "
-        f"--workers {args.workers or 'default (one per core)'}",
-    )
+    plot(results, capacity, args.figure, title)
     print(f"wrote {args.out} and {args.figure}")
     return 0
 

@@ -30,15 +30,24 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from core.idx import find_data_dir, load_idx_dir
+from bench.common import (
+    ROOT,
+    idle_labels,
+    largest_process_rss_mib,
+    require_test_images,
+    server_rss_mib,
+)
 from serving.client import ClassifierClient
 from serving.generated import mnist_classifier_pb2 as pb
-from serving.memory import process_tree, tree_rss_by_process, tree_rss_bytes
+from serving.memory import process_tree
 from serving.process import start_server
 
-ROOT = Path(__file__).resolve().parent.parent
 HOSTILE_SHARE = 0.05  # of calls
 REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
+HEADER = (
+    f"{'t s':>6} {'calls':>9} {'calls/s':>8} {'errors':>6} {'wrong':>5} {'refused':>7} "
+    f"{'RSS MB':>7} {'worker MB':>9}  (RSS: all the server's processes; worker: the largest one)"
+)
 
 
 @dataclass
@@ -48,9 +57,8 @@ class Tally:
     errors: int = 0
     wrong: int = 0
     hostile_refused: int = 0
-    shed: int = (
-        0  # RESOURCE_EXHAUSTED: the server shedding load, retried after a pause (not an error)
-    )
+    # RESOURCE_EXHAUSTED: the server shedding load, retried after a pause (not an error)
+    shed: int = 0
     last_error: str = ""
 
     def add(
@@ -72,48 +80,33 @@ class Tally:
             self.last_error = error or self.last_error
 
 
-def rss_mb(pid: int | None) -> float:
-    """The server's RSS summed over all its processes (with --workers the parent loads no model)."""
-    if pid is None or not Path(f"/proc/{pid}").exists():
-        return float("nan")
-    return tree_rss_bytes(pid) / 2**20
-
-
-def worker_rss_mb(pid: int | None) -> float:
-    """The largest single process of the server (a worker): what one worker's memory limit must hold."""
-    if pid is None or not Path(f"/proc/{pid}").exists():
-        return float("nan")
-    return max(tree_rss_by_process(pid).values(), default=0) / 2**20
-
-
 def png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "PNG")
     return buffer.getvalue()
 
 
-def hostile_call(channel: grpc.Channel, rng: random.Random) -> grpc.StatusCode:
-    """One of the hostile shapes of issue 14; the answer must be a refusal, quickly."""
+def hostile_request(rng: random.Random) -> bytes:
+    """One of the hostile shapes of issue 14, serialized: each must be refused, quickly."""
     kind = rng.randrange(3)
     if kind == 0:  # not protobuf at all
-        call = channel.unary_unary(
-            "/mnist.v1.Classifier/Classify", request_serializer=None, response_deserializer=None
-        )
-        request = b"\x0a\xff\xff\xff\xff\x0f"
-    elif kind == 1:  # a 64 KiB model name
-        call = channel.unary_unary(
-            "/mnist.v1.Classifier/Classify", request_serializer=None, response_deserializer=None
-        )
-        request = pb.ClassifyRequest(
+        return b"\x0a\xff\xff\xff\xff\x0f"
+    if kind == 1:  # a 64 KiB model name
+        message = pb.ClassifyRequest(
             model_name="x" * 65536, images=[pb.Image(raw_pixels=bytes(784))]
-        ).SerializeToString()
-    else:  # raw pixels of the wrong size
-        call = channel.unary_unary(
-            "/mnist.v1.Classifier/Classify", request_serializer=None, response_deserializer=None
         )
-        request = pb.ClassifyRequest(images=[pb.Image(raw_pixels=bytes(700))]).SerializeToString()
+    else:  # raw pixels of the wrong size
+        message = pb.ClassifyRequest(images=[pb.Image(raw_pixels=bytes(700))])
+    return message.SerializeToString()
+
+
+def hostile_call(channel: grpc.Channel, rng: random.Random) -> grpc.StatusCode:
+    """One hostile call's status; the answer must be a refusal."""
+    call = channel.unary_unary(
+        "/mnist.v1.Classifier/Classify", request_serializer=None, response_deserializer=None
+    )
     try:
-        call(request, timeout=10)
+        call(hostile_request(rng), timeout=10)
         return grpc.StatusCode.OK
     except grpc.RpcError as error:
         return error.code()
@@ -189,7 +182,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.soak", description=__doc__.split("\n\n")[0]
     )
@@ -228,105 +221,95 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.callers < 1:
         parser.error("--minutes must be positive and --callers at least 1")
-    folder = find_data_dir("mnist", args.data_dir)
-    if folder is None:
-        parser.error("the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR")
-    images = np.ascontiguousarray(load_idx_dir(folder).test_images[:1024])
-    blobs = [png(image) for image in images]
+    return parser, args
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    context = (
-        nullcontext(None)
-        if args.target
-        else start_server(
-            args.model_repository,
-            "--workers",
-            str(args.workers),
-            log_path=args.out.with_suffix(".log"),
-            ready_timeout=300,
-        )
+
+def server_context(args):
+    """The server under soak: args.target's (yields None), or one started on this machine."""
+    if args.target:
+        return nullcontext(None)
+    return start_server(
+        args.model_repository,
+        "--workers",
+        str(args.workers),
+        log_path=args.out.with_suffix(".log"),
+        ready_timeout=300,
     )
-    with context as server:
-        target = args.target or server.target
-        pid = args.server_pid if args.target else server.proc.pid
-        with ClassifierClient(
-            target, timeout=60
-        ) as client:  # the idle answers every later one must equal
-            reference = np.stack(
-                [
-                    np.concatenate(
-                        [
-                            client.classify(images[i : i + 64]).labels
-                            for i in range(0, len(images), 64)
-                        ]
-                    ),
-                    np.concatenate(
-                        [
-                            client.classify_encoded(blobs[i : i + 64]).labels
-                            for i in range(0, len(images), 64)
-                        ]
-                    ),
-                ]
-            )
-        tally, stop = Tally(), threading.Event()
-        threads = [
-            threading.Thread(
-                target=caller,
-                args=(target, images, reference, blobs, stop, tally, seed),
-                daemon=True,
-            )
-            for seed in range(args.callers)
-        ]
-        for thread in threads:
-            thread.start()
-        rows: list[dict] = []
-        started = time.monotonic()
-        previous = 0
-        print(f"soak: {args.callers} callers for {args.minutes:g} min against {target}")
-        print(
-            f"{'t s':>6} {'calls':>9} {'calls/s':>8} {'errors':>6} {'wrong':>5} {'refused':>7} {'RSS MB':>7} "
-            f"{'worker MB':>9}  (RSS: all the server's processes; worker: the largest one)"
+
+
+def interval_row(tally: Tally, pid: int | None, now: float, previous: int, interval: float):
+    """One report line's figures: the tally so far, the last interval's rate, the server's RSS."""
+    with tally.lock:
+        calls, errors, wrong, refused = (
+            tally.calls,
+            tally.errors,
+            tally.wrong,
+            tally.hostile_refused,
         )
-        try:
-            while (elapsed := time.monotonic() - started) < args.minutes * 60:
-                time.sleep(min(args.interval, args.minutes * 60 - elapsed))
-                with tally.lock:
-                    calls, errors, wrong, refused = (
-                        tally.calls,
-                        tally.errors,
-                        tally.wrong,
-                        tally.hostile_refused,
-                    )
-                now = time.monotonic() - started
-                row = {
-                    "t": now,
-                    "calls": calls,
-                    "calls_per_s": (calls - previous) / args.interval,
-                    "errors": errors,
-                    "wrong": wrong,
-                    "refused": refused,
-                    "rss_mb": rss_mb(pid),
-                    "worker_rss_mb": worker_rss_mb(pid),
-                    "processes": len(process_tree(pid))
-                    if pid and Path(f"/proc/{pid}").exists()
-                    else 0,
-                }
-                previous = calls
-                rows.append(row)
-                print(
-                    f"{now:>6.0f} {calls:>9} {row['calls_per_s']:>8.0f} {errors:>6} {wrong:>5} {refused:>7} "
-                    f"{row['rss_mb']:>7.0f} {row['worker_rss_mb']:>9.0f}",
-                    flush=True,
-                )
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(30)
+    alive = pid and Path(f"/proc/{pid}").exists()
+    return {
+        "t": now,
+        "calls": calls,
+        "calls_per_s": (calls - previous) / interval,
+        "errors": errors,
+        "wrong": wrong,
+        "refused": refused,
+        "rss_mb": server_rss_mib(pid),
+        "worker_rss_mb": largest_process_rss_mib(pid),
+        "processes": len(process_tree(pid)) if alive else 0,
+    }
+
+
+def report(rows: list[dict], tally: Tally, pid: int | None, args) -> None:
+    """Every args.interval seconds until args.minutes are over: one row, printed and kept."""
+    started = time.monotonic()
+    previous = 0
+    while (elapsed := time.monotonic() - started) < args.minutes * 60:
+        time.sleep(min(args.interval, args.minutes * 60 - elapsed))
+        row = interval_row(tally, pid, time.monotonic() - started, previous, args.interval)
+        previous = row["calls"]
+        rows.append(row)
+        print(
+            f"{row['t']:>6.0f} {row['calls']:>9} {row['calls_per_s']:>8.0f} {row['errors']:>6} "
+            f"{row['wrong']:>5} {row['refused']:>7} "
+            f"{row['rss_mb']:>7.0f} {row['worker_rss_mb']:>9.0f}",
+            flush=True,
+        )
+
+
+def soak(target: str, pid: int | None, images: np.ndarray, blobs: list[bytes], args):
+    """The idle answers, then args.callers callers for args.minutes: the tally and the rows."""
+    with ClassifierClient(target, timeout=60) as client:  # what every later answer must equal
+        reference = np.stack(
+            [idle_labels(client.classify, images), idle_labels(client.classify_encoded, blobs)]
+        )
+    tally, stop = Tally(), threading.Event()
+    threads = [
+        threading.Thread(
+            target=caller,
+            args=(target, images, reference, blobs, stop, tally, seed),
+            daemon=True,
+        )
+        for seed in range(args.callers)
+    ]
+    for thread in threads:
+        thread.start()
+    rows: list[dict] = []
+    print(f"soak: {args.callers} callers for {args.minutes:g} min against {target}")
+    print(HEADER)
+    try:
+        report(rows, tally, pid, args)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    return tally, rows
+
+
+def summarize(tally: Tally, rows: list[dict], args) -> dict:
     first, last = rows[0]["rss_mb"], rows[-1]["rss_mb"]
-    growth = (
-        (last - first) / first if first == first and first else 0.0
-    )  # NaN-safe: no RSS when remote
-    summary = {
+    growth = (last - first) / first if first == first and first else 0.0  # NaN: remote, no RSS
+    return {
         "minutes": args.minutes,
         "callers": args.callers,
         "calls": tally.calls,
@@ -343,20 +326,34 @@ def main(argv: list[str] | None = None) -> int:
         "last_error": tally.last_error,
         "rows": rows,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
+    images = require_test_images(parser, args.data_dir, 1024)
+    blobs = [png(image) for image in images]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with server_context(args) as server:
+        target = args.target or server.target
+        pid = args.server_pid if args.target else server.proc.pid
+        tally, rows = soak(target, pid, images, blobs, args)
+    summary = summarize(tally, rows, args)
     args.out.write_text(json.dumps(summary, indent=2))
     plot(rows, args.out.with_suffix(".png"))
+    s = summary
     print(
-        f"{tally.calls} calls ({tally.hostile_refused} hostile, refused; {tally.shed} shed), {tally.errors} errors, "
-        f"{tally.wrong} wrong answers; RSS of all {summary['processes']} server processes {first:.0f} -> "
-        f"{last:.0f} MB ({growth:+.1%}, max {summary['rss_max_mb']:.0f}; largest worker "
-        f"{summary['worker_rss_max_mb']:.0f}); wrote {args.out} and {args.out.with_suffix('.png')}"
+        f"{tally.calls} calls ({tally.hostile_refused} hostile, refused; {tally.shed} shed), "
+        f"{tally.errors} errors, {tally.wrong} wrong answers; RSS of all {s['processes']} "
+        f"server processes {s['rss_first_mb']:.0f} -> {s['rss_last_mb']:.0f} MB "
+        f"({s['rss_growth']:+.1%}, max {s['rss_max_mb']:.0f}; largest worker "
+        f"{s['worker_rss_max_mb']:.0f}); wrote {args.out} and {args.out.with_suffix('.png')}"
     )
     if tally.last_error:
         print(f"last error: {tally.last_error}")
     failed = (
         tally.errors
         or tally.wrong
-        or growth > args.max_rss_growth
+        or s["rss_growth"] > args.max_rss_growth
         or tally.shed > args.max_shed * max(tally.calls, 1)
     )
     return 1 if failed else 0
