@@ -37,7 +37,9 @@ TIERS = {
         "test_security",
     },
     "system": {
-        "test_containers",
+        "test_images",
+        "test_container_serving",
+        "test_compose_tls_stack",
         "test_compose",
         "test_page",
         "test_manifests",
@@ -91,3 +93,13 @@ def server(trained_repository, tmp_path_factory):
         trained_repository, "--device", "auto", "--max-batch-size", "64", log_path=log
     ) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def images():
+    """The project's images, each target built once per session from a clean checkout of HEAD
+    (tests/support/images.py); skips (fails under CI=true) when no Docker engine answers."""
+    from tests.support.images import session_images
+
+    with session_images() as built:
+        yield built
