@@ -44,6 +44,8 @@ TIERS = {
         "test_page",
         "test_manifests",
         "test_swarm",
+        "test_swarm_stack_files",
+        "test_model_sync",
         "test_memory_limit",
         "test_monitoring",
     },
