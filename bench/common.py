@@ -16,8 +16,11 @@ import asyncio
 import itertools
 import math
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +142,74 @@ async def closed_loop(
 def measure(target: str, payload: bytes, **load) -> Sample:
     """closed_loop from synchronous code (a fresh event loop per measurement)."""
     return asyncio.run(closed_loop(target, payload, **load))
+
+
+async def rest_closed_loop(
+    url: str,
+    payload: tuple[bytes, dict[str, str]],
+    *,
+    callers: int,
+    seconds: float,
+    warmup: float = 0.3,
+    connection_per_caller: bool = True,
+    timeout: float | None = None,
+) -> Sample:
+    """closed_loop's twin over REST: `callers` coroutines POSTing (body, headers) to `url`.
+
+    Each caller on its own keep-alive connection, or all sharing one aiohttp session (a pool).
+    One call per caller is made before the window opens (connecting); answers other than 200 are
+    counted as errors; a transport failure (refused, timed out) is raised.
+    """
+    import aiohttp
+
+    body, headers = payload
+    latencies: list[float] = []
+    errors = 0
+    client_timeout = aiohttp.ClientTimeout(total=timeout) if timeout else aiohttp.ClientTimeout()
+    sessions = [
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1) if connection_per_caller else None,
+            timeout=client_timeout,
+        )
+        for _ in range(callers if connection_per_caller else 1)
+    ]
+    of_caller = [sessions[k % len(sessions)] for k in range(callers)]
+
+    async def call(session: aiohttp.ClientSession) -> bool:
+        async with session.post(url, data=body, headers=headers) as response:
+            await response.read()
+            return response.status == 200
+
+    try:
+        await asyncio.gather(*(call(session) for session in of_caller))
+        measuring_from = time.perf_counter() + warmup
+        until = measuring_from + seconds
+
+        async def caller(session: aiohttp.ClientSession) -> None:
+            nonlocal errors
+            while (now := time.perf_counter()) < until:
+                if not await call(session):
+                    errors += 1
+                    continue
+                if now >= measuring_from:
+                    latencies.append(time.perf_counter() - now)
+
+        await asyncio.gather(*(caller(session) for session in of_caller))
+    finally:
+        await asyncio.gather(*(session.close() for session in sessions))
+    return Sample(tuple(latencies), errors, seconds)
+
+
+def start_module_server(stack: ExitStack, module: str, *args: str) -> tuple[str, int]:
+    """`python -m <module> --port PORT *args` (the naive or canned server) on loopback, stopped
+    when `stack` closes: (its target, its pid) once it serves."""
+    from serving.process import free_port, wait_until_serving  # grpc: only when a server starts
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], cwd=ROOT)
+    stack.callback(lambda: (proc.terminate(), proc.wait()))
+    wait_until_serving(f"127.0.0.1:{port}", 30, proc)
+    return f"127.0.0.1:{port}", proc.pid
 
 
 def rss_mib(pid: int | None, children: bool = False) -> float:

@@ -21,8 +21,8 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.bench_serving import NAIVE, QUIET_PORTS, SERVE, infer_payload
 from bench.common import ROOT, measure, merge, percentile_ms, table, test_images, usable_cores
+from bench.serving_scenarios import NAIVE, QUIET_PORTS, SERVE, infer_payload
 from core.repository import RepositoryError, load_version
 from serving.process import free_port, start_server, wait_until_serving
 

@@ -26,8 +26,8 @@ from contextlib import ExitStack
 import aiohttp
 import numpy as np
 
-from bench.bench_serving import Scenario, infer_payload, summarize
 from bench.common import ROOT, Sample, closed_loop, merge, table, test_images
+from bench.serving_scenarios import Scenario, infer_payload, summarize
 from core.contract import IMAGE_SHAPE, INPUT_NAME, to_model_input
 from core.repository import load_version
 from serving.process import free_port, start_server, wait_until_serving

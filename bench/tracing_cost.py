@@ -26,9 +26,9 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.bench_serving import QUIET_PORTS, Scenario, compare, infer_payload
 from bench.common import table, test_images
 from bench.otlp_sink import OtlpReceiver
+from bench.serving_scenarios import QUIET_PORTS, Scenario, compare, infer_payload
 from core.repository import RepositoryError, load_version
 from serving.process import start_server
 
