@@ -32,7 +32,7 @@ class Command:
 
 
 COMMANDS = (
-    Command("mnist-serve", "mnist-serve", "serving.config", env_prefix="MNIST_SERVE_"),
+    Command("mnist-serve", "mnist-serve", "serving.flags", env_prefix="MNIST_SERVE_"),
     Command("mnist-train", "mnist-train", "training.cli"),
     Command("mnist-predict", "mnist-predict", "serving.predict_cli"),
     Command("mnist-health-probe", "mnist-health-probe", "serving.health_probe"),
