@@ -165,11 +165,10 @@ async def rest_closed_loop(
     body, headers = payload
     latencies: list[float] = []
     errors = 0
-    client_timeout = aiohttp.ClientTimeout(total=timeout) if timeout else aiohttp.ClientTimeout()
+    timeouts = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout else {}  # or aiohttp's
     sessions = [
         aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1) if connection_per_caller else None,
-            timeout=client_timeout,
+            connector=aiohttp.TCPConnector(limit=1) if connection_per_caller else None, **timeouts
         )
         for _ in range(callers if connection_per_caller else 1)
     ]

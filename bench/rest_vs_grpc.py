@@ -18,19 +18,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import sys
-import time
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 
-import aiohttp
 import numpy as np
 
-from bench.common import ROOT, Sample, closed_loop, merge, table, test_images
+from bench.common import (
+    Sample,
+    closed_loop,
+    merge,
+    rest_closed_loop,
+    start_module_server,
+    table,
+    test_images,
+)
 from bench.serving_scenarios import Scenario, infer_payload, summarize
 from core.contract import IMAGE_SHAPE, INPUT_NAME, to_model_input
 from core.repository import load_version
-from serving.process import free_port, start_server, wait_until_serving
+from serving.process import free_port, start_server
 
 SCENARIOS = ((1, 1), (32, 1), (8, 64))
 
@@ -72,58 +77,80 @@ def rest_json_payload(images: np.ndarray, model: str) -> tuple[bytes, dict[str, 
     return body, {"Content-Type": "application/json"}
 
 
-async def drive_rest(
-    url: str,
-    callers: int,
-    payload: tuple[bytes, dict[str, str]],
-    seconds: float,
-    warmup: float = 0.3,
-) -> Sample:
+def drive_rest(
+    url: str, callers: int, payload: tuple[bytes, dict[str, str]], seconds: float
+) -> Awaitable[Sample]:
     """`callers` coroutines, each on its own keep-alive connection, back-to-back calls."""
-    body, headers = payload
-    latencies: list[float] = []
-    errors = 0
-    sessions = [
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(callers)
-    ]
-
-    async def call(session: aiohttp.ClientSession) -> bool:
-        async with session.post(url, data=body, headers=headers) as response:
-            await response.read()
-            return response.status == 200
-
-    try:
-        await asyncio.gather(*(call(session) for session in sessions))
-        measuring_from = time.perf_counter() + warmup
-        until = measuring_from + seconds
-
-        async def caller(session):
-            nonlocal errors
-            while (now := time.perf_counter()) < until:
-                if not await call(session):
-                    errors += 1
-                    continue
-                if now >= measuring_from:
-                    latencies.append(time.perf_counter() - now)
-
-        await asyncio.gather(*(caller(session) for session in sessions))
-    finally:
-        await asyncio.gather(*(session.close() for session in sessions))
-    return Sample(tuple(latencies), errors, seconds)
+    return rest_closed_loop(url, payload, callers=callers, seconds=seconds)
 
 
 NAIVE_REST = "naive REST (binary FP32)"
 GOAL_REST_VS_NAIVE = 1.3  # issue 19: REST at 32 x 1 against a naive aiohttp server
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-repository", default="model_repository")
     parser.add_argument("--model-name", default="mnist")
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one slice")
     parser.add_argument("--rounds", type=int, default=4, help="slices per scenario and transport")
     parser.add_argument("--server-args", default="", help="extra mnist-serve flags")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def drivers(
+    grpc_target: str, url: str, naive_url: str, batch: np.ndarray, callers: int, model: str
+) -> dict[str, Callable[[float], Awaitable[Sample]]]:
+    """{transport: one slice of `seconds` of its closed loop} for one scenario."""
+    binary = rest_binary_payload(batch, model)
+    grpc_payload, json_payload = infer_payload(batch, model), rest_json_payload(batch, model)
+    return {
+        "gRPC (raw FP32)": lambda s: closed_loop(
+            grpc_target, grpc_payload, callers=callers, connections=callers, seconds=s
+        ),
+        "REST (binary FP32)": lambda s: drive_rest(url, callers, binary, s),
+        "REST (JSON UINT8)": lambda s: drive_rest(url, callers, json_payload, s),
+        NAIVE_REST: lambda s: drive_rest(naive_url, callers, binary, s),
+    }
+
+
+def scenario_rows(runs: dict, callers: int, count: int, rounds: int, seconds: float) -> list[dict]:
+    """The transports in alternating slices, one table row each."""
+    samples: dict[str, list[Sample]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            samples[name].append(asyncio.run(run(seconds)))
+    rows = []
+    for name, parts in samples.items():
+        r = summarize(name, Scenario(callers, count, callers), merge(parts))
+        rows.append(
+            {
+                "scenario": f"{callers} x {count}",
+                "transport": name,
+                "calls/s": r.requests_per_s,
+                "images/s": r.images_per_s,
+                "p50 ms": r.p50_ms,
+                "p99 ms": r.p99_ms,
+                "errors": r.errors,
+            }
+        )
+    return rows
+
+
+def goal_line(rows: list[dict]) -> str:
+    serve, baseline = (
+        next(r for r in rows if r["scenario"] == "32 x 1" and r["transport"] == t)
+        for t in ("REST (binary FP32)", NAIVE_REST)
+    )
+    ratio = serve["calls/s"] / baseline["calls/s"] if baseline["calls/s"] else float("nan")
+    return (
+        f"goal: REST (binary) at 32 x 1 {ratio:.2f}x the naive aiohttp server (goal "
+        f"{GOAL_REST_VS_NAIVE}x): {'met' if ratio >= GOAL_REST_VS_NAIVE else 'NOT met'}"
+    )
+
+
+def main() -> int:
+    args = parse_args()
     images = test_images()
     model = load_version(args.model_repository, args.model_name)
     with ExitStack() as stack:
@@ -137,66 +164,23 @@ def main() -> int:
                 *args.server_args.split(),
             )
         )
-        naive_port, naive_http = free_port(), free_port()
-        naive = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.naive_server",
-                "--model",
-                str(model.model_path),
-                "--port",
-                str(naive_port),
-                "--http-port",
-                str(naive_http),
-            ],
-            cwd=ROOT,
+        naive_http = free_port()
+        start_module_server(
+            stack,
+            "bench.naive_server",
+            "--model",
+            str(model.model_path),
+            "--http-port",
+            str(naive_http),
         )
-        stack.callback(lambda: (naive.terminate(), naive.wait()))
-        wait_until_serving(f"127.0.0.1:{naive_port}", 30, naive)
         url = f"http://127.0.0.1:{server.http_port}/v2/models/{args.model_name}/infer"
         naive_url = f"http://127.0.0.1:{naive_http}/v2/models/{args.model_name}/infer"
         rows = []
         for callers, count in SCENARIOS:
-            batch = images[:count]
-            binary = rest_binary_payload(batch, args.model_name)
-            drivers = {
-                "gRPC (raw FP32)": lambda s, p=infer_payload(batch, args.model_name): closed_loop(
-                    server.target, p, callers=callers, connections=callers, seconds=s
-                ),
-                "REST (binary FP32)": lambda s: drive_rest(url, callers, binary, s),
-                "REST (JSON UINT8)": lambda s, p=rest_json_payload(batch, args.model_name): (
-                    drive_rest(url, callers, p, s)
-                ),
-                NAIVE_REST: lambda s: drive_rest(naive_url, callers, binary, s),
-            }
-            samples: dict[str, list[Sample]] = {name: [] for name in drivers}
-            for _ in range(args.rounds):
-                for name, run in drivers.items():
-                    samples[name].append(asyncio.run(run(args.seconds)))
-            for name, parts in samples.items():
-                r = summarize(name, Scenario(callers, count, callers), merge(parts))
-                rows.append(
-                    {
-                        "scenario": f"{callers} x {count}",
-                        "transport": name,
-                        "calls/s": r.requests_per_s,
-                        "images/s": r.images_per_s,
-                        "p50 ms": r.p50_ms,
-                        "p99 ms": r.p99_ms,
-                        "errors": r.errors,
-                    }
-                )
+            runs = drivers(server.target, url, naive_url, images[:count], callers, args.model_name)
+            rows += scenario_rows(runs, callers, count, args.rounds, args.seconds)
         print(table(rows, COLUMNS))
-        serve, baseline = (
-            next(r for r in rows if r["scenario"] == "32 x 1" and r["transport"] == t)
-            for t in ("REST (binary FP32)", NAIVE_REST)
-        )
-        ratio = serve["calls/s"] / baseline["calls/s"] if baseline["calls/s"] else float("nan")
-        print(
-            f"goal: REST (binary) at 32 x 1 {ratio:.2f}x the naive aiohttp server (goal "
-            f"{GOAL_REST_VS_NAIVE}x): {'met' if ratio >= GOAL_REST_VS_NAIVE else 'NOT met'}"
-        )
+        print(goal_line(rows))
     return 0
 
 

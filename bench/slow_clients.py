@@ -202,37 +202,27 @@ def stall_grpc(port: int, count: int) -> tuple[list[socket.socket], Trickle]:
 # ---- ordinary callers ----
 
 
-async def rest_closed_loop(url: str, body: bytes, callers: int, seconds: float) -> list[float]:
-    import aiohttp
-
-    latencies: list[float] = []
-    until = time.perf_counter() + seconds
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-
-        async def caller() -> None:
-            while (started := time.perf_counter()) < until:
-                async with session.post(
-                    f"{url}/v2/models/mnist/infer",
-                    data=body,
-                    headers={"Content-Type": "application/json"},
-                ) as answer:
-                    await answer.read()
-                    if answer.status == 200:
-                        latencies.append(time.perf_counter() - started)
-
-        await asyncio.gather(*(caller() for _ in range(callers)))
-    return latencies
-
-
 def ordinary(server, images: np.ndarray, callers: int, seconds: float) -> dict[str, float]:
-    from bench.common import CLASSIFY, measure, percentile_ms
+    """The ordinary callers' figures over `seconds`: gRPC Classify, then REST infer."""
+    from bench.common import CLASSIFY, measure, percentile_ms, rest_closed_loop
     from serving.generated import mnist_classifier_pb2 as pb
 
     payload = pb.ClassifyRequest(
         images=[pb.Image(raw_pixels=images[0].tobytes())]
     ).SerializeToString()
     grpc_sample = measure(server.target, payload, callers=callers, seconds=seconds, method=CLASSIFY)
-    rest = asyncio.run(rest_closed_loop(server.http_url, infer_json(images[:1]), callers, seconds))
+    rest_payload = (infer_json(images[:1]), {"Content-Type": "application/json"})
+    rest = asyncio.run(
+        rest_closed_loop(
+            f"{server.http_url}/v2/models/mnist/infer",
+            rest_payload,
+            callers=callers,
+            seconds=seconds,
+            warmup=0,
+            connection_per_caller=False,  # one aiohttp session, its pool, as most callers have
+            timeout=30,
+        )
+    ).latencies
     return {
         "grpc_p50": percentile_ms(grpc_sample.latencies, 50),
         "grpc_p99": percentile_ms(grpc_sample.latencies, 99),
@@ -244,11 +234,7 @@ def ordinary(server, images: np.ndarray, callers: int, seconds: float) -> dict[s
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from bench.common import test_images
-    from serving.memory import tree_open_fds, tree_rss_bytes
-    from serving.process import start_server
-
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--seconds", type=float, default=10)
@@ -259,28 +245,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=0, help="the server's --workers (0: its default)"
     )
-    args = parser.parse_args(argv)
-    images = np.ascontiguousarray(test_images()[:64])
+    return parser.parse_args(argv)
+
+
+def measure_phases(server, images: np.ndarray, args: argparse.Namespace) -> list[dict]:
+    """Quiet, REST stalled, gRPC stalled: the server's fds and RSS, the ordinary callers' figures."""
+    from bench.common import server_rss_mib
+    from serving.memory import tree_open_fds
+
+    pid = server.proc.pid
     rows = []
-    with start_server(
-        args.model_repository, "--workers", str(args.workers), ready_timeout=300
-    ) as server:
-        pid = server.proc.pid
-        for phase in ("quiet", "REST stalled", "gRPC stalled"):
-            sockets, trickle = ([], None)
-            if phase == "REST stalled":
-                sockets, trickle = stall_rest(server.http_port, args.connections, images)
-            elif phase == "gRPC stalled":
-                sockets, trickle = stall_grpc(server.port, args.connections)
-            fds, rss = tree_open_fds(pid), tree_rss_bytes(pid)
-            figures = ordinary(server, images, args.callers, args.seconds)
-            rows.append(
-                {"phase": phase, "server_fds": fds, "server_rss_mib": rss / 2**20, **figures}
-            )
-            if trickle is not None:
-                trickle.stop()
-            close_all(sockets)
-            time.sleep(2)
+    for phase in ("quiet", "REST stalled", "gRPC stalled"):
+        sockets, trickle = ([], None)
+        if phase == "REST stalled":
+            sockets, trickle = stall_rest(server.http_port, args.connections, images)
+        elif phase == "gRPC stalled":
+            sockets, trickle = stall_grpc(server.port, args.connections)
+        fds, rss = tree_open_fds(pid), server_rss_mib(pid)
+        figures = ordinary(server, images, args.callers, args.seconds)
+        rows.append({"phase": phase, "server_fds": fds, "server_rss_mib": rss, **figures})
+        if trickle is not None:
+            trickle.stop()
+        close_all(sockets)
+        time.sleep(2)
+    return rows
+
+
+def print_phases(rows: list[dict], args: argparse.Namespace) -> None:
     quiet = rows[0]
     print(
         f"ordinary callers: {args.callers} gRPC Classify + {args.callers} REST infer, one image "
@@ -301,6 +292,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['rest_p99'] / quiet['rest_p99']:>7.2f} "
             f"{row['grpc_errors']:>11}"
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.common import test_images
+    from serving.process import start_server
+
+    args = parse_args(argv)
+    images = np.ascontiguousarray(test_images()[:64])
+    with start_server(
+        args.model_repository, "--workers", str(args.workers), ready_timeout=300
+    ) as server:
+        rows = measure_phases(server, images, args)
+    print_phases(rows, args)
     out = ROOT / "bench" / "results" / "slow_clients.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
