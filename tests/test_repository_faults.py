@@ -22,32 +22,18 @@ import pytest
 from core.metadata import ModelMetadata
 from core.repository import RepositoryError, list_versions, write_version
 from serving.process import start_server
+from tests.support.common import ROOT
 from tests.support.lifecycle import (
     Load,
-    Reference,
     metric_value,
     publish,
     variant_bytes,
     wait_for,
     wrong_answers,
 )
+from tests.support.versions import FAILURES
 
-ROOT = Path(__file__).resolve().parent.parent
 POLL = ("--model-control-mode", "poll", "--repository-poll-secs", "0.3", "--workers", "1")
-FAILURES = "mnist_model_load_failures_total"
-
-
-@pytest.fixture()
-def repository(trained_repository, tmp_path) -> Path:
-    copy = tmp_path / "repository"
-    copy.mkdir()
-    shutil.copytree(trained_repository / "mnist", copy / "mnist")
-    return copy
-
-
-@pytest.fixture(scope="module")
-def reference() -> Reference:
-    return Reference()
 
 
 def failures(server, reason: str) -> float:
@@ -72,7 +58,7 @@ def settle() -> None:
 
 
 def test_model_onnx_rewritten_in_place_keeps_the_loaded_copy_serving(
-    repository, mnist_test_set, reference, tmp_path
+    repository, mnist_test_set, version_reference, tmp_path
 ):
     images, _ = mnist_test_set
     served = repository / "mnist" / "1" / "model.onnx"
@@ -113,11 +99,11 @@ def test_model_onnx_rewritten_in_place_keeps_the_loaded_copy_serving(
     ), refusals
     assert {a.version for a in load.answers} == {"1", "2"}
     files = {("mnist", "1"): original, ("mnist", "2"): repository / "mnist" / "2" / "model.onnx"}
-    assert wrong_answers(load.answers, files, images[:1000], reference) == []
+    assert wrong_answers(load.answers, files, images[:1000], version_reference) == []
 
 
 def test_metadata_sha256_edited_is_refused_and_a_new_version_takes_over(
-    repository, mnist_test_set, reference, tmp_path
+    repository, mnist_test_set, version_reference, tmp_path
 ):
     images, _ = mnist_test_set
     metadata_path = repository / "mnist" / "1" / "metadata.json"
@@ -150,11 +136,11 @@ def test_metadata_sha256_edited_is_refused_and_a_new_version_takes_over(
     assert counted == 1 and len(refusals) == 1, refusals
     assert "does not match metadata.json" in refusals[0] and "keeps serving" in refusals[0]
     files = {("mnist", "1"): original, ("mnist", "2"): repository / "mnist" / "2" / "model.onnx"}
-    assert wrong_answers(load.answers, files, images[:1000], reference) == []
+    assert wrong_answers(load.answers, files, images[:1000], version_reference) == []
 
 
 def test_version_folders_deleted_while_calls_run_on_them(
-    repository, mnist_test_set, reference, tmp_path
+    repository, mnist_test_set, version_reference, tmp_path
 ):
     """Deleting the served version moves calls to the one the policy picks from what remains
     (Triton's behaviour); deleting the last one keeps it serving from memory until a valid
@@ -201,11 +187,11 @@ def test_version_folders_deleted_while_calls_run_on_them(
         ("mnist", "2"): v2,
         ("mnist", "3"): repository / "mnist" / "3" / "model.onnx",
     }
-    assert wrong_answers(load.answers, files, images[:1000], reference) == []
+    assert wrong_answers(load.answers, files, images[:1000], version_reference) == []
 
 
 def test_unparsable_config_pbtxt_keeps_the_last_good_one(
-    repository, mnist_test_set, reference, tmp_path
+    repository, mnist_test_set, version_reference, tmp_path
 ):
     images, _ = mnist_test_set
     config = repository / "mnist" / "config.pbtxt"
@@ -252,7 +238,7 @@ def test_unparsable_config_pbtxt_keeps_the_last_good_one(
         for line in refusals
     ), refusals
     files = {("mnist", "1"): original, ("mnist", "2"): repository / "mnist" / "2" / "model.onnx"}
-    assert wrong_answers(load.answers, files, images[:1000], reference) == []
+    assert wrong_answers(load.answers, files, images[:1000], version_reference) == []
 
 
 # ---- a full disk while publishing ----

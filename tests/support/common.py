@@ -48,3 +48,18 @@ def run_train(
         timeout=timeout,
         env={**os.environ, "MNIST_DATA_DIR": str(mnist_dir())},
     )
+
+
+def predict_args(target: str, data_dir: Path, digits: int) -> tuple[str, ...]:
+    """`mnist-predict`'s arguments for the first `digits` MNIST test images against `target`."""
+    return ("--target", target, "--mnist-test", str(digits), "--data-dir", str(data_dir))
+
+
+def run_predict(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serving.predict_cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )

@@ -4,6 +4,9 @@ publishes them (staged, then renamed into place), broken versions, callers of ev
 A "variant" is a trained model whose last layer's bias is shifted by a seeded amount: a real,
 valid ONNX file with the contract's signature whose answers differ from the original's on some
 digits, so a test can tell which version computed an answer.
+
+Registered as a plugin in tests/conftest.py: its fixtures `repository` and `version_reference`
+serve the lifecycle and repository-fault tests.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import shutil
 import threading
 import time
 import urllib.request
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from core.contract import to_model_input
 from core.metadata import ModelMetadata
@@ -112,6 +117,20 @@ class Reference:
                 str(model_file), providers=["CPUExecutionProvider"]
             )
         return self._sessions[model_file].run(None, {"images": to_model_input(images)})[0]
+
+
+@pytest.fixture()
+def repository(trained_repository, tmp_path) -> Path:
+    """A copy of the trained `mnist` model alone (version 1), to publish into while serving."""
+    copy = tmp_path / "repository"
+    copy.mkdir()
+    shutil.copytree(trained_repository / "mnist", copy / "mnist")
+    return copy
+
+
+@pytest.fixture(scope="module")
+def version_reference() -> Reference:
+    return Reference()
 
 
 def metric_value(metrics_url: str, name: str, **labels: str) -> float:
