@@ -10,15 +10,6 @@ import pytest
 from tests.support.common import mnist_dir
 from tests.support.quick_model import quick_model
 
-# Fixtures shared by several test modules (the reference model, clients): defined beside their
-# helpers in tests/support/, offered to every module from here.
-pytest_plugins = [
-    "tests.support.lifecycle",
-    "tests.support.secured",
-    "tests.support.serving",
-    "tests.support.tracing",
-]
-
 # tritonclient and serving/generated/grpc_predict_v2_pb2 define the same `inference.*` protobuf
 # symbols, and whichever file registers first makes the other fail to import. ClassifierClient's
 # KServe calls use whichever is registered (the wire format is the same), so tritonclient's are
@@ -50,6 +41,8 @@ TIERS = {
         "test_container_serving",
         "test_compose_tls_stack",
         "test_compose",
+        "test_compose_tls",
+        "test_compose_tls_loopback",
         "test_page",
         "test_manifests",
         "test_swarm",
@@ -59,7 +52,7 @@ TIERS = {
         "test_monitoring",
     },
 }
-FAST_INTEGRATION = {"test_grpc_classify", "test_kserve_grpc", "test_predict_cli"}
+FAST_INTEGRATION = {"test_serving", "test_predict_cli"}
 
 
 def tier_of(module: str) -> str:
