@@ -26,14 +26,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Imported after parsing so that --help answers without loading onnxruntime and grpc.
     from core.repository import RepositoryError
+    from serving.automatic import resolve_automatic_settings
     from serving.inference.runtime import DeviceUnavailable
     from serving.memory import fit_to_memory_limit
     from serving.server import serve
-    from serving.workers import resolve, run_workers
+    from serving.supervisor import run_workers
 
     try:
         workers_auto = config.workers == 0
-        config = resolve(config)  # --workers 0 and --intra-op-threads 0: what fits this machine
+        # --workers 0 and --intra-op-threads 0: what fits this machine
+        config = resolve_automatic_settings(config)
     except ValueError as err:
         print(f"mnist-serve: error: {err}", file=sys.stderr)
         return 2

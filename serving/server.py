@@ -8,10 +8,10 @@ once warm, NOT_SERVING again from the moment it drains.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import signal
-import socket
 import sys
 import time
 
@@ -40,6 +40,7 @@ from serving.inference.runtime import RuntimeOptions
 from serving.inputs.framing import set_pillow_limit
 from serving.inputs.pool import DecodePool
 from serving.memory import keep_large_blocks_mmapped, start_trimmer
+from serving.ports import PortInUse, ensure_ports_free, serve_metrics_or_refuse
 
 log = logging.getLogger("mnist-serve")
 
@@ -54,10 +55,6 @@ SERVICE_NAMES = (
 REFUSAL_WINDOW = 0.5
 
 
-class PortInUse(OSError):
-    """A port the server needs is taken."""
-
-
 class Readiness(enum.Enum):
     STARTING = "starting"  # loading and warming up the model: NOT_SERVING
     SERVING = "serving"
@@ -65,25 +62,12 @@ class Readiness(enum.Enum):
     STOPPED = "stopped"
 
 
-def ensure_port_free(host: str, port: int, flag: str) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as err:
-            raise PortInUse(
-                f"cannot listen on {host}:{port} ({err.strerror}); "
-                f"is another server running? choose another {flag}"
-            ) from err
-
-
 def channel_options(config: ServeConfig) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # A second server on a taken port must fail, not share it; --workers share it on purpose
-        # (serving.workers checks the port once, before starting them).
+        # (serving.supervisor checks the port once, before starting them).
         ("grpc.so_reuseport", 1 if config.workers > 1 else 0),
         *slow_client_limits(config),  # serving.connection_limits: what bounds stalled connections
     ]
@@ -106,6 +90,35 @@ def payload_log_settings(config: ServeConfig) -> payload_log.PayloadLogSettings 
         config.payload_log_pixels,
         config.payload_log_queue_size,
     )
+
+
+def _tune_the_process(config: ServeConfig) -> None:
+    # The inference thread needs the GIL back for a moment after every batch; under load the event
+    # loop would otherwise keep it for up to 5 ms (Python's default), stalling the answers.
+    sys.setswitchinterval(config.switch_interval_us / 1e6)
+    keep_large_blocks_mmapped()  # large bad requests must not leave RSS high (serving.memory)
+    start_trimmer()
+
+
+@dataclasses.dataclass(frozen=True)
+class PortSecurity:
+    """What guards both ports: the TLS files (and gRPC's credentials from them), the token file."""
+
+    tls: security.TlsFiles | None
+    grpc_credentials: grpc.ServerCredentials | None
+    token: security.TokenFile | None
+
+    @classmethod
+    def of(cls, config: ServeConfig) -> PortSecurity:
+        """Read the files now, so that a bad one fails the start-up before anything loads."""
+        tls = (
+            security.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert and config.tls_key
+            else None
+        )
+        credentials = grpc_security.server_credentials(tls) if tls else None
+        token = security.TokenFile(config.auth_token_file) if config.auth_token_file else None
+        return cls(tls, credentials, token)
 
 
 class Server:
@@ -135,47 +148,37 @@ class Server:
         """Load, check and warm up the models, bind the ports, then report SERVING (and poll, in poll mode)."""
         config = self.config
         log.info("configuration: %s", config.describe())
-        # The inference thread needs the GIL back for a moment after every batch; under load the event
-        # loop would otherwise keep it for up to 5 ms (Python's default), stalling the answers.
-        sys.setswitchinterval(config.switch_interval_us / 1e6)
-        keep_large_blocks_mmapped()  # large bad requests must not leave RSS high (serving.memory)
-        start_trimmer()
+        _tune_the_process(config)
         # TLS files and token first: a bad file is one clear line before anything loads.
-        tls = (
-            security.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
-            if config.tls_cert and config.tls_key
-            else None
-        )
-        credentials = grpc_security.server_credentials(tls) if tls else None
-        token = security.TokenFile(config.auth_token_file) if config.auth_token_file else None
+        guard = PortSecurity.of(config)
         set_pillow_limit(config.max_decoded_pixels)
         self.registry = ModelRegistry(
             registry_options(config), metrics.PrometheusLifecycleObserver()
         )
-        await (
-            self.registry.start()
-        )  # every model passes its checks and warms up, or one clear error
-        # Ports are checked before gRPC binds, so a taken port is one clear line, not gRPC's own log.
-        if (
-            config.workers <= 1
-        ):  # with --workers, the parent checked them and the siblings hold them now
-            ensure_port_free(config.host, config.port, "--port")
-            if config.http_port:
-                ensure_port_free(config.host, config.http_port, "--http-port")
+        # Every model passes its checks and warms up, or one clear error.
+        await self.registry.start()
+        # Ports are checked before gRPC binds, so a taken port is one clear line, not gRPC's own log;
+        # with --workers, the parent checked them and the siblings hold them now.
+        if config.workers <= 1:
+            ensure_ports_free(config)
         if config.metrics_port:
-            try:
-                self._metrics_httpd = metrics.serve_metrics(config.metrics_port, config.host)
-            except OSError as err:
-                raise PortInUse(
-                    f"cannot serve metrics on {config.host}:{config.metrics_port} ({err.strerror}); "
-                    f"choose another --metrics-port, or 0 to turn metrics off"
-                ) from err
+            self._metrics_httpd = serve_metrics_or_refuse(metrics.serve_metrics, config)
         self._decoder = DecodePool(config.decode_threads, config.max_decoded_pixels)
         payload_log.install(payload_log_settings(config), metrics.count_payload_records)
-        self._grpc = grpc.aio.server(options=channel_options(config))
-        services = WrappingRegistrar(
-            self._grpc, server_wrap(token)
-        )  # metrics, errors, token: once per method
+        await self._start_grpc(guard)
+        if config.http_port:
+            await self._start_http(guard)
+        await self._set_readiness(Readiness.SERVING)
+        if config.model_control_mode == "poll":
+            self._poller = RepositoryPoller(self.registry, config.repository_poll_secs)
+            self._poller.start()
+        self._log_serving()
+
+    def _grpc_server(self, guard: PortSecurity) -> grpc.aio.Server:
+        """The gRPC server with every service registered, each method wrapped once."""
+        server = grpc.aio.server(options=channel_options(self.config))
+        # metrics, errors, token: once per method
+        services = WrappingRegistrar(server, server_wrap(guard.token))
         mnist_classifier_pb2_grpc.add_ClassifierServicer_to_server(
             ClassifierServicer(self.registry, self._decoder), services
         )
@@ -186,10 +189,14 @@ class Server:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), services
         )
+        return server
+
+    async def _start_grpc(self, guard: PortSecurity) -> None:
+        self._grpc = self._grpc_server(guard)
         await self._set_readiness(Readiness.STARTING)
         try:
-            if credentials is not None:
-                self._grpc.add_secure_port(self.address, credentials)
+            if guard.grpc_credentials is not None:
+                self._grpc.add_secure_port(self.address, guard.grpc_credentials)
             else:
                 self._grpc.add_insecure_port(self.address)
         except RuntimeError as err:
@@ -197,27 +204,27 @@ class Server:
                 f"cannot listen on {self.address} ({err}); is another server running? choose --port"
             ) from err
         await self._grpc.start()
-        if config.http_port:
-            app = build_app(self.registry, self.is_ready, config.max_message_bytes)
-            if token is not None:
-                app.middlewares.append(
-                    http_security.token_middleware(token)
-                )  # inside the error answers
-            self._http = HttpServer(
-                app,
-                config.host,
-                config.http_port,
-                config.grace_period,
-                http_security.ssl_context(tls) if tls else None,
-                reuse_port=config.workers > 1,
-                idle_timeout=config.http_idle_timeout,
-                body_timeout=config.http_body_timeout,
-            )
-            await self._http.start()
-        await self._set_readiness(Readiness.SERVING)
-        if config.model_control_mode == "poll":
-            self._poller = RepositoryPoller(self.registry, config.repository_poll_secs)
-            self._poller.start()
+
+    async def _start_http(self, guard: PortSecurity) -> None:
+        """KServe v2 REST and the page, on this same event loop."""
+        config = self.config
+        app = build_app(self.registry, self.is_ready, config.max_message_bytes)
+        if guard.token is not None:  # inside the error answers
+            app.middlewares.append(http_security.token_middleware(guard.token))
+        self._http = HttpServer(
+            app,
+            config.host,
+            config.http_port,
+            config.grace_period,
+            http_security.ssl_context(guard.tls) if guard.tls else None,
+            reuse_port=config.workers > 1,
+            idle_timeout=config.http_idle_timeout,
+            body_timeout=config.http_body_timeout,
+        )
+        await self._http.start()
+
+    def _log_serving(self) -> None:
+        config = self.config
         served = (
             ", ".join(f"{m.name} {m.version_label}" for m in self.registry.served()) or "none yet"
         )
@@ -317,14 +324,25 @@ def registry_options(config: ServeConfig) -> RegistryOptions:
     )
 
 
-async def serve(config: ServeConfig) -> int:
-    """`mnist-serve`: run until SIGTERM/SIGINT, then drain and stop."""
-    server = Server(config)
-    await server.start()
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGTERM and SIGINT set, from the running loop."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve(config: ServeConfig, stop: asyncio.Event | None = None) -> int:
+    """`mnist-serve`: run until SIGTERM/SIGINT (or `stop`), then drain and stop.
+
+    A lone server listens for the signals once it serves; a worker (serving.worker) passes the
+    `stop` it listened on before its model loaded.
+    """
+    server = Server(config)
+    await server.start()
+    if stop is None:
+        stop = stop_on_signals()
     await stop.wait()
     await server.drain()
     await server.stop()

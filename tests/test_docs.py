@@ -110,7 +110,7 @@ def test_every_metric_the_server_registers_is_in_the_generated_reference(site):
     # The whole server is imported, so that a metric defined outside serving/metrics.py is found
     # too; in a process of its own, since tritonclient's protobuf symbols are loaded in this one.
     probe = (
-        "import serving.server, serving.workers\n"
+        "import serving.server, serving.supervisor\n"
         "from prometheus_client import REGISTRY\n"
         "print('\\n'.join(name for name in REGISTRY._names_to_collectors if name.startswith('mnist_')))"
     )

@@ -33,7 +33,7 @@ def _busy_for(board, index: int, seconds: float) -> None:
 def test_a_worker_sees_across_processes_whether_the_others_run_batches(monkeypatch):
     # The machine's own load is beyond a test's control (this one is shared): take it as quiet.
     monkeypatch.setattr(activity.MACHINE, "crowded", lambda: False)
-    context = multiprocessing.get_context("spawn")  # as serving.workers starts its workers
+    context = multiprocessing.get_context("spawn")  # as serving.supervisor starts its workers
     board = activity.new_board(context, 2)
     me = activity.WorkerActivity(board, 0)
     assert me.others_idle()  # the other has never run a batch

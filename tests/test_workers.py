@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from core.repository import load_version
+from serving.automatic import resolve_automatic_settings as resolve
 from serving.config import ServeConfig
 from serving.process import free_port, serve_command
-from serving.workers import resolve
 from tests.support.workers import child_pids, scrape, wait_for_both_workers, wait_until_gone
 
 
