@@ -16,15 +16,23 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.common import ROOT, measure, merge, percentile_ms, table, test_images, usable_cores
+from bench.common import (
+    ROOT,
+    measure,
+    merge,
+    percentile_ms,
+    start_module_server,
+    table,
+    test_images,
+    usable_cores,
+)
 from bench.serving_scenarios import NAIVE, QUIET_PORTS, SERVE, infer_payload
 from core.repository import RepositoryError, load_version
-from serving.process import free_port, start_server, wait_until_serving
+from serving.process import start_server
 
 CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128)
 SIZES = (1, 64)
@@ -172,21 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     images = test_images()
     load = os.getloadavg()[0]  # printed with the figures: on a shared machine they depend on it
     with ExitStack() as stack:
-        port = free_port()
-        naive = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.naive_server",
-                "--port",
-                str(port),
-                "--model",
-                str(model.model_path),
-            ],
-            cwd=ROOT,
+        naive, _ = start_module_server(
+            stack, "bench.naive_server", "--model", str(model.model_path)
         )
-        stack.callback(lambda: (naive.terminate(), naive.wait()))
-        wait_until_serving(f"127.0.0.1:{port}", 30, naive)
         serve = stack.enter_context(
             start_server(
                 args.model_repository,
@@ -196,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 *args.server_args.split(),
             )
         )
-        targets = {SERVE: serve.target, NAIVE: f"127.0.0.1:{port}"}
+        targets = {SERVE: serve.target, NAIVE: naive}
         payloads = {
             size: dict.fromkeys(targets, infer_payload(images[:size], model.name))
             for size in args.sizes

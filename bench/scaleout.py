@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.common import percentile_ms
+from bench.common import idle_labels, percentile_ms, require_test_images
 from serving.client import ClassifierClient
 from serving.process import free_port, wait_until_serving
 
@@ -223,13 +223,7 @@ class Load:
                     self.result.failures.append(failure)
 
 
-def _reference_labels(client: ClassifierClient, images: np.ndarray) -> np.ndarray:
-    return np.concatenate(
-        [client.classify(images[i : i + 64]).labels for i in range(0, len(images), 64)]
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.scaleout", description=__doc__.splitlines()[0]
     )
@@ -245,49 +239,54 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="mnist-serve --workers of each replica (1: one process per replica, as one pod per core)",
     )
-    args = parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
 
-    from core.idx import find_data_dir, load_idx_dir
 
-    folder = find_data_dir("mnist", args.data_dir)
-    if folder is None:
+def measure_scaling(replicas: list[Replica], images, expected, args) -> None:
+    """Calls/s and latency through one client with 1 replica, then with 3."""
+    for count in (1, 3):
+        with ClassifierClient(ipv4_target(replicas[:count]), timeout=30) as client:
+            with Load(client, images, expected, args.callers) as load:
+                time.sleep(args.seconds)
+            result = load.stop()
         print(
-            "error: the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR",
-            file=sys.stderr,
+            f"{count} replica(s), {args.callers} callers: {result.calls_per_second:.0f} calls/s, "
+            f"p50 {result.percentile(50) * 1e3:.1f} ms, p99 {result.percentile(99) * 1e3:.1f} ms, "
+            f"{len(result.failures)} failed"
         )
-        return 1
-    images = load_idx_dir(folder).test_images[:1000]
+
+
+def measure_drain(replicas: list[Replica], images, expected, args) -> None:
+    """SIGTERM to one of 3 replicas halfway through the load: failures, p99 around it."""
+    with ClassifierClient(ipv4_target(replicas), timeout=30) as client:
+        with Load(client, images, expected, args.callers) as load:
+            time.sleep(args.seconds / 2)
+            sigterm_at = time.perf_counter()
+            exit_code = replicas[0].stop()
+            exited_at = time.perf_counter()
+            time.sleep(args.seconds / 2)
+        result = load.stop()
+    print(
+        f"SIGTERM to 1 of 3 replicas under load: it exited ({exit_code}) "
+        f"{exited_at - sigterm_at:.2f} s later; "
+        f"{len(result.failures)} failed of {len(result.samples) + len(result.failures)} calls; "
+        f"p99 before {result.percentile(99, until=sigterm_at) * 1e3:.1f} ms, "
+        f"while draining {result.percentile(99, sigterm_at, exited_at) * 1e3:.1f} ms, "
+        f"after {result.percentile(99, since=exited_at) * 1e3:.1f} ms"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
+    images = require_test_images(parser, args.data_dir, 1000)
     replicas = start_replicas(
         args.model_repository, 3, "--grace-period", "10", "--workers", str(args.workers)
     )
     try:
         with ClassifierClient(replicas[0].address, timeout=30) as client:
-            expected = _reference_labels(client, images)
-        for count in (1, 3):
-            with ClassifierClient(ipv4_target(replicas[:count]), timeout=30) as client:
-                with Load(client, images, expected, args.callers) as load:
-                    time.sleep(args.seconds)
-                result = load.stop()
-            print(
-                f"{count} replica(s), {args.callers} callers: {result.calls_per_second:.0f} calls/s, "
-                f"p50 {result.percentile(50) * 1e3:.1f} ms, p99 {result.percentile(99) * 1e3:.1f} ms, "
-                f"{len(result.failures)} failed"
-            )
-        with ClassifierClient(ipv4_target(replicas), timeout=30) as client:
-            with Load(client, images, expected, args.callers) as load:
-                time.sleep(args.seconds / 2)
-                sigterm_at = time.perf_counter()
-                exit_code = replicas[0].stop()
-                exited_at = time.perf_counter()
-                time.sleep(args.seconds / 2)
-            result = load.stop()
-        print(
-            f"SIGTERM to 1 of 3 replicas under load: it exited ({exit_code}) {exited_at - sigterm_at:.2f} s later; "
-            f"{len(result.failures)} failed of {len(result.samples) + len(result.failures)} calls; "
-            f"p99 before {result.percentile(99, until=sigterm_at) * 1e3:.1f} ms, "
-            f"while draining {result.percentile(99, sigterm_at, exited_at) * 1e3:.1f} ms, "
-            f"after {result.percentile(99, since=exited_at) * 1e3:.1f} ms"
-        )
+            expected = idle_labels(client.classify, images)
+        measure_scaling(replicas, images, expected, args)
+        measure_drain(replicas, images, expected, args)
     finally:
         for replica in replicas:
             replica.stop()
