@@ -30,7 +30,7 @@ class ServeConfig:
     max_queue_delay_us: int = 0  # extra wait allowed to fill a batch; 0 never delays a request
     # queued requests beyond which calls are shed with RESOURCE_EXHAUSTED
     max_queue_size: int = 1024
-    # server processes sharing the port; 0: one per core on the CPU (serving.workers.resolve)
+    # server processes sharing the port; 0: one per core on the CPU (serving.automatic)
     workers: int = 0
     # onnxruntime threads for large batches; 0: every core (inference.activity)
     intra_op_threads: int = 0
