@@ -2,7 +2,8 @@
 
     python -m bench.heavy_decode --model-repository model_repository [--seconds 15]
 
-Ordinary callers send one-image Classify calls back to back; their p50/p99 are measured alone,
+Ordinary callers send one-image Classify calls back to back (bench.common's closed loop); their
+p50/p99 are measured alone,
 then beside a caller that sends Classify with 64 encoded 4096x4096 RGBA PNGs (75 KB each, 1.07
 billion pixels once decoded), one at a time and at most two a second: first on a server with the
 default --max-decoded-pixels
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing
-import threading
 import time
 from pathlib import Path
 
@@ -23,13 +23,12 @@ import grpc
 import numpy as np
 from PIL import Image, ImageDraw
 
-from bench.common import percentile_ms
-from core.idx import find_data_dir, load_idx_dir
+from bench.common import CLASSIFY, ROOT, percentile_ms, require_test_images
+from bench.common import measure as bench_measure
 from serving.client import ClassifierClient
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.process import start_server
 
-ROOT = Path(__file__).resolve().parent.parent
 SIDE = 4096
 
 
@@ -60,6 +59,14 @@ def heavy_caller(target: str, heavy: bytes, outcomes, interval: float) -> None:
             time.sleep(max(0.0, interval - (time.monotonic() - started)))
 
 
+def classify_payloads(images: np.ndarray) -> list[bytes]:
+    """One serialized one-image Classify request (raw pixels) per image: the ordinary calls."""
+    return [
+        pb.ClassifyRequest(images=[pb.Image(raw_pixels=image.tobytes())]).SerializeToString()
+        for image in images
+    ]
+
+
 def measure(
     target: str,
     images: np.ndarray,
@@ -68,23 +75,8 @@ def measure(
     heavy: bytes | None,
     interval: float = 0.5,
 ) -> dict:
-    latencies: list[float] = []
-    stop = threading.Event()
-    lock = threading.Lock()
-
-    def ordinary(k: int) -> None:
-        with ClassifierClient(target, timeout=60) as client:
-            i = k
-            while not stop.is_set():
-                started = time.perf_counter()
-                client.classify(images[i % len(images)][None])
-                with lock:
-                    latencies.append(time.perf_counter() - started)
-                i += callers
-
-    threads = [threading.Thread(target=ordinary, args=(k,)) for k in range(callers)]
-    for thread in threads:
-        thread.start()
+    """The ordinary callers' latency over `seconds` (bench.common's closed loop, in this process),
+    with the heavy caller in a process of its own beside them when `heavy` is given."""
     context = multiprocessing.get_context("spawn")  # no fork of a process that runs gRPC threads
     manager = context.Manager()
     outcomes = manager.dict()
@@ -92,25 +84,37 @@ def measure(
     if heavy is not None:
         process = context.Process(target=heavy_caller, args=(target, heavy, outcomes, interval))
         process.start()
-    time.sleep(seconds)
-    stop.set()
-    for thread in threads:
-        thread.join()
+    sample = bench_measure(
+        target,
+        classify_payloads(images),
+        callers=callers,
+        seconds=seconds,
+        method=CLASSIFY,
+        timeout=60,
+    )
     heavy_outcomes = dict(outcomes)
     if process is not None:  # an admitted heavy call outlives the measurement: stop its caller
         process.terminate()
         process.join()
     manager.shutdown()
-    values = np.array(latencies[len(latencies) // 20 :])  # the first 5 %: connections warming up
     return {
-        "calls": len(values),
-        "p50_ms": percentile_ms(values, 50),
-        "p99_ms": percentile_ms(values, 99),
+        "calls": len(sample.latencies),
+        "p50_ms": percentile_ms(sample.latencies, 50),
+        "p99_ms": percentile_ms(sample.latencies, 99),
         "heavy": heavy_outcomes,
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+CASES = (
+    ("default budget (16.8 Mpx per call)", ()),
+    (
+        "budget admits it (--max-decoded-pixels 1.07 G)",
+        ("--max-decoded-pixels", str(64 * SIDE * SIDE)),
+    ),
+)
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         prog="python -m bench.heavy_decode", description=__doc__.split("\n\n")[0]
     )
@@ -124,36 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--heavy-interval", type=float, default=0.5, help="seconds between two heavy calls' starts"
     )
-    args = parser.parse_args(argv)
-    folder = find_data_dir("mnist", args.data_dir)
-    if folder is None:
-        parser.error("the MNIST files are needed: pass --data-dir or set MNIST_DATA_DIR")
-    images = load_idx_dir(folder).test_images[:1000]
+    return parser, parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
+    images = require_test_images(parser, args.data_dir, 1000)
     heavy = big_png()
     print(
-        f"ordinary: {args.callers} callers, 1 image per Classify; heavy: 64 x {SIDE}x{SIDE} RGBA PNG "
-        f"({len(heavy) // 1024} KB each) per call, one call at a time, "
+        f"ordinary: {args.callers} callers, 1 image per Classify; heavy: 64 x {SIDE}x{SIDE} RGBA "
+        f"PNG ({len(heavy) // 1024} KB each) per call, one call at a time, "
         f"at most one per {args.heavy_interval:g} s; {args.seconds:g} s each"
     )
     print(f"{'server':<44} {'heavy caller':<28} {'calls':>6} {'p50 ms':>7} {'p99 ms':>7}")
-    cases = [
-        ("default budget (16.8 Mpx per call)", ()),
-        (
-            "budget admits it (--max-decoded-pixels 1.07 G)",
-            ("--max-decoded-pixels", str(64 * SIDE * SIDE)),
-        ),
-    ]
-    for name, extra in cases:
-        with start_server(
-            args.model_repository,
-            "--workers",
-            "1",
-            "--http-port",
-            "0",
-            "--decode-threads",
-            str(args.decode_threads),
-            *extra,
-        ) as server:
+    for name, extra in CASES:
+        flags = ("--workers", "1", "--http-port", "0", "--decode-threads", str(args.decode_threads))
+        with start_server(args.model_repository, *flags, *extra) as server:
             for label, blob in (("none", None), ("64 x 4096^2 PNG", heavy)):
                 if blob is None and extra:
                     continue  # the baseline is the same server configuration's
