@@ -3,12 +3,11 @@
     python -m bench.heavy_decode --model-repository model_repository [--seconds 15]
 
 Ordinary callers send one-image Classify calls back to back (bench.common's closed loop); their
-p50/p99 are measured alone,
-then beside a caller that sends Classify with 64 encoded 4096x4096 RGBA PNGs (75 KB each, 1.07
-billion pixels once decoded), one at a time and at most two a second: first on a server with the
-default --max-decoded-pixels
-(the call is refused from the image headers), then on one whose budget admits it, so the images
-are really decoded, on the decoding threads, off the event loop.
+p50/p99 are measured alone, then beside a caller that sends Classify with 64 encoded 4096x4096
+RGBA PNGs (75 KB each, 1.07 billion pixels once decoded), one at a time and at most two a second:
+first on a server with the default --max-decoded-pixels (the call is refused from the image
+headers), then on one whose budget admits it, so the images are really decoded, on the decoding
+threads, off the event loop.
 """
 
 from __future__ import annotations
