@@ -31,9 +31,8 @@ import aiohttp
 import grpc
 import numpy as np
 
-from bench.common import percentile_ms
+from bench.common import percentile_ms, test_images
 from core.contract import IMAGE_SHAPE, INPUT_NAME
-from core.idx import find_data_dir, load_idx_dir
 from core.repository import METADATA_FILENAME, list_versions
 from serving.process import start_server
 
@@ -132,6 +131,38 @@ def percentiles(calls: list[Call]) -> str:
     )
 
 
+async def wait_for_switch(calls: list[Call], new_version: int, published: float) -> float:
+    """When the new version first answered, once every call started in the last 0.5 s was its."""
+    while True:
+        await asyncio.sleep(0.05)
+        recent = [c for c in calls if c.started > time.monotonic() - 0.5 and c.version]
+        if recent and all(c.version == str(new_version) for c in recent):
+            return min(c.started for c in calls if c.version == str(new_version))
+        if time.monotonic() - published > 120:
+            raise SystemExit("the new version did not take over within 120 s; see the server log")
+
+
+def print_phases(args, calls: list[Call], phases: dict, new_version: int, switched: float, log):
+    published, settled = phases["during"]
+    print(
+        f"{args.callers} callers (KServe gRPC and REST, 1 digit per call), poll every {args.poll} s:"
+    )
+    for phase, (start, end) in phases.items():
+        in_phase = [c for c in calls if start <= c.started < end]
+        print(f"  {phase:7s} {end - start:5.1f} s: {percentiles(in_phase)}")
+    print(
+        f"  version {new_version} published -> first answer from it after "
+        f"{switched - published:.2f} s; all answers from it after {settled - published:.2f} s"
+    )
+    loaded = [
+        line
+        for line in log.read_text().splitlines()
+        if f"version {new_version} passed its checks" in line
+    ]
+    if loaded:
+        print("  server: " + loaded[0].split("mnist-serve: ", 1)[-1])
+
+
 async def run(
     args: argparse.Namespace, target: str, http_url: str, repository: Path, images: np.ndarray, log
 ) -> None:
@@ -151,14 +182,7 @@ async def run(
     published = time.monotonic()
     new_version = await asyncio.to_thread(publish_copy, repository, "mnist")
     # "during" ends once every call that started since has been answered by the new version.
-    while True:
-        await asyncio.sleep(0.05)
-        recent = [c for c in calls if c.started > time.monotonic() - 0.5 and c.version]
-        if recent and all(c.version == str(new_version) for c in recent):
-            switched = min(c.started for c in calls if c.version == str(new_version))
-            break
-        if time.monotonic() - published > 120:
-            raise SystemExit("the new version did not take over within 120 s; see the server log")
+    switched = await wait_for_switch(calls, new_version, published)
     settled = time.monotonic()
     await asyncio.sleep(args.after)
     ended = time.monotonic()
@@ -169,23 +193,7 @@ async def run(
         "during": (published, settled),
         "after": (settled, ended),
     }
-    print(
-        f"{args.callers} callers (KServe gRPC and REST, 1 digit per call), poll every {args.poll} s:"
-    )
-    for phase, (start, end) in phases.items():
-        print(
-            f"  {phase:7s} {end - start:5.1f} s: {percentiles([c for c in calls if start <= c.started < end])}"
-        )
-    print(
-        f"  version {new_version} published -> first answer from it after {switched - published:.2f} s; "
-        f"all answers from it after {settled - published:.2f} s"
-    )
-    log_text = log.read_text()
-    loaded = [
-        line for line in log_text.splitlines() if f"version {new_version} passed its checks" in line
-    ]
-    if loaded:
-        print("  server: " + loaded[0].split("mnist-serve: ", 1)[-1])
+    print_phases(args, calls, phases, new_version, switched, log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--after", type=float, default=8.0)
     parser.add_argument("--server-args", default="--workers 1", help="more mnist-serve flags")
     args = parser.parse_args(argv)
-    images = load_idx_dir(find_data_dir("mnist", "")).test_images[:2000]
+    images = test_images()[:2000]
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp) / "repository"
         shutil.copytree(args.model_repository / "mnist", repository / "mnist")
