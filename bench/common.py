@@ -298,6 +298,20 @@ def test_images():
     return load_idx_dir(find_data_dir("mnist") or ROOT.parent / "shared/datasets/mnist").test_images
 
 
+def add_local_server_flags(parser: argparse.ArgumentParser) -> None:
+    """--workers, --model-repository, --data-dir: the server a script starts here, its images."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="the server's --workers (0: its default, one per core); RSS is summed over them",
+    )
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument(
+        "--data-dir", default=None, help="MNIST IDX folder (default: $MNIST_DATA_DIR)"
+    )
+
+
 def require_test_images(parser: argparse.ArgumentParser, data_dir: str | None, count: int):
     """The first `count` MNIST test images from --data-dir or $MNIST_DATA_DIR; else a usage error."""
     from core.idx import find_data_dir, load_idx_dir

@@ -29,6 +29,7 @@ from bench import common
 from bench.common import (
     CLASSIFY,
     ROOT,
+    add_local_server_flags,
     idle_labels,
     largest_process_rss_mib,
     percentile_ms,
@@ -242,10 +243,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser = argparse.ArgumentParser(
         prog="python -m bench.overload", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
-    parser.add_argument(
-        "--data-dir", default=None, help="MNIST IDX folder (default: $MNIST_DATA_DIR)"
-    )
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per load level")
     # 64 images per call: the server's work per call dwarfs the client's, so one client process can
     # offer 4x what the server carries (with small calls the load generator saturates first).
@@ -256,12 +253,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument(
         "--callers", type=int, default=32, help="closed-loop callers for the capacity"
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="the server's --workers (0: its default, one per core); RSS is summed over them",
-    )
+    add_local_server_flags(parser)
     parser.add_argument(
         "--factors", default="0.5,1,2,4", help="offered load as multiples of the capacity"
     )

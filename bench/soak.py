@@ -32,6 +32,7 @@ from PIL import Image
 
 from bench.common import (
     ROOT,
+    add_local_server_flags,
     idle_labels,
     largest_process_rss_mib,
     require_test_images,
@@ -195,16 +196,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument(
         "--server-pid", type=int, help="with --target: the server's pid, for its RSS"
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="the server's --workers (0: its default, one per core); RSS is summed over them",
-    )
-    parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
-    parser.add_argument(
-        "--data-dir", default=None, help="MNIST IDX folder (default: $MNIST_DATA_DIR)"
-    )
+    add_local_server_flags(parser)
     parser.add_argument(
         "--max-shed",
         type=float,
