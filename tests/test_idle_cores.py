@@ -66,6 +66,8 @@ def test_large_batches_take_every_core_only_while_the_other_workers_idle(
     assert runtime.session_for(64, others_idle=True) is wide
     assert runtime.session_for(64, others_idle=False) is narrow  # the others' cores are taken
     assert runtime.session_for(15, others_idle=True) is narrow
+    # Another batch of this worker runs on another thread: the two share the cores, one each.
+    assert runtime.session_for(64, others_idle=True, alone=False) is narrow
 
     # The choice follows the board a worker joined; the answers do not depend on it.
     board = [-math.inf, -math.inf]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from typing import Protocol
 
@@ -43,7 +44,9 @@ class _Machine:
     """The load average, read at most once a second (os.getloadavg reads /proc/loadavg)."""
 
     def __init__(self) -> None:
-        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        self.cores = self._cores = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        )
         self._read_at = -math.inf
         self._crowded = False
 
@@ -78,12 +81,18 @@ class Alone:
 
 
 class WorkerActivity:
-    """One worker's view of the shared board (`slots`: a sequence of floats shared by all)."""
+    """One worker's view of the shared board (`slots`: a sequence of floats shared by all).
+
+    A worker may run several batches at once (DynamicBatcher's `parallel`), on its threads: its
+    slot says busy from the first one's start to the last one's end.
+    """
 
     def __init__(self, slots, index: int) -> None:
         self._slots = slots
         self._index = index
         self._others = [i for i in range(len(slots)) if i != index]
+        self._lock = threading.Lock()
+        self._runs = 0
 
     def others_idle(self) -> bool:
         now = time.monotonic()
@@ -91,10 +100,15 @@ class WorkerActivity:
         return idle and not MACHINE.crowded()
 
     def started(self) -> None:
-        self._slots[self._index] = math.inf
+        with self._lock:
+            self._runs += 1
+            self._slots[self._index] = math.inf
 
     def finished(self) -> None:
-        self._slots[self._index] = time.monotonic()
+        with self._lock:
+            self._runs -= 1
+            if not self._runs:
+                self._slots[self._index] = time.monotonic()
 
 
 def new_board(context, workers: int):
@@ -110,6 +124,11 @@ _current: Activity = Alone()
 
 def current() -> Activity:
     return _current
+
+
+def batch_slots() -> int:
+    """How many batches this process may run at once now: every core while the others idle."""
+    return MACHINE.cores if _current.others_idle() else 1
 
 
 def join(board, index: int) -> None:

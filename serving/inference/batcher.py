@@ -23,11 +23,21 @@ form the next batch.
 (Running every batch on the loop was measured too: on 2 cores a few per cent
 faster, but it left waiting calls in gRPC's own queues, beyond shedding and
 draining.)
+
+Two exceptions use the cores that other --workers leave idle (`parallel`, the
+number of batches that may run at once now; serving.inference.activity):
+- a lone image leaves the loop for the thread when the loop itself is the
+  bottleneck (its thread on the CPU LOOP_SATURATED of the time: one client
+  connection, which the kernel gives to one worker) and a core is free, so the
+  model runs beside the loop's per-call work instead of after it;
+- while a batch runs, another starts at once when a full batch is waiting, each
+  on its own thread, instead of waiting its turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -57,6 +67,41 @@ class _NoObserver:
     def queue_depth(self, requests: int) -> None: ...
 
 
+# Measured on 2 cores (make bench, 1 x 1 and 32 x 1 from one connection): the loop's thread is on
+# the CPU 0.58-0.64 of the time at 1 x 1 (it waits for the client between calls; the model is
+# best run inline there) and 0.91 at 32 x 1 (the loop is the bottleneck).
+LOOP_SATURATED = 0.8
+
+
+class LoopLoad:
+    """The share of wall time the event loop's thread spent on the CPU lately (thread_time/wall).
+
+    Sampled from the loop's own thread (DynamicBatcher.submit), at most once per WINDOW. Where
+    other processes take the cores it reads low, and the batcher keeps lone images inline, as it
+    does anyway on a crowded machine (serving.inference.activity).
+    """
+
+    WINDOW = 0.05
+
+    def __init__(
+        self,
+        cpu: Callable[[], float] = time.thread_time,
+        wall: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clocks = cpu, wall
+        self._cpu, self._wall = cpu(), wall()
+        self.busy = 0.0
+
+    def sample(self) -> float:
+        cpu_clock, wall_clock = self._clocks
+        now = wall_clock()
+        if now - self._wall >= self.WINDOW:
+            cpu = cpu_clock()
+            self.busy = (cpu - self._cpu) / (now - self._wall)
+            self._wall, self._cpu = now, cpu
+        return self.busy
+
+
 @dataclass
 class _Pending:
     images: np.ndarray
@@ -75,6 +120,8 @@ class DynamicBatcher:
         max_queue_size: int = 1024,
         observer: BatchObserver | None = None,
         run_lone_inline: bool = True,
+        parallel: Callable[[], int] | None = None,
+        loop_load: LoopLoad | None = None,
     ) -> None:
         self._infer = infer
         self.max_batch_size = max_batch_size
@@ -84,10 +131,14 @@ class DynamicBatcher:
         self._observer = observer or _NoObserver()
         self._queue: deque[_Pending] = deque()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._parallel = parallel
+        threads = 1 if parallel is None else max(1, len(os.sched_getaffinity(0)))
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="inference")
         self._worker: asyncio.Task | None = None
         self._closing = False
-        self._running = False  # a batch is being run (on the loop or in the thread)
+        self._running = 0  # batches being run (on the loop or in the threads)
+        self._batches: set[asyncio.Task] = set()
+        self._loop_load = loop_load or LoopLoad()
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
@@ -105,7 +156,7 @@ class DynamicBatcher:
             raise ValueError(
                 f"{len(images)} images exceed the batch limit of {self.max_batch_size}"
             )
-        if len(images) == 1 and self.run_lone_inline and self._idle():
+        if len(images) == 1 and self.run_lone_inline and self._idle() and self._inline_pays():
             return self._run_alone(images, deadline)
         future = asyncio.get_running_loop().create_future()
         trace = tracing.queued() if tracing.on else None
@@ -117,6 +168,15 @@ class DynamicBatcher:
         except asyncio.CancelledError:
             future.cancel()  # the caller went away: the batcher will skip this request
             raise
+
+    def _slots(self) -> int:
+        return 1 if self._parallel is None else max(1, self._parallel())
+
+    def _inline_pays(self) -> bool:
+        """Whether a lone image should run on the loop: unless the loop is saturated and a core free."""
+        if self._parallel is None or self._loop_load.sample() < LOOP_SATURATED:
+            return True
+        return self._slots() <= 1
 
     def _idle(self) -> bool:
         """Running, with nothing queued or running, and no --max-queue-delay asking to wait for company."""
@@ -163,27 +223,45 @@ class DynamicBatcher:
         self._arrived.set()  # wake an idle worker so that it sees the queue is done
         if self._worker:
             await self._worker
+        if self._batches:
+            await asyncio.gather(*self._batches)
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
-                if self._closing:
-                    return
+            if not self._queue or not self._may_start():
+                if self._closing and not self._queue:
+                    return  # close() waits for the batches still running
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            if self.max_queue_delay > 0 and not self._closing:
+            if self.max_queue_delay > 0 and not self._closing and not self._running:
                 await self._wait_for_company()
             batch = self._take_batch()
             if not batch:
                 continue
-            self._running = True
-            try:
-                await self._run_batch(batch, loop)
-            finally:
-                self._running = False
+            self._running += 1
+            if self._parallel is None:  # one batch at a time: run it here
+                try:
+                    await self._run_batch(batch, loop)
+                finally:
+                    self._running -= 1
+                continue
+            task = loop.create_task(self._run_batch(batch, loop))
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _may_start(self) -> bool:
+        """Nothing runs, or a full batch waits and another core is free for it."""
+        if not self._running:
+            return True
+        return self._running < self._slots() and self._queued_images() >= self.max_batch_size
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._batches.discard(task)
+        self._running -= 1
+        self._arrived.set()  # the worker may start the next batch
 
     async def _run_batch(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         started = time.monotonic()
@@ -194,7 +272,13 @@ class DynamicBatcher:
             calls = [p.trace for p in batch]
             infer = lambda images: self._traced(calls, images, self._infer)  # noqa: E731
         try:
-            if len(images) == 1 and self.run_lone_inline and not self._queue:
+            if (
+                len(images) == 1
+                and self.run_lone_inline
+                and not self._queue
+                and self._running == 1
+                and self._inline_pays()
+            ):
                 # A lone image on an idle server: the thread hand-off would cost more than the model.
                 outputs = infer(images)
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,8 @@ class OnnxRuntimeSession:
 
     def __init__(self, model_path: str, options: RuntimeOptions) -> None:
         self.options = options
+        self._lock = threading.Lock()
+        self._runs = 0  # runs in progress, on the batcher's threads
         self.session, self.provider, self.reason = _create_session(model_path, options)
         self._small = self.session
         if self.provider == CPU and options.intra_op_threads != 1:
@@ -79,21 +82,30 @@ class OnnxRuntimeSession:
             f"{self.options.intra_op_threads or 'one per core'}"
         )
 
-    def session_for(self, images: int, others_idle: bool) -> ort.InferenceSession:
-        """Large batches take every core only while the other --workers idle (inference.activity)."""
+    def session_for(
+        self, images: int, others_idle: bool, alone: bool = True
+    ) -> ort.InferenceSession:
+        """Large batches take every core only while the other --workers idle (inference.activity),
+        and only when no other batch of this process runs (they would share the cores)."""
         return (
             self.session
-            if others_idle and images >= self.options.multi_thread_min_batch
+            if alone and others_idle and images >= self.options.multi_thread_min_batch
             else self._small
         )
 
     def run(self, images: np.ndarray) -> np.ndarray:
+        """Thread-safe: the batcher may run several batches at once, each on its own thread."""
         board = activity.current()
+        with self._lock:
+            self._runs += 1
+            alone = self._runs == 1
         board.started()
         try:
-            return self._run(images, self.session_for(len(images), board.others_idle()))
+            return self._run(images, self.session_for(len(images), board.others_idle(), alone))
         finally:
             board.finished()
+            with self._lock:
+                self._runs -= 1
 
     def _run(self, images: np.ndarray, session: ort.InferenceSession) -> np.ndarray:
         if tracing.on:  # a child of the batch span (none during warm-up)
