@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import os
@@ -11,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import Sample, measure, merge, percentile_ms, spread, table
+from bench.common import (
+    Sample,
+    measure,
+    merge,
+    payload_cycles,
+    percentile_ms,
+    rest_closed_loop,
+    spread,
+    table,
+)
 from serving.process import free_port, wait_until_serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +45,47 @@ def test_callers_are_spread_over_the_connections():
     assert spread(5, 1) == [0, 0, 0, 0, 0]
     assert spread(5, 2) == [0, 1, 0, 1, 0]
     assert spread(2, 8) == [0, 1]  # never more connections than callers
+
+
+def test_callers_take_turns_over_several_payloads():
+    assert [next(c) for c in payload_cycles(b"x", 2)] == [b"x", b"x"]
+    cycles = payload_cycles([b"0", b"1", b"2", b"3", b"4"], 2)
+    assert [next(cycles[0]) for _ in range(4)] == [b"0", b"2", b"4", b"0"]
+    assert [next(cycles[1]) for _ in range(3)] == [b"1", b"3", b"1"]
+    assert [next(c) for c in payload_cycles([b"a"], 3)] == [b"a"] * 3  # more callers than payloads
+
+
+def test_the_rest_closed_loop_counts_what_is_not_200():
+    from aiohttp import web
+
+    async def run(status: int, shared: bool) -> Sample:
+        async def answer(request: web.Request) -> web.Response:
+            return web.Response(status=status)
+
+        app = web.Application()
+        app.router.add_post("/infer", answer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            return await rest_closed_loop(
+                f"http://127.0.0.1:{port}/infer",
+                (b"{}", {"Content-Type": "application/json"}),
+                callers=3,
+                seconds=0.3,
+                warmup=0.05,
+                connection_per_caller=not shared,
+                timeout=5,
+            )
+        finally:
+            await runner.cleanup()
+
+    for shared in (False, True):
+        ok = asyncio.run(run(200, shared))
+        assert ok.errors == 0 and len(ok.latencies) > 10, ok
+        failing = asyncio.run(run(503, shared))
+        assert failing.errors > 10 and not failing.latencies, failing
 
 
 def test_closed_loop_from_one_connection_and_from_many(canned):
