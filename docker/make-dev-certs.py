@@ -80,74 +80,23 @@ def _subject_alt_name(names: tuple[str, ...]):
 
 def make_dev_certs(names: tuple[str, ...], days: int) -> dict[str, bytes]:
     """File name -> contents: a CA, a server certificate for `names`, a client certificate, a token."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     now = dt.datetime.now(dt.timezone.utc)
-    start, end = now - dt.timedelta(hours=1), now + dt.timedelta(days=days)  # an hour of clock skew
-
-    def key_pem(key) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    def name(common_name: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("mnist-cnn-serving dev CA"))
-        .issuer_name(name("mnist-cnn-serving dev CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
+    validity = (now - dt.timedelta(hours=1), now + dt.timedelta(days=days))  # an hour of clock skew
+    ca_key, ca_cert = _certificate_authority(validity)
+    server_cert, server_key = _leaf(
+        ca_key,
+        ca_cert,
+        names[0],
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        _subject_alt_name(names),
+        validity,
     )
-
-    def leaf(common_name: str, usage, san) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(common_name))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if san is not None:
-            builder = builder.add_extension(san, critical=False)
-        return builder.sign(ca_key, hashes.SHA256()).public_bytes(
-            serialization.Encoding.PEM
-        ), key_pem(key)
-
-    server_cert, server_key = leaf(
-        names[0], ExtendedKeyUsageOID.SERVER_AUTH, _subject_alt_name(names)
+    client_cert, client_key = _leaf(
+        ca_key, ca_cert, "mnist-client", ExtendedKeyUsageOID.CLIENT_AUTH, None, validity
     )
-    client_cert, client_key = leaf("mnist-client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
     return {
         "ca.crt": ca_cert.public_bytes(serialization.Encoding.PEM),
         "server.crt": server_cert,
@@ -156,6 +105,71 @@ def make_dev_certs(names: tuple[str, ...], days: int) -> dict[str, bytes]:
         "client.key": client_key,
         "token": (secrets.token_urlsafe(32) + "\n").encode(),
     }
+
+
+def _name(common_name: str):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _builder(subject, issuer, public_key, validity: tuple[dt.datetime, dt.datetime], ca: bool):
+    """What every certificate here has: names, key, a random serial, validity, basic constraints."""
+    from cryptography import x509
+
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+    )
+
+
+def _certificate_authority(validity: tuple[dt.datetime, dt.datetime]):
+    """(key, certificate) of a CA that may sign certificates, not other CAs."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name("mnist-cnn-serving dev CA")
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        key_cert_sign=True,
+        crl_sign=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    builder = _builder(name, name, key.public_key(), validity, ca=True)
+    return key, builder.add_extension(usage, critical=True).sign(key, hashes.SHA256())
+
+
+def _leaf(ca_key, ca_cert, common_name: str, usage, san, validity) -> tuple[bytes, bytes]:
+    """(certificate PEM, key PEM) signed by the CA, for one extended key usage."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = _builder(_name(common_name), ca_cert.subject, key.public_key(), validity, ca=False)
+    builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), key_pem
 
 
 def write_files(out: Path, files: dict[str, bytes], force: bool) -> None:

@@ -21,10 +21,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from loadtest import server_view
+from loadtest import run_flags, server_view
 from loadtest.ceiling import ceiling_scenario, run_against_canned, verdict
 from loadtest.locust_runner import (
-    ROOT,
     LoadTestError,
     check_reachable,
     format_stats_table,
@@ -34,7 +33,6 @@ from loadtest.locust_runner import (
     parse_seconds,
     run_locust,
 )
-from loadtest.options import DEFAULTS, SCENARIOS
 
 PROG = "loadtest"
 
@@ -45,104 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    target = parser.add_argument_group("what to load")
-    target.add_argument(
-        "--model-repository",
-        type=Path,
-        default=ROOT / "model_repository",
-        help="start mnist-serve on the latest model here (ignored with --host)",
-    )
-    target.add_argument(
-        "--host", help="host:port of an mnist-serve that already runs; no server is started"
-    )
-    target.add_argument(
-        "--http-host",
-        help="host:port of that server's REST API, for the rest scenario "
-        "(default: --host's host, port 8000)",
-    )
-    target.add_argument(
-        "--server-args",
-        default="",
-        help="extra mnist-serve flags for the server this script starts, "
-        "e.g. --server-args='--max-batch-size 32'",
-    )
-    load = parser.add_argument_group("the load")
-    load.add_argument("--scenario", choices=SCENARIOS, default=DEFAULTS.scenario)
-    load.add_argument("--users", "-u", type=int, default=DEFAULTS.users, help="simulated clients")
-    load.add_argument(
-        "--spawn-rate",
-        "-r",
-        type=float,
-        default=DEFAULTS.spawn_rate,
-        help="users started per second",
-    )
-    load.add_argument(
-        "--run-time",
-        "-t",
-        default=DEFAULTS.run_time,
-        help="how long, in Locust's notation (60s, 2m, 1m30s)",
-    )
-    load.add_argument(
-        "--images-per-call",
-        type=int,
-        default=DEFAULTS.images_per_call,
-        help="images per call in the batch scenario",
-    )
-    load.add_argument(
-        "--mix-weights",
-        default=DEFAULTS.mix_weights_text,
-        help="relative weights of single,batch,kserve calls in the mix scenario; "
-        "a fourth weight mixes in rest calls (e.g. 6,3,1,2)",
-    )
-    load.add_argument(
-        "--model-name",
-        default="",
-        help="the model the calls ask for (default: the server's default)",
-    )
-    load.add_argument(
-        "--model-version",
-        default="",
-        help="the version the calls ask for (default: the newest ready one; answers are judged "
-        "against the version that computed them)",
-    )
-    load.add_argument(
-        "--pool-size",
-        type=int,
-        default=DEFAULTS.pool_size,
-        help="MNIST test images screened at start; the ones the idle server gets right are sent",
-    )
-    load.add_argument(
-        "--processes",
-        type=int,
-        default=None,
-        help="run Locust on this many worker processes (-1: one per CPU) for more load "
-        "than one process can make; default: one per two cores, the other half "
-        "left to the server (one process below four cores)",
-    )
-    load.add_argument(
-        "--metrics-url",
-        default="",
-        help="the server's Prometheus /metrics, for its own view of the load window "
-        "(default: the server this script starts; with --host, port 9100 of its host)",
-    )
-    load.add_argument(
-        "--ceiling-run-time",
-        default="20s",
-        help="how long the same users and scenario run against a server with no model "
-        "(the load generator's ceiling); 0: skip it",
-    )
-    out = parser.add_argument_group("reports")
-    out.add_argument("--reports-dir", type=Path, default=ROOT / "reports")
-    out.add_argument("--name", default="loadtest", help="file name stem of the reports")
-    out.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=5.0,
-        help="seconds to wait for the server's health check before giving up",
-    )
-    out.add_argument(
-        "--verbose", action="store_true", help="show Locust's own output instead of logging it"
-    )
+    run_flags.add_target_flags(parser)
+    run_flags.add_load_flags(parser)
+    run_flags.add_report_flags(parser)
     return parser
 
 
@@ -293,53 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     view, ceiling, ceiling_note = None, None, ""
     try:
         reports.mkdir(parents=True, exist_ok=True)
-        http_host = args.http_host
-        if args.host:
-            target = args.host
-            check_reachable(target, args.connect_timeout)
-        else:
-            server = start_own_server(
-                args.model_repository,
-                shlex.split(args.server_args),
-                reports / f"{args.name}-server.log",
-            )
-            target = server.target
-            http_host = f"127.0.0.1:{server.http_port}"
-            print(
-                f"{PROG}: mnist-serve on {target} (model repository {args.model_repository}; "
-                f"log {reports / (args.name + '-server.log')})",
-                flush=True,
-            )
-        print(
-            f"{PROG}: {args.scenario} load, {args.users} users for {args.run_time}"
-            + (f" on {args.processes} Locust processes" if args.processes else "")
-            + " ...",
-            flush=True,
-        )
+        target, http_host, server = start_target(args, reports)
         options = locust_options(args, http_host)
-        url = metrics_url_for(args, server)
-        before: server_view.Scrape = {}
-        run = run_locust(
-            target,
-            run_time=args.run_time,
-            csv_prefix=reports / args.name,
-            html_path=reports / f"{args.name}.html",
-            log_path=reports / f"{args.name}.log",
-            reset_stats=True,
-            on_spawned=lambda: url and before.update(server_view.scrape(url)),
-            **options,
-        )
-        total = run.total
-        if (
-            url and before and total.requests_per_s > 0
-        ):  # the window Locust measured, after spawning
-            view = server_view.window(
-                before, server_view.scrape(url), total.requests / total.requests_per_s
-            )
+        run, view = run_load(args, target, options, metrics_url_for(args, server))
         if server is not None:
             server.stop()  # its cores go to the ceiling run
             server = None
-        if total.requests:
+        if run.total.requests:
             ceiling, ceiling_note = measure_ceiling(args, options, reports)
     except LoadTestError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -351,6 +214,52 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     return report(run, args, target, view, ceiling, ceiling_note)
+
+
+def start_target(args: argparse.Namespace, reports: Path):
+    """(gRPC target, REST host or None, the server started here or None): --host, once it answers
+    its health check, else mnist-serve started on --model-repository."""
+    if args.host:
+        check_reachable(args.host, args.connect_timeout)
+        return args.host, args.http_host, None
+    server = start_own_server(
+        args.model_repository,
+        shlex.split(args.server_args),
+        reports / f"{args.name}-server.log",
+    )
+    print(
+        f"{PROG}: mnist-serve on {server.target} (model repository {args.model_repository}; "
+        f"log {reports / (args.name + '-server.log')})",
+        flush=True,
+    )
+    return server.target, f"127.0.0.1:{server.http_port}", server
+
+
+def run_load(args: argparse.Namespace, target: str, options: dict, url: str):
+    """The Locust run against `target`; (LocustRun, the server's view of its window or None)."""
+    print(
+        f"{PROG}: {args.scenario} load, {args.users} users for {args.run_time}"
+        + (f" on {args.processes} Locust processes" if args.processes else "")
+        + " ...",
+        flush=True,
+    )
+    reports = args.reports_dir
+    before: server_view.Scrape = {}
+    run = run_locust(
+        target,
+        run_time=args.run_time,
+        csv_prefix=reports / args.name,
+        html_path=reports / f"{args.name}.html",
+        log_path=reports / f"{args.name}.log",
+        reset_stats=True,
+        on_spawned=lambda: url and before.update(server_view.scrape(url)),
+        **options,
+    )
+    total = run.total
+    if url and before and total.requests_per_s > 0:  # the window Locust measured, after spawning
+        seconds = total.requests / total.requests_per_s
+        return run, server_view.window(before, server_view.scrape(url), seconds)
+    return run, None
 
 
 def report(run, args, target, view, ceiling, ceiling_note) -> int:

@@ -20,6 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send images to mnist-serve and print its predictions "
         "(and the accuracy when the true labels are known).",
     )
+    _add_request_flags(parser)
+    _add_security_flags(parser)
+    _add_tracing_flags(parser)
+    return parser
+
+
+def _add_request_flags(parser: argparse.ArgumentParser) -> None:
+    """What to send, where, through which API, and how to print the answers."""
     parser.add_argument("images", nargs="*", type=Path, help="PNG or JPEG files of digits")
     parser.add_argument(
         "--target",
@@ -53,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
+
+
+def _add_security_flags(parser: argparse.ArgumentParser) -> None:
     security = parser.add_argument_group(
         "security (every API; servers run with --tls-cert, --tls-client-ca, --auth-token-file)"
     )
@@ -67,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     security.add_argument("--tls-key", help="PEM private key of --tls-cert")
     security.add_argument("--auth-token-file", help="file holding the server's bearer token")
+
+
+def _add_tracing_flags(parser: argparse.ArgumentParser) -> None:
     trace = parser.add_argument_group("tracing (servers run with --trace-mode opentelemetry)")
     trace.add_argument(
         "--traceparent",
@@ -75,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
         "your trace; new: start a trace for this run (its id is printed on stderr)",
     )
     trace.add_argument("--tracestate", help="the W3C tracestate sent beside --traceparent")
-    return parser
 
 
 def _trace_headers(args: argparse.Namespace) -> dict:
@@ -111,21 +124,19 @@ def run(args: argparse.Namespace) -> int:
     )
     trace = _trace_headers(args)
     if args.api == "rest":
-        return _report(
-            *_predict_rest(
-                args,
-                RestClient(
-                    args.target or "localhost:8000",
-                    timeout=args.timeout,
-                    tls=tls,
-                    token=token,
-                    **trace,
-                ),
-            )
-        )
-    with ClassifierClient(
-        args.target or "localhost:8500", timeout=args.timeout, tls=tls, token=token, **trace
-    ) as client:
+        target = args.target or "localhost:8000"
+        client = RestClient(target, timeout=args.timeout, tls=tls, token=token, **trace)
+        return _report(*_predict_rest(args, client))
+    target = args.target or "localhost:8500"
+    client = ClassifierClient(target, timeout=args.timeout, tls=tls, token=token, **trace)
+    return _report(*_predict_grpc(args, client))
+
+
+def _predict_grpc(
+    args: argparse.Namespace, client: ClassifierClient
+) -> tuple[argparse.Namespace, list[str], np.ndarray, np.ndarray | None]:
+    """The predictions over gRPC: MNIST digits by Classify or KServe v2, files by Classify."""
+    with client:
         if args.mnist_test:
             images, labels = _load_mnist(args.mnist_test, args.data_dir)
             names = [f"mnist-test[{i}]" for i in range(len(images))]
@@ -141,12 +152,10 @@ def run(args: argparse.Namespace) -> int:
                         for batch in batches
                     ]
                 )
-            else:
-                results = [
-                    client.classify(batch, args.model_name, args.model_version) for batch in batches
-                ]
-                predicted = np.concatenate([result.labels for result in results])
-                _say_who_answered(args, results)
+                return args, names, predicted, labels
+            results = [
+                client.classify(batch, args.model_name, args.model_version) for batch in batches
+            ]
         else:
             if args.api == "kserve":
                 raise ValueError(
@@ -161,9 +170,8 @@ def run(args: argparse.Namespace) -> int:
                 )
                 for i in range(0, len(blobs), args.batch_size)
             ]
-            predicted = np.concatenate([result.labels for result in results])
-            _say_who_answered(args, results)
-    return _report(args, names, predicted, labels)
+        _say_who_answered(args, results)
+        return args, names, np.concatenate([result.labels for result in results]), labels
 
 
 def _predict_rest(
