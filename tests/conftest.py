@@ -45,6 +45,7 @@ TIERS = {
         "test_compose_tls_loopback",
         "test_page",
         "test_manifests",
+        "test_manifest_overlays",
         "test_swarm",
         "test_swarm_stack_files",
         "test_model_sync",
