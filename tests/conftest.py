@@ -10,6 +10,16 @@ import pytest
 from tests.support.common import mnist_dir
 from tests.support.quick_model import quick_model
 
+# Fixtures shared by several test modules (the reference model, clients): defined beside their
+# helpers in tests/support/, offered to every module from here.
+pytest_plugins = [
+    "tests.support.digits",
+    "tests.support.lifecycle",
+    "tests.support.secured",
+    "tests.support.serving",
+    "tests.support.tracing",
+]
+
 # tritonclient and serving/generated/grpc_predict_v2_pb2 define the same `inference.*` protobuf
 # symbols, and whichever file registers first makes the other fail to import. ClassifierClient's
 # KServe calls use whichever is registered (the wire format is the same), so tritonclient's are
@@ -30,7 +40,9 @@ TIERS = {
         "test_architecture",
         "test_batcher",
         "test_core",
-        "test_decoding",
+        "test_decode_images",
+        "test_decode_kserve",
+        "test_decode_pixels",
         "test_docs",
         "test_lint",
         "test_proto_stubs",
@@ -55,7 +67,7 @@ TIERS = {
         "test_monitoring_labels",
     },
 }
-FAST_INTEGRATION = {"test_serving", "test_predict_cli"}
+FAST_INTEGRATION = {"test_grpc_classify", "test_kserve_grpc", "test_predict_cli"}
 
 
 def tier_of(module: str) -> str:
