@@ -19,15 +19,11 @@ import time
 import pytest
 
 from tests.support.engine import docker, inspect
-from tests.support.scenario import figures_line
 from tests.support.stack import (
     Stack,
     aggregated,
-    compose_or_skip,
+    compose_project,
     mnist_predict,
-    project_env,
-    remove_project,
-    reports_dir,
     requests_counted,
     wait_healthy,
 )
@@ -35,6 +31,7 @@ from tests.support.stack import (
 TLS_FILES = ("docker-compose.yml", "docker-compose.tls.yml")
 TLS_SERVERS = 2
 TLS_LOCUST_RUN_TIME_S = 10
+TLS_TARGETS = ("trainer", "server", "envoy", "locust")  # what its `up` runs
 
 pytestmark = pytest.mark.timeout(2400)  # the session's images may be built cold first
 
@@ -98,13 +95,8 @@ def tls_stack(images, mnist_path):
         "LOCUST_SPAWN_RATE": "4",
         "LOCUST_EXPECT_WORKERS": "1",
     }
-    compose = compose_or_skip()
-    for target in ("trainer", "server", "envoy", "locust"):
-        images.image(target)  # built before `up --no-build` (once per session)
-    reports_dir(images.checkout)
-    env = project_env(images, mnist_path, locust)
-    stack = Stack(f"{images.tag}tls", images, compose, env, files=TLS_FILES)
-    try:
+    project = f"{images.tag}tls"
+    with compose_project(images, mnist_path, project, locust, TLS_TARGETS, TLS_FILES) as stack:
         made = subprocess.run(
             [sys.executable, "docker/make-dev-certs.py"],
             cwd=images.checkout,
@@ -119,9 +111,6 @@ def tls_stack(images, mnist_path):
         stack.figures["tls_up_s"] = f"{time.monotonic() - started:.0f}"
         stack.run_steps(TLS_SCENARIO)
         yield stack
-    finally:
-        remove_project(stack)
-        print(figures_line("container figures", stack.figures))
 
 
 def test_tls_replicas_and_envoy_turn_healthy_by_their_mtls_healthchecks(tls_stack):

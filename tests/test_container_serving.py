@@ -40,16 +40,7 @@ from tests.support.compose_scenario import (
     SERVERS,
 )
 from tests.support.images import TARGETS
-from tests.support.scenario import figures_line
-from tests.support.stack import (
-    APP_UID,
-    TRAIN_ARGS,
-    Stack,
-    compose_or_skip,
-    project_env,
-    remove_project,
-    reports_dir,
-)
+from tests.support.stack import APP_UID, TRAIN_ARGS, compose_project
 
 # Building cold (pip downloads TensorFlow and NVIDIA's CUDA wheels) takes minutes.
 pytestmark = pytest.mark.timeout(2400)
@@ -64,13 +55,8 @@ def stack(images, mnist_path):
         "LOCUST_SPAWN_RATE": "8",
         "LOCUST_EXPECT_WORKERS": str(LOCUST_WORKERS),
     }
-    compose = compose_or_skip()
-    for target in TARGETS:
-        images.image(target)  # built before `up --no-build` (once per session)
-    reports_dir(images.checkout)
     # The project is named as the images are tagged (the GPU step names its volume after it).
-    stack = Stack(images.tag, images, compose, project_env(images, mnist_path, locust))
-    try:
+    with compose_project(images, mnist_path, images.tag, locust, TARGETS) as stack:
         started = time.monotonic()
         # Compose waits for the trainer to succeed and the server to turn healthy before Locust.
         stack.run_compose(
@@ -87,9 +73,6 @@ def stack(images, mnist_path):
         # The scenario runs once, in this order; the tests below check what it saw, in any order.
         stack.run_steps(SCENARIO)
         yield stack
-    finally:
-        remove_project(stack)
-        print(figures_line("container figures", stack.figures))
 
 
 def test_trainer_exits_0_and_server_turns_healthy_by_its_healthcheck(stack):

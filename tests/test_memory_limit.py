@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +29,7 @@ import pytest
 
 from serving.memory import tree_rss_by_process
 from tests.support.engine import docker
+from tests.support.engine import logs as container_logs
 from tests.support.open_loop import OpenLoop, Sampler, rest_body
 
 LIMIT = "512m"
@@ -69,15 +69,7 @@ def limited_server(image: str, models: Path, grpc_port: int, http_port: int, log
     try:
         yield name
     finally:
-        logs.append(
-            subprocess.run(
-                ["docker", "logs", name],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=60,
-            ).stdout
-        )
+        logs.append(container_logs(name))
         docker("rm", "-f", name, check=False)
 
 

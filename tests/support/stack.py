@@ -8,13 +8,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.process import free_port
 from tests.support.engine import compose_command, docker, inspect, logs, require
 from tests.support.images import Images
-from tests.support.scenario import Scenario
+from tests.support.scenario import Scenario, figures_line
 
 BIN_DIR = Path(sys.executable).parent
 APP_UID = "1000"  # the images' unprivileged user `app`
@@ -157,6 +159,30 @@ def project_env(images: Images, mnist_path: Path, locust: dict[str, str]) -> dic
         }
     )
     return env
+
+
+@contextmanager
+def compose_project(
+    images: Images,
+    mnist_path: Path,
+    project: str,
+    locust: dict[str, str],
+    targets: tuple[str, ...],
+    files: tuple[str, ...] = ("docker-compose.yml",),
+) -> Iterator[Stack]:
+    """A compose project on the session's images (`targets` built first, for `up --no-build`),
+    not yet up; removed at the end whatever happened, and its figures printed."""
+    compose = compose_or_skip()
+    for target in targets:
+        images.image(target)
+    reports_dir(images.checkout)
+    env = project_env(images, mnist_path, locust)
+    stack = Stack(project, images, compose, env, files=files)
+    try:
+        yield stack
+    finally:
+        remove_project(stack)
+        print(figures_line("container figures", stack.figures))
 
 
 def remove_project(stack: Stack) -> None:
