@@ -1,12 +1,11 @@
-"""`mnist-train`: fit the article's CNN, export it to ONNX, prove parity, publish a model version."""
+"""`mnist-train`: fit the article's CNN, export it to ONNX, prove parity, publish a model version.
+
+The flags and the printed summary; the steps themselves are in training/pipeline.py."""
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from training.config import RECIPES, TrainConfig, make_config
@@ -28,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--summary", action="store_true", help="print the network's Keras summary and exit"
     )
+    _add_data_flags(parser)
+    _add_hyper_parameter_flags(parser)
+    _add_output_flags(parser)
+    return parser
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """Which data set, from where, how much of it."""
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=["mnist", "fashion-mnist"], default="mnist")
     data.add_argument(
@@ -39,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--limit", type=int, help="train on the first N training images only (quick looks, tests)"
     )
+
+
+def _add_hyper_parameter_flags(parser: argparse.ArgumentParser) -> None:
+    """The recipe's hyper-parameters, each overridable, and the seed."""
     hyper = parser.add_argument_group("hyper-parameters (default: the recipe's)")
     hyper.add_argument("--epochs", type=int)
     hyper.add_argument("--batch-size", type=int)
@@ -56,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=42,
         help="fixes initialisation, shuffling and augmentation (TensorFlow op determinism on)",
     )
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the model version and the artifacts go, and what is published."""
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out", type=Path, default=Path("model_repository"), help="model repository folder"
@@ -78,7 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the INT8 model (by default a statically quantized copy is published as "
         "<model-name>_int8 when it agrees with the FP32 model on 99.5%% of the test images)",
     )
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -108,237 +122,50 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def source_revision() -> str:
-    """The git commit the code came from (with -dirty for uncommitted changes), else 'unknown'."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=5,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def summary_table(rows: list[tuple[str, str]]) -> str:
     width = max(len(name) for name, _ in rows)
     line = "-" * (width + 3 + max(len(value) for _, value in rows))
     return "\n".join([line, *(f"{name:<{width}} | {value}" for name, value in rows), line])
 
 
-def _progress(message: str) -> None:
-    print(f"[mnist-train] {message}", file=sys.stderr, flush=True)
-
-
-def _publish_int8(config: TrainConfig, fp32, data) -> list[tuple[str, str]]:
-    """Quantize and publish `<name>_int8`; the summary's INT8 rows. A failed gate publishes nothing
-    and says why, with the figures it measured."""
-    from training.quantize import (
-        DEFAULT_RECIPE,
-        MAX_ACCURACY_LOSS_POINTS,
-        MIN_AGREEMENT,
-        Int8ParityError,
-        publish_int8,
-    )
-
-    _progress(
-        f"quantizing to INT8 ({DEFAULT_RECIPE.describe()}) and comparing with the FP32 model "
-        "on the test images"
-    )
-    gate = (
-        f"gate: >= {100 * MIN_AGREEMENT:g} % agreement, <= {MAX_ACCURACY_LOSS_POINTS:g} points lost"
-    )
-    try:
-        int8, report, speed = publish_int8(
-            config.out,
-            fp32,
-            data.train_images,
-            data.test_images,
-            data.test_labels,
-            config.max_batch_size,
-        )
-    except Int8ParityError as err:
-        _progress(f"INT8 model not published: {err}")
-        return [("int8 model", f"not published: {err}"), ("int8 parity", _parity(err.report, gate))]
-    return [
-        ("int8 model", f"{int8.model_path} ({DEFAULT_RECIPE.describe()})"),
-        ("int8 parity", _parity(report, gate)),
-        (
-            "int8 speed",
-            "INT8 / FP32 images per CPU-second, in-process, 1 thread: "
-            + ", ".join(f"batch {s.batch} {s.speedup:.2f}x" for s in speed)
-            + " (median of paired rounds)",
-        ),
-    ]
-
-
-def _parity(report, gate: str) -> str:
-    return (
-        f"agrees with FP32 on {report.agreeing:,} of {report.images:,} test images "
-        f"({100 * report.agreement:.2f} %); test accuracy {report.int8_accuracy:.4f} "
-        f"(FP32 {report.fp32_accuracy:.4f}, {-report.accuracy_loss_points:+.2f} points); "
-        f"{gate}"
-    )
-
-
 def run(config: TrainConfig, publish_int8_model: bool = True) -> int:
-    # Heavy imports after argument parsing, so --help and bad flags answer at once.
-    from training.quiet import import_tensorflow_quietly
+    # Imported here, after argument parsing: it loads TensorFlow, and --help and bad flags answer
+    # at once.
+    from training.pipeline import train_and_publish
 
-    import_tensorflow_quietly()
-    import keras
-
-    from core import contract
-    from core.metadata import ModelMetadata
-    from core.repository import write_version
-    from training import plots
-    from training.data import load_dataset
-    from training.export import export_onnx
-    from training.fit import fit
-    from training.model import DESCRIPTIONS
-    from training.verify import check_parity
-
-    started = time.perf_counter()
-    data = load_dataset(config.dataset, config.data_dir)
-    _progress(
-        f"{config.dataset}: {len(data.train_images):,} training / {len(data.test_images):,} test images "
-        f"from {data.source}; recipe '{config.recipe_name}'"
-    )
-    result = fit(config, data)
-
-    trained_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-    revision = source_revision()
-    onnx_metadata = {
-        "class_names": data.class_names,
-        "recipe": config.recipe_name,
-        "test_accuracy": f"{result.test_accuracy:.4f}",
-        "trained_at": trained_at,
-        "source_revision": revision,
-        "dataset": config.dataset,
-    }
-    _progress(f"exporting to ONNX (opset {config.opset}) with tf2onnx")
-    onnx_bytes = export_onnx(result.model, onnx_metadata, config.opset).SerializeToString()
-
-    test_images = contract.to_model_input(data.test_images)
-    _progress(f"verifying ONNX against Keras on all {len(test_images):,} test images")
-    parity = check_parity(
-        result.model, onnx_bytes, test_images, data.test_labels, config.parity_tolerance
-    )
-
-    metadata = ModelMetadata(
-        model_name=config.model_name,
-        class_names=list(data.class_names),
-        dataset=config.dataset,
-        recipe=config.recipe_name,
-        trained_at=trained_at,
-        source_revision=revision,
-        test_accuracy=result.test_accuracy,
-        onnx_test_accuracy=parity.onnx_accuracy,
-        train_accuracy=result.train_accuracy,
-        val_accuracy=result.val_accuracy,
-        test_loss=result.test_loss,
-        hyperparameters=config.hyperparameters(),
-        architecture=result.model.name,
-        architecture_description=DESCRIPTIONS[config.recipe.architecture],
-        parameters=int(result.model.count_params()),
-        train_images=result.train_size,
-        validation_images=result.val_size,
-        history=result.history,
-        parity={
-            "images": parity.images,
-            "max_abs_diff": parity.max_abs_diff,
-            "mean_abs_diff": parity.mean_abs_diff,
-            "argmax_mismatches": len(parity.argmax_mismatches),
-            "tolerance": parity.tolerance,
-        },
-        input={
-            "name": contract.INPUT_NAME,
-            "datatype": contract.INPUT_DATATYPE,
-            "shape": contract.input_shape(),
-        },
-        output={
-            "name": contract.OUTPUT_NAME,
-            "datatype": contract.OUTPUT_DATATYPE,
-            "shape": contract.output_shape(len(data.class_names)),
-        },
-        opset=config.opset,
-        fit_seconds=round(result.wall_seconds, 1),
-        versions={
-            "tensorflow": __import__("tensorflow").__version__,
-            "keras": keras.__version__,
-            "tf2onnx": __import__("tf2onnx").__version__,
-            "onnx": __import__("onnx").__version__,
-        },
-        wall_seconds=round(time.perf_counter() - started, 1),
-    )
-    version = write_version(
-        config.out, config.model_name, onnx_bytes, metadata, config.max_batch_size
-    )
-    int8_rows = [("int8 model", "not asked for (--no-int8)")]
-    if publish_int8_model:
-        int8_rows = _publish_int8(config, version, data)
-
-    artifacts = config.artifacts / f"{config.model_name}-v{version.version}"
-    artifacts.mkdir(parents=True, exist_ok=True)
-    result.model.save(artifacts / "model.keras")
-    predicted = result.model.predict(test_images, batch_size=1000, verbose=0).argmax(axis=1)
-    plots.plot_training_curves(result.history, artifacts / "training_curves.png")
-    plots.plot_confusion_matrix(
-        plots.confusion_matrix(data.test_labels, predicted, len(data.class_names)),
-        data.class_names,
-        artifacts / "confusion_matrix.png",
-    )
-    plots.plot_misclassified(
-        data.test_images,
-        data.test_labels,
-        predicted,
-        data.class_names,
-        artifacts / "misclassified.png",
-    )
-
-    percent = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
-    print(
-        summary_table(
-            [
-                (
-                    "recipe",
-                    f"{config.recipe_name} ({result.model.name}, {result.model.count_params():,} parameters)",
-                ),
-                ("epochs", str(config.recipe.epochs)),
-                (
-                    "wall time",
-                    f"{result.wall_seconds:.1f} s fitting, {metadata.wall_seconds:.1f} s in all",
-                ),
-                ("train accuracy", percent(result.train_accuracy)),
-                ("val accuracy", percent(result.val_accuracy)),
-                (
-                    "test accuracy",
-                    f"{percent(result.test_accuracy)} (Keras), {percent(parity.onnx_accuracy)} (ONNX)",
-                ),
-                (
-                    "parity",
-                    f"max |Δp| {parity.max_abs_diff:.1e} over {parity.images:,} images, "
-                    f"{len(parity.argmax_mismatches)} argmax differences",
-                ),
-                ("model", str(version.model_path)),
-                *int8_rows,
-                ("artifacts", str(artifacts)),
-            ]
-        )
-    )
+    print(summary_table(summary_rows(train_and_publish(config, publish_int8_model))))
     return 0
+
+
+def summary_rows(run) -> list[tuple[str, str]]:
+    """The summary printed at the end of a run (a training.pipeline.TrainingRun)."""
+    config, result, parity, metadata = run.config, run.result, run.parity, run.metadata
+    percent = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    return [
+        (
+            "recipe",
+            f"{config.recipe_name} ({result.model.name}, {result.model.count_params():,} parameters)",
+        ),
+        ("epochs", str(config.recipe.epochs)),
+        (
+            "wall time",
+            f"{result.wall_seconds:.1f} s fitting, {metadata.wall_seconds:.1f} s in all",
+        ),
+        ("train accuracy", percent(result.train_accuracy)),
+        ("val accuracy", percent(result.val_accuracy)),
+        (
+            "test accuracy",
+            f"{percent(result.test_accuracy)} (Keras), {percent(parity.onnx_accuracy)} (ONNX)",
+        ),
+        (
+            "parity",
+            f"max |Δp| {parity.max_abs_diff:.1e} over {parity.images:,} images, "
+            f"{len(parity.argmax_mismatches)} argmax differences",
+        ),
+        ("model", str(run.model_path)),
+        *run.int8_rows,
+        ("artifacts", str(run.artifacts)),
+    ]
 
 
 def print_summary(config: TrainConfig) -> int:
