@@ -87,7 +87,7 @@ def run_workers(config: ServeConfig) -> int:
 def _check_before_spawning(config: ServeConfig) -> None:
     """A missing model or a taken port is one error line from here, not one per worker."""
     from core.repository import RepositoryError, load_version, no_versions_message
-    from serving.inference.registry import list_models
+    from serving.inference.repository_scan import list_models
     from serving.ports import ensure_ports_free
 
     names = config.model_names or list_models(config.model_repository)
