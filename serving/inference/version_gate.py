@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from serving.inference import activity
 from serving.inference.batcher import DynamicBatcher
 from serving.inference.loader import LoadFailure, OpenedVersion, fingerprint, open_version
 from serving.inference.observers import LifecycleObserver, VersionObserver, timed_infer
@@ -210,6 +211,8 @@ class VersionGate:
             options.max_queue_size,
             observer,
             run_lone_inline=opened.runtime.provider == CPU,
+            # On the CPU, batches may use the cores the other --workers leave idle.
+            parallel=activity.batch_slots if opened.runtime.provider == CPU else None,
         )
         batcher.start()
         self._refused.pop((name, number), None)
