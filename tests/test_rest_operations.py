@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import urllib.request
 
@@ -14,6 +12,7 @@ import pytest
 from serving.process import free_port, serve_command, start_server
 from serving.rest_client import RestClient, RestError
 from tests.support.common import ROOT, predict_args, run_predict
+from tests.support.loadtest_runs import locust_args, run_module
 
 
 def test_metrics_count_http_calls(server, rest, mnist_test_set):
@@ -117,37 +116,13 @@ def test_mnist_predict_over_rest(server, mnist_path):
 def test_locust_load_mixing_rest_and_grpc_has_no_failures(server, mnist_path, tmp_path):
     from loadtest.locust_runner import read_stats_csv, rest_request_name
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.run",
-            "--host",
-            server.target,
-            "--http-host",
-            f"127.0.0.1:{server.http_port}",
-            "--scenario",
-            "mix",
-            "--mix-weights",
-            "2,1,1,2",
-            "--users",
-            "4",
-            "--spawn-rate",
-            "4",
-            "--run-time",
-            "4s",
-            "--pool-size",
-            "500",
-            "--reports-dir",
-            str(tmp_path),
-            "--name",
-            "rest",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    result = run_module(
+        "loadtest.run",
+        *("--host", server.target, "--http-host", f"127.0.0.1:{server.http_port}"),
+        *locust_args("mix", 4, "4s", 500, tmp_path, "rest"),
+        *("--mix-weights", "2,1,1,2"),
+        mnist_path=mnist_path,
         timeout=100,
-        env={**os.environ, "MNIST_DATA_DIR": str(mnist_path)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     stats = read_stats_csv(tmp_path / "rest_stats.csv")
