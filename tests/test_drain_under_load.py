@@ -29,8 +29,12 @@ import numpy as np
 import pytest
 
 from serving.client import ClassifierClient
-from serving.process import start_server
-from tests.support.draining import model_infer, own_channel
+from tests.support.draining import (
+    model_infer,
+    own_channel,
+    start_draining_server,
+    start_holding_server,
+)
 
 REPETITIONS = int(os.environ.get("DRAIN_REPETITIONS", "2"))
 CALLERS = 24  # 16 lost a call in 1 of 3 drains before the fix, 24 in 3 of 4
@@ -117,15 +121,8 @@ def test_sigterm_to_a_lone_server_under_load_ends_no_call_cancelled(
 ):
     total: collections.Counter = collections.Counter()
     for repetition in range(REPETITIONS):
-        server = start_server(
-            trained_repository,
-            "--workers",
-            str(workers),
-            "--grace-period",
-            "10",
-            "--metrics-port",
-            "0",
-            log_path=tmp_path / f"server-{repetition}.log",
+        server = start_draining_server(
+            trained_repository, tmp_path / f"server-{repetition}.log", workers
         )
         try:
             wait_for_workers(server.log, workers)
@@ -215,6 +212,19 @@ def rest_caller(port: int, outcomes: collections.Counter, lock: threading.Lock, 
             time.sleep(0.05)
 
 
+def post_infer(connection: http.client.HTTPConnection) -> http.client.HTTPResponse:
+    """One KServe infer call over `connection`, its answer read."""
+    connection.request(
+        "POST",
+        "/v2/models/mnist/infer",
+        body=INFER_BODY,
+        headers={"Content-Type": "application/json"},
+    )
+    reply = connection.getresponse()
+    reply.read()
+    return reply
+
+
 def rest_call(connection: http.client.HTTPConnection) -> str:
     """200, "503 <Retry-After>", "refused" (nothing listens: it reached no server), "lost-..."."""
     if connection.sock is None:
@@ -223,14 +233,7 @@ def rest_call(connection: http.client.HTTPConnection) -> str:
         except ConnectionRefusedError:
             return "refused"
     try:
-        connection.request(
-            "POST",
-            "/v2/models/mnist/infer",
-            body=INFER_BODY,
-            headers={"Content-Type": "application/json"},
-        )
-        reply = connection.getresponse()
-        reply.read()
+        reply = post_infer(connection)
     except (OSError, http.client.HTTPException) as error:
         connection.close()
         return f"lost-{type(error).__name__}"  # the request was sent, its answer never came
@@ -246,15 +249,8 @@ def rest_call(connection: http.client.HTTPConnection) -> str:
 def test_sigterm_under_rest_load_loses_no_call(workers, trained_repository, tmp_path):
     total: collections.Counter = collections.Counter()
     for repetition in range(REPETITIONS):
-        server = start_server(
-            trained_repository,
-            "--workers",
-            str(workers),
-            "--grace-period",
-            "10",
-            "--metrics-port",
-            "0",
-            log_path=tmp_path / f"server-{repetition}.log",
+        server = start_draining_server(
+            trained_repository, tmp_path / f"server-{repetition}.log", workers
         )
         outcomes: collections.Counter = collections.Counter()
         lock = threading.Lock()
@@ -303,16 +299,7 @@ def test_a_draining_servers_refusals_say_when_to_retry(
 
     images, _ = mnist_test_set
     # Held calls keep the server draining (they wait 6 s for company) while the refusals are read.
-    server = start_server(
-        trained_repository,
-        "--workers",
-        "1",
-        "--max-queue-delay-us",
-        "6000000",
-        "--grace-period",
-        "30",
-        log_path=tmp_path / "server.log",
-    )
+    server = start_holding_server(trained_repository, tmp_path / "server.log", 6_000_000, 30)
     try:
         held = hold_calls(server, images[:2])
         server.proc.send_signal(signal.SIGTERM)
@@ -332,14 +319,7 @@ def test_a_draining_servers_refusals_say_when_to_retry(
             trailers
         )  # at least the MARGIN
         connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
-        connection.request(
-            "POST",
-            "/v2/models/mnist/infer",
-            body=INFER_BODY,
-            headers={"Content-Type": "application/json"},
-        )
-        reply = connection.getresponse()
-        reply.read()
+        reply = post_infer(connection)
         connection.close()
         assert reply.status == 503 and int(reply.getheader("Retry-After", "0")) >= 1, reply.headers
         assert reply.getheader("Connection", "").lower() == "close", reply.headers

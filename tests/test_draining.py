@@ -17,9 +17,8 @@ import onnxruntime as ort
 import pytest
 
 from core.repository import load_version
-from serving.process import start_server
 from tests.support.common import ROOT
-from tests.support.draining import REFUSAL, classify, health, hold_calls
+from tests.support.draining import REFUSAL, classify, health, hold_calls, start_holding_server
 from tests.support.lifecycle import wait_for
 
 SERVICES = ("", "mnist.v1.Classifier", "inference.GRPCInferenceService")
@@ -42,16 +41,7 @@ def test_a_signal_drains_answers_every_accepted_call_and_refuses_new_ones(
 ):
     images, _ = mnist_test_set
     # Held calls wait up to 6 s from the first one's arrival: time enough to look at the draining server.
-    server = start_server(
-        trained_repository,
-        "--workers",
-        "1",
-        "--max-queue-delay-us",
-        "6000000",
-        "--grace-period",
-        "30",
-        log_path=tmp_path / "server.log",
-    )
+    server = start_holding_server(trained_repository, tmp_path / "server.log", 6_000_000, 30)
     try:
         held = hold_calls(server, images[:8])
         server.proc.send_signal(getattr(signal, signal_name))
@@ -82,16 +72,7 @@ def test_calls_still_queued_when_the_grace_period_ends_are_cancelled(
 ):
     images, _ = mnist_test_set
     # Held for 10 minutes, far beyond a 1 s grace period: only its end can release them.
-    server = start_server(
-        trained_repository,
-        "--workers",
-        "1",
-        "--max-queue-delay-us",
-        "600000000",
-        "--grace-period",
-        "1",
-        log_path=tmp_path / "server.log",
-    )
+    server = start_holding_server(trained_repository, tmp_path / "server.log", 600_000_000, 1)
     try:
         held = hold_calls(server, images[:2])
         server.proc.send_signal(signal.SIGTERM)

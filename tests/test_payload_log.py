@@ -27,6 +27,7 @@ from core.contract import scale_pixels
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
 from serving.process import free_port, start_server
+from tests.support.serving import serve_and_fail
 
 tritonclient_grpc = pytest.importorskip(
     "tritonclient.grpc", reason="tritonclient is a dev dependency"
@@ -243,23 +244,9 @@ def test_a_sink_that_never_answers_costs_records_not_calls(trained_repository, m
 
 
 def test_bad_payload_log_settings_are_one_line(trained_repository):
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serving.cli",
-            "--model-repository",
-            str(trained_repository),
-            "--payload-log",
-            "x.jsonl",
-            "--payload-log-sample-rate",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
+    result = serve_and_fail(
+        *("--model-repository", str(trained_repository), "--payload-log", "x.jsonl"),
+        *("--payload-log-sample-rate", "0"),
         timeout=120,
     )
     assert result.returncode != 0
@@ -272,30 +259,10 @@ def test_bad_payload_log_settings_are_one_line(trained_repository):
 
 
 def test_a_payload_log_file_that_cannot_be_opened_is_one_line(trained_repository, tmp_path):
-    import subprocess
-    import sys
-
     target = Path(tmp_path) / "missing-folder" / "payloads.jsonl"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serving.cli",
-            "--model-repository",
-            str(trained_repository),
-            "--workers",
-            "1",
-            "--port",
-            str(free_port()),
-            "--http-port",
-            str(free_port()),
-            "--metrics-port",
-            "0",
-            "--payload-log",
-            str(target),
-        ],
-        capture_output=True,
-        text=True,
+    result = serve_and_fail(
+        *("--model-repository", str(trained_repository), "--workers", "1"),
+        *("--http-port", str(free_port()), "--payload-log", str(target)),
         timeout=120,
     )
     assert result.returncode != 0

@@ -55,6 +55,33 @@ def settled(pid: int, baseline: int, slack: int = 24) -> bool:
     return tree_open_fds(pid) <= baseline + slack
 
 
+def open_stalled_connections(port: int, images) -> tuple[dict, dict, list]:
+    """CONNECTIONS stalled REST connections: 200 slow heads and 150 slow bodies (each socket with
+    what Trickle will send of it), and non-readers for the rest."""
+    head = f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    body = infer_json(images[:64])
+    slow_heads = {
+        connect(port): (head + "Content-Type: application/json\r\n" * 50).encode()
+        for _ in range(200)
+    }
+    slow_bodies = {}
+    for _ in range(150):
+        sock = connect(port)
+        sock.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode())
+        slow_bodies[sock] = body
+    # Non-readers: pipelined requests whose answers are never read, with a small receive
+    # window: 20 fetches of the page's 16 kB digit sprite, or (a few: inference costs CPU)
+    # 4 calls of 64 images.
+    infer = (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    sprite = f"GET /static/digits.png HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    non_readers = []
+    for index in range(CONNECTIONS - len(slow_heads) - len(slow_bodies)):
+        sock = connect(port, receive_buffer=4096)
+        sock.sendall(infer * 4 if index % 15 == 0 else sprite * 20)
+        non_readers.append(sock)
+    return slow_heads, slow_bodies, non_readers
+
+
 def test_rest_slowloris_slow_bodies_and_non_readers_are_bounded_and_released(
     trained_repository, mnist_test_set, tmp_path
 ):
@@ -65,27 +92,7 @@ def test_rest_slowloris_slow_bodies_and_non_readers_are_bounded_and_released(
         try:
             time.sleep(2)
             fds_before, rss_before = tree_open_fds(pid), tree_rss_bytes(pid)
-            head = f"POST /v2/models/mnist/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            body = infer_json(images[:64])
-            slow_heads = {
-                connect(port): (head + "Content-Type: application/json\r\n" * 50).encode()
-                for _ in range(200)
-            }
-            slow_bodies = {}
-            for _ in range(150):
-                sock = connect(port)
-                sock.sendall((head + f"Content-Length: {len(body)}\r\n\r\n").encode())
-                slow_bodies[sock] = body
-            # Non-readers: pipelined requests whose answers are never read, with a small receive
-            # window: 20 fetches of the page's 16 kB digit sprite, or (a few: inference costs CPU)
-            # 4 calls of 64 images.
-            infer = (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-            sprite = f"GET /static/digits.png HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
-            non_readers = []
-            for index in range(CONNECTIONS - len(slow_heads) - len(slow_bodies)):
-                sock = connect(port, receive_buffer=4096)
-                sock.sendall(infer * 4 if index % 15 == 0 else sprite * 20)
-                non_readers.append(sock)
+            slow_heads, slow_bodies, non_readers = open_stalled_connections(port, images)
             trickle = Trickle({**slow_heads, **slow_bodies}).start()
             fds_held, rss_held = tree_open_fds(pid), tree_rss_bytes(pid)
             # The idle timeout closes the slow heads, the body timeout the slow bodies (with a 408).

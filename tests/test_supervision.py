@@ -129,6 +129,17 @@ class Callers:
             thread.join(90)
 
 
+def check_only_the_dead_workers_calls_failed(callers: Callers) -> None:
+    # Only calls in flight on the dead worker may fail (one per caller at most), and only as
+    # UNAVAILABLE (its connection closed), which the client retries on the other worker.
+    assert set(callers.outcomes) <= {"OK", "UNAVAILABLE"}, dict(callers.outcomes)
+    assert callers.outcomes["UNAVAILABLE"] <= CALLERS, dict(callers.outcomes)
+    # Health answered SERVING throughout: no probe saw NOT_SERVING.
+    assert callers.health["SERVING"] > 0 and "NOT_SERVING" not in callers.health, dict(
+        callers.health
+    )
+
+
 @pytest.mark.timeout(600)
 def test_a_killed_worker_is_replaced_while_the_other_serves(
     trained_repository, mnist_test_set, tmp_path
@@ -167,14 +178,7 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(
         finally:
             callers.stop()
         assert server.proc.poll() is None, server.log()[-3000:]
-        # Only calls in flight on the dead worker may fail (one per caller at most), and only as
-        # UNAVAILABLE (its connection closed), which the client retries on the other worker.
-        assert set(callers.outcomes) <= {"OK", "UNAVAILABLE"}, dict(callers.outcomes)
-        assert callers.outcomes["UNAVAILABLE"] <= CALLERS, dict(callers.outcomes)
-        # Health answered SERVING throughout: no probe saw NOT_SERVING.
-        assert callers.health["SERVING"] > 0 and "NOT_SERVING" not in callers.health, dict(
-            callers.health
-        )
+        check_only_the_dead_workers_calls_failed(callers)
         workers = worker_pids(server.proc.pid)
         assert len(workers) == 2 and victim not in workers, (workers, victim)
         (fresh,) = workers - originals

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.generated import mnist_classifier_pb2 as pb
 from serving.generated import mnist_classifier_pb2_grpc as pb_grpc
+from serving.process import ServerProcess, start_server
 from tests.support.lifecycle import wait_for
 
 REFUSAL = "the server is shutting down and takes no new requests"
@@ -107,3 +108,25 @@ def model_infer(channel: grpc.Channel, images: np.ndarray) -> np.ndarray:
     request.raw_input_contents.append(np.ascontiguousarray(images, np.uint8).tobytes())
     response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
     return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(len(images), -1)
+
+
+def start_holding_server(
+    repository, log_path, hold_us: int, grace_period_s: int, workers: int = 1
+) -> ServerProcess:
+    """A server that holds a lone call in its queue for `hold_us` (waiting for company), so a test
+    knows which calls were accepted before it signals; drains for up to `grace_period_s`."""
+    return start_server(
+        repository,
+        *("--workers", str(workers), "--max-queue-delay-us", str(hold_us)),
+        *("--grace-period", str(grace_period_s)),
+        log_path=log_path,
+    )
+
+
+def start_draining_server(repository, log_path, workers: int) -> ServerProcess:
+    """`workers` workers with a 10 s grace period and no metrics port: the drain-under-load cases."""
+    return start_server(
+        repository,
+        *("--workers", str(workers), "--grace-period", "10", "--metrics-port", "0"),
+        log_path=log_path,
+    )

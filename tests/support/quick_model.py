@@ -7,7 +7,7 @@ training code, the data and the libraries, so it is kept under
 `$XDG_CACHE_HOME/mnist-cnn-serving/quick-model/<key>`, the key a hash of all three: a change to
 training/ or core/, another TensorFlow or another MNIST file trains again. Set
 MNIST_TEST_MODEL_CACHE=0 to train every session (CI's clean machine has no cache anyway, and
-tests/test_training.py trains its own models whatever this holds).
+the tests/test_training_*.py modules train their own models whatever this holds).
 """
 
 from __future__ import annotations
