@@ -11,17 +11,15 @@ import pytest
 
 from core.repository import load_version
 from tests.support.common import run_train
-from training.quantize import (
-    DEFAULT_RECIPE,
+from training.int8_gate import (
     MIN_AGREEMENT,
     Int8ParityError,
-    Int8Recipe,
     ParityReport,
     check_parity,
     compare_int8,
-    layer_nodes,
-    quantize_int8,
 )
+from training.int8_recipe import DEFAULT_RECIPE, Int8Recipe
+from training.quantize import layer_nodes, quantize_int8
 
 
 def test_training_publishes_the_int8_model_beside_the_fp32_one(trained_repository):

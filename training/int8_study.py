@@ -17,16 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from training.quantize import (
-    DEFAULT_RECIPE,
-    MAX_ACCURACY_LOSS_POINTS,
-    MIN_AGREEMENT,
-    Int8Recipe,
-    compare_int8,
-    compare_speed,
-    pick_calibration_images,
-    quantize_int8,
-)
+from training.int8_calibration import pick_calibration_images
+from training.int8_gate import MAX_ACCURACY_LOSS_POINTS, MIN_AGREEMENT, compare_int8, compare_speed
+from training.int8_recipe import DEFAULT_RECIPE, Int8Recipe
+from training.quantize import quantize_int8
 
 _ALL_INT8 = dataclasses.replace(DEFAULT_RECIPE, fp32_last_layer=False)
 

@@ -29,14 +29,14 @@ from training.config import TrainConfig  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.export import export_onnx  # noqa: E402
 from training.fit import FitResult, fit  # noqa: E402
-from training.model import DESCRIPTIONS  # noqa: E402
-from training.quantize import (  # noqa: E402
-    DEFAULT_RECIPE,
+from training.int8_gate import (  # noqa: E402
     MAX_ACCURACY_LOSS_POINTS,
     MIN_AGREEMENT,
     Int8ParityError,
-    publish_int8,
 )
+from training.int8_publish import publish_int8  # noqa: E402
+from training.int8_recipe import DEFAULT_RECIPE  # noqa: E402
+from training.model import DESCRIPTIONS  # noqa: E402
 from training.verify import ParityReport, check_parity  # noqa: E402
 
 
