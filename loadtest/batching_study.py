@@ -23,7 +23,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from loadtest.locust_runner import ROOT, LoadTestError, parse_mix_weights, parse_seconds, run_locust
+from loadtest.locust_args import LoadTestError, parse_mix_weights, parse_seconds
+from loadtest.locust_runner import ROOT, run_locust
 from loadtest.options import DEFAULTS, SCENARIOS
 
 PROG = "batching-study"

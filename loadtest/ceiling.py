@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loadtest.locust_runner import ROOT, LoadTestError, LocustRun, run_locust
+from loadtest.locust_args import LoadTestError
+from loadtest.locust_runner import ROOT, LocustRun, run_locust
 
 # A run at 80 % or more of the ceiling is bound by the load generator: the server could answer
 # faster than Locust asks. (Measured here, one Locust process on 2 cores: 32 mix users reached 1,254

@@ -16,8 +16,8 @@ from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 
 from core.idx import find_data_dir, load_idx_dir
+from loadtest.locust_args import LoadTestError, normalize_target, parse_mix_weights
 from loadtest.locust_options import security
-from loadtest.locust_runner import LoadTestError, normalize_target, parse_mix_weights
 from serving import tracing
 from serving.client import ClassifierClient
 

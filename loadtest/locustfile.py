@@ -42,8 +42,7 @@ grpc_gevent.init_gevent()
 import numpy as np  # noqa: E402
 
 from loadtest.load_pool import LoadPool, expected_labels, prepare  # noqa: E402
-from loadtest.locust_options import add_arguments, http_host, security  # noqa: E402
-from loadtest.locust_runner import (  # noqa: E402
+from loadtest.locust_args import (  # noqa: E402
     LoadTestError,
     batch_request_name,
     kserve_request_name,
@@ -52,6 +51,7 @@ from loadtest.locust_runner import (  # noqa: E402
     rest_request_name,
     single_request_name,
 )
+from loadtest.locust_options import add_arguments, http_host, security  # noqa: E402
 from serving import tracing  # noqa: E402
 from serving.client import ClassifierClient  # noqa: E402
 from serving.rest_client import RestClient, RestError  # noqa: E402  (http.client: cooperative once patched)

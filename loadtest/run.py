@@ -23,16 +23,9 @@ from pathlib import Path
 
 from loadtest import run_flags, server_view
 from loadtest.ceiling import ceiling_scenario, run_against_canned, verdict
-from loadtest.locust_runner import (
-    LoadTestError,
-    check_reachable,
-    format_stats_table,
-    locust_problem,
-    normalize_target,
-    parse_mix_weights,
-    parse_seconds,
-    run_locust,
-)
+from loadtest.locust_args import LoadTestError, normalize_target, parse_mix_weights, parse_seconds
+from loadtest.locust_report import format_stats_table, locust_problem
+from loadtest.locust_runner import check_reachable, run_locust
 
 PROG = "loadtest"
 

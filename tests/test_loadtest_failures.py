@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.locust_runner import (
-    read_stats_csv,
-)
+from loadtest.locust_report import read_stats_csv
 from tests.support.common import ROOT
 from tests.support.loadtest_runs import locust_args, run_module
 

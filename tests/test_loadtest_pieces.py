@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from loadtest.locust_runner import (
+from loadtest.locust_args import (
     LoadTestError,
     normalize_target,
     parse_mix_weights,
     parse_seconds,
-    read_stats_csv,
     request_names,
 )
+from loadtest.locust_report import read_stats_csv
 from loadtest.options import DEFAULTS
 
 

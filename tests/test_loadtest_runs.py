@@ -8,10 +8,8 @@ import re
 
 import pytest
 
-from loadtest.locust_runner import (
-    read_stats_csv,
-    request_names,
-)
+from loadtest.locust_args import request_names
+from loadtest.locust_report import read_stats_csv
 from loadtest.options import DEFAULTS
 from tests.support.loadtest_runs import locust_args, run_module
 

@@ -114,7 +114,8 @@ def test_mnist_predict_over_rest(server, mnist_path):
 
 @pytest.mark.timeout(120)
 def test_locust_load_mixing_rest_and_grpc_has_no_failures(server, mnist_path, tmp_path):
-    from loadtest.locust_runner import read_stats_csv, rest_request_name
+    from loadtest.locust_args import rest_request_name
+    from loadtest.locust_report import read_stats_csv
 
     result = run_module(
         "loadtest.run",

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from bench.scaleout import Load, Replica, ipv4_target, start_replica, start_replicas
-from loadtest.locust_runner import normalize_target, read_stats_csv
+from loadtest.locust_args import normalize_target
+from loadtest.locust_report import read_stats_csv
 from serving.client import ClassifierClient
 from serving.process import free_port
 from tests.support.common import ROOT

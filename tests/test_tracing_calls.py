@@ -157,7 +157,8 @@ def test_locust_users_send_a_fresh_trace_per_call(
 ):
     """--traceparent per-call: every Locust call (gRPC both APIs, and REST) is its own trace, the
     child of the span id it sent."""
-    from loadtest.locust_runner import read_stats_csv, run_locust
+    from loadtest.locust_report import read_stats_csv
+    from loadtest.locust_runner import run_locust
 
     monkeypatch.setenv("MNIST_DATA_DIR", str(mnist_path))
     before = {s.trace_id for s in receiver.spans()}

@@ -110,7 +110,8 @@ def test_locust_judges_each_answer_by_the_version_that_computed_it(
 ):
     import threading
 
-    from loadtest.locust_runner import read_stats_csv, run_locust
+    from loadtest.locust_report import read_stats_csv
+    from loadtest.locust_runner import run_locust
 
     # A version whose honest answers differ from version 1's on some digits: judged against version
     # 1's answers, those would be "wrong predictions".
