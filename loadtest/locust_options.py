@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from loadtest.options import DEFAULTS, SCENARIOS
-from serving.client import client_security
+from serving.client_channel import client_security
 
 
 def add_arguments(parser) -> None:

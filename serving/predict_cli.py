@@ -10,7 +10,8 @@ import grpc
 import numpy as np
 
 from serving import tracing
-from serving.client import ClassifierClient, client_security
+from serving.client import ClassifierClient
+from serving.client_channel import client_security
 from serving.rest_client import RestClient, RestError
 
 
