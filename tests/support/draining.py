@@ -84,8 +84,8 @@ def hold_calls(server, images: np.ndarray) -> list:
 
 def own_channel(target: str) -> grpc.Channel:
     """serving/client_channel.py's channel (round_robin, retries of UNAVAILABLE, health checks
-    for several addresses) on connections of its own: gRPC shares one connection among channels with equal
-    settings, so callers with a ClassifierClient each would all reach one worker."""
+    for several addresses) on connections of its own: gRPC shares one connection among channels
+    with equal settings, so callers with a ClassifierClient each would all reach one worker."""
     from serving.client_channel import MULTI_ADDRESS_SCHEMES, service_config
 
     health_check = target.startswith(MULTI_ADDRESS_SCHEMES)
