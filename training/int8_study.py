@@ -69,10 +69,22 @@ def row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+HEADER = [
+    "model",
+    "variant",
+    "recipe",
+    "agreement",
+    "differ",
+    "FP32 acc",
+    "INT8 acc",
+    "Δ points",
+    "gate",
+]
+SPEED_HEADER = ["×FP32 b1", "×FP32 b64"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from core.idx import DatasetError, find_data_dir, load_idx_dir
-
     names = list(VARIANTS) if not args.variants else [n.strip() for n in args.variants.split(",")]
     unknown = [n for n in names if n not in VARIANTS]
     missing = [str(m) for m in args.models if not m.is_file()]
@@ -83,67 +95,65 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        folder = find_data_dir("mnist", args.data_dir)
-        if folder is None:
-            raise DatasetError("no MNIST folder: pass --data-dir or set MNIST_DATA_DIR")
-        data = load_idx_dir(folder)
-    except DatasetError as err:
-        print(f"int8_study: error: {err}", file=sys.stderr)
+    data = _load_mnist(args.data_dir)
+    if data is None:
         return 2
-    header = [
-        "model",
-        "variant",
-        "recipe",
-        "agreement",
-        "differ",
-        "FP32 acc",
-        "INT8 acc",
-        "Δ points",
-        "gate",
-    ]
-    header += ["×FP32 b1", "×FP32 b64"] if args.speed else []
+    header = HEADER + (SPEED_HEADER if args.speed else [])
     print(row(header))
     print(row(["---"] * len(header)), flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
-            label = (
-                model.parent.parent.parent.parent.name if model.name == "model.onnx" else model.stem
-            )
             for name in names:
-                recipe = VARIANTS[name]
-                int8_path = Path(scratch) / "int8.onnx"
-                started = time.perf_counter()
-                quantize_int8(
-                    model,
-                    pick_calibration_images(data.train_images, recipe.calibration_images),
-                    int8_path,
-                    recipe,
-                )
-                seconds = time.perf_counter() - started
-                report = compare_int8(model, int8_path, data.test_images, data.test_labels)
-                passes = (
-                    report.agreement >= MIN_AGREEMENT
-                    and report.accuracy_loss_points <= MAX_ACCURACY_LOSS_POINTS + 1e-9
-                )
-                cells = [
-                    label,
-                    name + (" *" if recipe == DEFAULT_RECIPE else ""),
-                    recipe.describe(),
-                    f"{100 * report.agreement:.2f} %",
-                    str(report.images - report.agreeing),
-                    f"{100 * report.fp32_accuracy:.2f}",
-                    f"{100 * report.int8_accuracy:.2f}",
-                    f"{-report.accuracy_loss_points:+.2f}",
-                    "pass" if passes else "REFUSED",
-                ]
-                if args.speed:
-                    cells += [
-                        f"{s.speedup:.2f}"
-                        for s in compare_speed(model, int8_path, data.test_images)
-                    ]
-                print(row(cells) + f"  <!-- quantized in {seconds:.1f} s -->", flush=True)
+                print(_study_row(model, name, data, Path(scratch), args.speed), flush=True)
     return 0
+
+
+def _load_mnist(data_dir: str | None):
+    """The MNIST dataset, or None after printing why it could not be read."""
+    from core.idx import DatasetError, find_data_dir, load_idx_dir
+
+    try:
+        folder = find_data_dir("mnist", data_dir)
+        if folder is None:
+            raise DatasetError("no MNIST folder: pass --data-dir or set MNIST_DATA_DIR")
+        return load_idx_dir(folder)
+    except DatasetError as err:
+        print(f"int8_study: error: {err}", file=sys.stderr)
+        return None
+
+
+def _study_row(model: Path, name: str, data, scratch: Path, speed: bool) -> str:
+    """Quantize `model` as variant `name`, compare it with FP32: the table row, and its time."""
+    label = model.parent.parent.parent.parent.name if model.name == "model.onnx" else model.stem
+    recipe = VARIANTS[name]
+    int8_path = scratch / "int8.onnx"
+    started = time.perf_counter()
+    quantize_int8(
+        model,
+        pick_calibration_images(data.train_images, recipe.calibration_images),
+        int8_path,
+        recipe,
+    )
+    seconds = time.perf_counter() - started
+    report = compare_int8(model, int8_path, data.test_images, data.test_labels)
+    passes = (
+        report.agreement >= MIN_AGREEMENT
+        and report.accuracy_loss_points <= MAX_ACCURACY_LOSS_POINTS + 1e-9
+    )
+    cells = [
+        label,
+        name + (" *" if recipe == DEFAULT_RECIPE else ""),
+        recipe.describe(),
+        f"{100 * report.agreement:.2f} %",
+        str(report.images - report.agreeing),
+        f"{100 * report.fp32_accuracy:.2f}",
+        f"{100 * report.int8_accuracy:.2f}",
+        f"{-report.accuracy_loss_points:+.2f}",
+        "pass" if passes else "REFUSED",
+    ]
+    if speed:
+        cells += [f"{s.speedup:.2f}" for s in compare_speed(model, int8_path, data.test_images)]
+    return row(cells) + f"  <!-- quantized in {seconds:.1f} s -->"
 
 
 if __name__ == "__main__":
