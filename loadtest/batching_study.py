@@ -143,8 +143,6 @@ def _mean(before: dict[str, float], after: dict[str, float], metric: str) -> flo
 
 
 def measure(args: argparse.Namespace) -> list[Point]:
-    from serving.process import start_server
-
     if not args.model_repository.is_dir():
         raise LoadTestError(
             f"model repository {args.model_repository} does not exist: train a model first "
@@ -154,69 +152,75 @@ def measure(args: argparse.Namespace) -> list[Point]:
     runs_dir.mkdir(parents=True, exist_ok=True)
     points = []
     for max_batch in args.max_batch_sizes:
-        log_path = runs_dir / f"server-max-batch-{max_batch}.log"
-        try:
-            server = start_server(
-                args.model_repository,
-                "--max-batch-size",
-                str(max_batch),
-                *shlex.split(args.server_args),
-                log_path=log_path,
-            )
-        except (RuntimeError, TimeoutError, OSError) as error:
-            raise LoadTestError(
-                f"mnist-serve --max-batch-size {max_batch} did not start: {error} (log: {log_path})"
-            ) from None
-        with server:
+        with _start_server(args, max_batch, runs_dir) as server:
             for users in args.users:
-                label = f"max-batch-{max_batch}-users-{users}"
-                print(
-                    f"{PROG}: --max-batch-size {max_batch}, {users} users, {args.run_time} ...",
-                    flush=True,
-                )
-                before: dict[str, float] = {}
-
-                def window_starts(url: str = server.metrics_url, into: dict = before) -> None:
-                    into.update(
-                        scrape_batch_totals(url)
-                    )  # after the pool screening, as users start
-
-                run = run_locust(
-                    server.target,
-                    scenario=args.scenario,
-                    users=users,
-                    spawn_rate=users,
-                    run_time=args.run_time,
-                    csv_prefix=runs_dir / label,
-                    log_path=runs_dir / f"{label}.log",
-                    processes=args.processes,
-                    images_per_call=args.images_per_call,
-                    mix_weights=args.mix_weights,
-                    reset_stats=True,
-                    extra=["--pool-size", str(args.pool_size)],
-                    on_spawned=window_starts,
-                )
-                after = scrape_batch_totals(server.metrics_url)
-                total = run.total
-                if total.requests == 0:
-                    raise LoadTestError(
-                        f"no call completed with {users} users against --max-batch-size "
-                        f"{max_batch}; see {run.log_path}"
-                    )
-                points.append(
-                    Point(
-                        max_batch,
-                        users,
-                        total.requests,
-                        total.failures,
-                        total.requests_per_s,
-                        total.p50_ms,
-                        total.p99_ms,
-                        _mean(before, after, "mnist_batch_size"),
-                        _mean(before, after, "mnist_batch_requests"),
-                    )
-                )
+                points.append(_measure_point(args, server, max_batch, users, runs_dir))
     return points
+
+
+def _start_server(args: argparse.Namespace, max_batch: int, runs_dir: Path):
+    """mnist-serve at one --max-batch-size, its log in the run's folder."""
+    from serving.process import start_server
+
+    log_path = runs_dir / f"server-max-batch-{max_batch}.log"
+    try:
+        return start_server(
+            args.model_repository,
+            "--max-batch-size",
+            str(max_batch),
+            *shlex.split(args.server_args),
+            log_path=log_path,
+        )
+    except (RuntimeError, TimeoutError, OSError) as error:
+        raise LoadTestError(
+            f"mnist-serve --max-batch-size {max_batch} did not start: {error} (log: {log_path})"
+        ) from None
+
+
+def _measure_point(
+    args: argparse.Namespace, server, max_batch: int, users: int, runs_dir: Path
+) -> Point:
+    """One Locust run of `users` against the server; the batch metrics over its measured window."""
+    label = f"max-batch-{max_batch}-users-{users}"
+    print(f"{PROG}: --max-batch-size {max_batch}, {users} users, {args.run_time} ...", flush=True)
+    before: dict[str, float] = {}
+
+    def window_starts(url: str = server.metrics_url, into: dict = before) -> None:
+        into.update(scrape_batch_totals(url))  # after the pool screening, as users start
+
+    run = run_locust(
+        server.target,
+        scenario=args.scenario,
+        users=users,
+        spawn_rate=users,
+        run_time=args.run_time,
+        csv_prefix=runs_dir / label,
+        log_path=runs_dir / f"{label}.log",
+        processes=args.processes,
+        images_per_call=args.images_per_call,
+        mix_weights=args.mix_weights,
+        reset_stats=True,
+        extra=["--pool-size", str(args.pool_size)],
+        on_spawned=window_starts,
+    )
+    after = scrape_batch_totals(server.metrics_url)
+    total = run.total
+    if total.requests == 0:
+        raise LoadTestError(
+            f"no call completed with {users} users against --max-batch-size "
+            f"{max_batch}; see {run.log_path}"
+        )
+    return Point(
+        max_batch,
+        users,
+        total.requests,
+        total.failures,
+        total.requests_per_s,
+        total.p50_ms,
+        total.p99_ms,
+        _mean(before, after, "mnist_batch_size"),
+        _mean(before, after, "mnist_batch_requests"),
+    )
 
 
 def _setting(max_batch: int) -> str:
