@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.support.envoy import envoy_binary
 from tests.support.tls_override import (
     TLS_OVERRIDE,
     accuracy,
-    envoy_binary,
     loopback_envoy_tls,
     make_dev_certs,
     on_host,

