@@ -38,6 +38,7 @@ except ImportError:  # tests that need it say so themselves
 TIERS = {
     "unit": {
         "test_architecture",
+        "test_batch_parallel",
         "test_batcher",
         "test_core",
         "test_decode_images",

@@ -47,15 +47,28 @@ def cache_dir() -> Path | None:
     return base / "mnist-cnn-serving" / "quick-model" / cache_key()
 
 
+# mnist-train's summary names the files it wrote; in the cache their folder is this placeholder.
+TRAINED_IN = "{quick-model}"
+
+
 def quick_model(root: Path) -> Path:
     """root/model_repository, root/artifacts and root/summary.txt (mnist-train's summary)."""
     cached = cache_dir()
     if cached is None or not (cached / "summary.txt").exists():
         built = _train(Path(tempfile.mkdtemp(prefix="quick-model-", dir=root)))
+        _name_folder(built, str(built), TRAINED_IN)
         if cached is None:
-            return _place(built, root)
+            _place(built, root)
+            return _name_folder(root, TRAINED_IN, str(root))
         _publish(built, cached)
     shutil.copytree(cached, root, dirs_exist_ok=True)
+    return _name_folder(root, TRAINED_IN, str(root))
+
+
+def _name_folder(root: Path, old: str, new: str) -> Path:
+    """The summary's paths under `old` rewritten under `new`, as if trained in place."""
+    summary = root / "summary.txt"
+    summary.write_text(summary.read_text().replace(old, new))
     return root / "model_repository"
 
 
@@ -72,11 +85,10 @@ def _train(into: Path) -> Path:
     return into
 
 
-def _place(built: Path, root: Path) -> Path:
+def _place(built: Path, root: Path) -> None:
     for item in built.iterdir():
         shutil.move(str(item), root / item.name)
     shutil.rmtree(built)
-    return root / "model_repository"
 
 
 def _publish(built: Path, cached: Path) -> None:
