@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from bench.common import (
     table,
 )
 from serving.process import free_port, wait_until_serving
+from tests.support.loadtest_runs import run_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,23 +108,11 @@ def test_closed_loop_from_one_connection_and_from_many(canned):
     assert text.splitlines()[2:] == ["a     1.5", "bb      -"]
 
 
-def _run(module: str, *args: str, mnist_path, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MNIST_DATA_DIR": str(mnist_path)}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.timeout(600)
 def test_make_bench_runs_every_scenario_from_one_connection_and_from_eight(
     trained_repository, mnist_path, tmp_path
 ):
-    result = _run(
+    result = run_module(
         "bench.bench_serving",
         "--model-repository",
         str(trained_repository),
@@ -167,7 +155,7 @@ def test_make_bench_runs_every_scenario_from_one_connection_and_from_eight(
 @pytest.mark.timeout(400)
 def test_the_curve_sweeps_concurrency_for_both_servers(trained_repository, mnist_path, tmp_path):
     out = tmp_path / "curve.png"
-    result = _run(
+    result = run_module(
         "bench.curve",
         "--model-repository",
         str(trained_repository),
