@@ -132,12 +132,31 @@ def _new_model(swarm: Swarm) -> None:
     swarm.seen["replica_versions"] = replica_versions()
 
 
+def _worker_running_a_replica(preferred: int) -> int:
+    """The index of a worker node that runs a server replica now, `preferred` if it does.
+
+    Swarm never moves a running task: after a rolling update or a lost node the replicas may sit
+    on two nodes (a CI run saw node1, node2, node2), so the node to lose or drain is picked from
+    where replicas run. Should none run on a worker, the service is rescheduled first (`--force`),
+    which spreads them again. Node 1 is the manager: losing it loses the control plane."""
+    workers = sorted((2, 3), key=lambda index: index != preferred)
+    for _ in range(2):
+        placed = running_nodes()
+        for index in workers:
+            if f"{NAME}-node{index}" in placed:
+                return index
+        docker_on(1, "service", "update", "--force", "--detach=false", SERVER, timeout=900)
+        wait_for("3 healthy replicas, rescheduled", lambda: settled(3), timeout=300)
+    raise AssertionError(f"no server replica on a worker node after rescheduling: {placed}")
+
+
 def _node_lost(swarm: Swarm) -> None:
-    lost = f"{NAME}-node3"
+    index = _worker_running_a_replica(preferred=3)
+    lost = swarm.seen["lost"] = f"{NAME}-node{index}"
 
     def lose(swarm: Swarm) -> None:
         swarm.seen["before_loss"] = running_nodes()
-        swarm.cli("kill-node", "3", timeout=120)
+        swarm.cli("kill-node", str(index), timeout=120)
         wait_for(f"{lost} Down", lambda: node_ids().get(lost, "").startswith("Down"), timeout=120)
         wait_for(
             "3 healthy replicas on the other nodes", lambda: settled(3, avoid=lost), timeout=300
@@ -145,7 +164,7 @@ def _node_lost(swarm: Swarm) -> None:
 
     under_load(swarm, "node_lost", lose)
     swarm.seen["after_loss"] = running_nodes()
-    swarm.cli("revive-node", "3", timeout=300)
+    swarm.cli("revive-node", str(index), timeout=300)
     wait_for(
         f"{lost} Ready again", lambda: node_ids().get(lost, "").startswith("Ready"), timeout=180
     )
@@ -153,7 +172,7 @@ def _node_lost(swarm: Swarm) -> None:
 
 
 def _drain(swarm: Swarm) -> None:
-    drained = f"{NAME}-node2"
+    drained = swarm.seen["drained"] = f"{NAME}-node{_worker_running_a_replica(preferred=2)}"
 
     def drain(swarm: Swarm) -> None:
         swarm.seen["before_drain"] = running_nodes()
