@@ -10,7 +10,10 @@ ModelInfer FP32 calls (raw_input_contents). Each runs, in alternating slices, ag
   - mnist-serve with the INT8 model (`<model>_int8`, when the repository has it),
   - the naive baseline (bench/naive_server.py): synchronous gRPC, 16 threads, session.run per call,
     onnxruntime's default threads, no batching. Every figure is reported as a ratio to it;
-  - a canned server: the same gRPC stack answering without any model (the RPC ceiling).
+  - a canned server: the same gRPC stack answering without any model (the RPC ceiling);
+  - aio-inline (bench/inline_server.py): the same gRPC stack running the model inline per call,
+    nothing else: what mnist-serve's own layers cost, and what grpc.aio itself costs against the
+    naive synchronous server.
 The model's own ceiling is onnxruntime called in-process on the same batches, at several thread
 settings, measured between the rounds of the 8 x 64 scenarios (the best is the goal's reference).
 The load generator (bench/common.py) is this process, so on a small machine it competes with the
@@ -35,6 +38,7 @@ from bench.in_process import interleaved_in_process_table
 from bench.serving_report import report
 from bench.serving_scenarios import (
     CANNED,
+    INLINE,
     NAIVE,
     QUIET_PORTS,
     SCENARIOS,
@@ -54,7 +58,7 @@ def parse_variants(texts: list[str]) -> dict[str, list[str]]:
     variants = {}
     for text in texts:
         name, _, flags = text.partition("=")
-        if not name or name in (NAIVE, CANNED, SERVE, SERVE_INT8):
+        if not name or name in (NAIVE, CANNED, INLINE, SERVE, SERVE_INT8):
             raise SystemExit(f"bench: error: --variant {text!r}: give NAME='FLAGS' with a new name")
         variants[name] = flags.split()
     return variants
@@ -97,6 +101,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-int8", dest="int8", action="store_false", help="leave the INT8 model out"
     )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=[s.key for s in SCENARIOS],
+        help="measure only this scenario (callers x images / connections; repeatable): "
+        "for quick A/B runs; default: all of them",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
 
@@ -124,6 +135,7 @@ def start_targets(
     targets = {
         CANNED: start_module_server(stack, "bench.canned_server"),
         NAIVE: start_module_server(stack, "bench.naive_server", "--model", str(fp32.model_path)),
+        INLINE: start_module_server(stack, "bench.inline_server", "--model", str(fp32.model_path)),
     }
     model_of = {}
     for name, flags in {SERVE: server_args, **variants}.items():
@@ -151,7 +163,10 @@ def run_scenarios(args, fp32, int8, variants, images: np.ndarray):
             args.in_process_seconds,
             2 * args.rounds,
         )
-        for scenario in SCENARIOS:
+        chosen = [s for s in SCENARIOS if not args.scenario or s.key in args.scenario]
+        if not any(s.images == 64 for s in chosen):
+            measure_slice()  # the report's model figures, measured once when no 8 x 64 runs
+        for scenario in chosen:
             payloads = {
                 name: (
                     target,
@@ -192,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     images = test_images()
     load = os.getloadavg()[0]  # printed with the figures: on a shared machine they depend on it
     results, ceilings = run_scenarios(args, fp32, int8, variants, images)
-    order = [SERVE, *variants, SERVE_INT8, NAIVE, CANNED]
+    order = [SERVE, *variants, SERVE_INT8, NAIVE, INLINE, CANNED]
     print(
         "\n".join(report(results, ceilings, header_line(args, fp32, int8, variants, load), order))
     )

@@ -73,12 +73,15 @@ class CannedInference(kserve_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def main(port: int) -> None:
+async def main(
+    port: int, inference: kserve_grpc.GRPCInferenceServiceServicer | None = None
+) -> None:
+    """Serve on loopback `port` until SIGTERM; `inference`: ModelInfer's servicer (the canned one)."""
     server = grpc.aio.server(options=channel_options(ServeConfig()))
     # The server's per-call metrics, attached as the server does (serving.grpc_api.handlers).
     services = WrappingRegistrar(server, lambda method, handler: metrics.timed(handler, method))
     pb_grpc.add_ClassifierServicer_to_server(CannedClassifier(), services)
-    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(CannedInference(), services)
+    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(inference or CannedInference(), services)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, services)
     server.add_insecure_port(f"127.0.0.1:{port}")

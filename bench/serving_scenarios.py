@@ -25,6 +25,11 @@ class Scenario:
     def label(self) -> str:
         return f"{self.callers} x {self.images}, {self.connections} conn"
 
+    @property
+    def key(self) -> str:
+        """How --scenario names it: 32x1/8 is 32 callers x 1 image over 8 connections."""
+        return f"{self.callers}x{self.images}/{self.connections}"
+
 
 SCENARIOS = (
     Scenario(1, 1, 1),
@@ -36,6 +41,7 @@ SCENARIOS = (
 # only gRPC is measured; several servers run at once
 QUIET_PORTS = ("--metrics-port", "0", "--http-port", "0")
 NAIVE, CANNED, SERVE, SERVE_INT8 = "naive", "canned", "mnist-serve", "serve-int8"
+INLINE = "aio-inline"  # bench/inline_server.py: grpc.aio running the model inline per call
 
 
 @dataclass

@@ -136,7 +136,7 @@ def test_make_bench_runs_every_scenario_from_one_connection_and_from_eight(
         (r["target"], r["callers"], r["images_per_call"], r["connections"])
         for r in figures["results"]
     }
-    for target in ("mnist-serve", "one-thread", "naive", "canned"):
+    for target in ("mnist-serve", "one-thread", "naive", "aio-inline", "canned"):
         for scenario in ((1, 1, 1), (32, 1, 1), (32, 1, 8), (8, 64, 1), (8, 64, 8)):
             assert (target, *scenario) in seen, (target, scenario)
     assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in figures["results"])
@@ -147,9 +147,38 @@ def test_make_bench_runs_every_scenario_from_one_connection_and_from_eight(
         "8 x 64, 8 conn:",
         "in-process at its best",
         "1 x 1 p50:",
+        "mnist-serve's layers add",
         "errors: 0: met",
     ):
         assert goal in result.stdout, result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_one_scenario_alone_for_quick_comparisons(trained_repository, mnist_path, tmp_path):
+    result = run_module(
+        "bench.bench_serving",
+        "--model-repository",
+        str(trained_repository),
+        "--no-int8",
+        "--scenario",
+        "1x1/1",
+        "--seconds",
+        "0.4",
+        "--rounds",
+        "1",
+        "--in-process-seconds",
+        "0.2",
+        "--json",
+        str(tmp_path / "b.json"),
+        mnist_path=mnist_path,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads((tmp_path / "b.json").read_text())
+    assert {(r["callers"], r["images_per_call"], r["connections"]) for r in figures["results"]} == {
+        (1, 1, 1)
+    }
+    assert "1 x 1 p50:" in result.stdout and "32 x 1" not in result.stdout, result.stdout
 
 
 @pytest.mark.timeout(400)
