@@ -108,14 +108,12 @@ def test_closed_loop_from_one_connection_and_from_many(canned):
     assert text.splitlines()[2:] == ["a     1.5", "bb      -"]
 
 
-@pytest.mark.timeout(600)
-def test_make_bench_runs_every_scenario_from_one_connection_and_from_eight(
-    trained_repository, mnist_path, tmp_path
-):
+def short_bench(repository, mnist_path, tmp_path, *flags: str, timeout: float = 540):
+    """`make bench` in short slices with `flags`: (its output, the figures of its --json)."""
     result = run_module(
         "bench.bench_serving",
         "--model-repository",
-        str(trained_repository),
+        str(repository),
         "--no-int8",
         "--seconds",
         "0.4",
@@ -123,15 +121,23 @@ def test_make_bench_runs_every_scenario_from_one_connection_and_from_eight(
         "1",
         "--in-process-seconds",
         "0.2",
-        "--variant",
-        "one-thread=--intra-op-threads 1",
         "--json",
         str(tmp_path / "b.json"),
+        *flags,
         mnist_path=mnist_path,
-        timeout=540,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads((tmp_path / "b.json").read_text())
+    return result.stdout, json.loads((tmp_path / "b.json").read_text())
+
+
+@pytest.mark.timeout(600)
+def test_make_bench_runs_every_scenario_from_one_connection_and_from_eight(
+    trained_repository, mnist_path, tmp_path
+):
+    output, figures = short_bench(
+        trained_repository, mnist_path, tmp_path, "--variant", "one-thread=--intra-op-threads 1"
+    )
     seen = {
         (r["target"], r["callers"], r["images_per_call"], r["connections"])
         for r in figures["results"]
@@ -150,35 +156,18 @@ def test_make_bench_runs_every_scenario_from_one_connection_and_from_eight(
         "mnist-serve's layers add",
         "errors: 0: met",
     ):
-        assert goal in result.stdout, result.stdout
+        assert goal in output, output
 
 
 @pytest.mark.timeout(300)
 def test_one_scenario_alone_for_quick_comparisons(trained_repository, mnist_path, tmp_path):
-    result = run_module(
-        "bench.bench_serving",
-        "--model-repository",
-        str(trained_repository),
-        "--no-int8",
-        "--scenario",
-        "1x1/1",
-        "--seconds",
-        "0.4",
-        "--rounds",
-        "1",
-        "--in-process-seconds",
-        "0.2",
-        "--json",
-        str(tmp_path / "b.json"),
-        mnist_path=mnist_path,
-        timeout=240,
+    output, figures = short_bench(
+        trained_repository, mnist_path, tmp_path, "--scenario", "1x1/1", timeout=240
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads((tmp_path / "b.json").read_text())
     assert {(r["callers"], r["images_per_call"], r["connections"]) for r in figures["results"]} == {
         (1, 1, 1)
     }
-    assert "1 x 1 p50:" in result.stdout and "32 x 1" not in result.stdout, result.stdout
+    assert "1 x 1 p50:" in output and "32 x 1" not in output, output
 
 
 @pytest.mark.timeout(400)
