@@ -27,10 +27,10 @@ RAW_DTYPES = {"FP32": "<f4", "UINT8": "u1"}
 
 
 class NaiveInference(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, model_path: str) -> None:
+    def __init__(self, model_path: str, options: ort.SessionOptions | None = None) -> None:
         self.session = ort.InferenceSession(
-            model_path, providers=["CPUExecutionProvider"]
-        )  # default threads
+            model_path, options, providers=["CPUExecutionProvider"]
+        )  # default threads unless `options` say otherwise
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
