@@ -9,6 +9,7 @@ import pytest
 from serving.inference.errors import InvalidInput
 from serving.inputs.wire import (
     check_kserve_request,
+    decode_common_kserve_input,
     decode_kserve_input,
     decode_raw_pixels,
 )
@@ -149,3 +150,73 @@ def test_kserve_request_structure() -> None:
     )
     check_kserve_request(1, 1, ["probabilities"])
     check_kserve_request(1, 0, [])
+
+
+# Values at the edges of [0, 1] as float32, and the bit patterns around them: the common-request
+# path judges them by their bits, the full checks by their values; the two must agree.
+EDGE_VALUES = [
+    0.0,
+    -0.0,
+    1.0,
+    np.nextafter(np.float32(1.0), np.float32(2.0)),
+    np.float32(1e-45),
+    -np.float32(1e-45),
+    0.5,
+    -0.5,
+    2.0,
+    np.inf,
+    -np.inf,
+    np.nan,
+    -np.float32(np.nan),
+]
+
+
+def full_decode(shape, raw, datatype="FP32", name="images"):
+    """decode_kserve_input's answer: the batch, or the message of its InvalidInput."""
+    try:
+        return decode_kserve_input(name, datatype, shape, raw, [], [], 64)
+    except InvalidInput as error:
+        return str(error)
+
+
+@pytest.mark.parametrize("value", EDGE_VALUES)
+def test_common_path_agrees_with_the_full_checks_on_edge_values(digits: np.ndarray, value) -> None:
+    floats = (digits[:2].astype("<f4") / np.float32(255.0))[..., None]
+    floats[1, 3, 4, 0] = value
+    raw = floats.tobytes()
+    full = full_decode([2, 28, 28, 1], raw)
+    common = decode_common_kserve_input("images", "FP32", [2, 28, 28, 1], raw, 64)
+    if common is None:  # the full checks decide: an error, or -0.0 (in range, sign bit set)
+        assert isinstance(full, str) or value == 0.0
+    else:
+        assert not isinstance(full, str)
+        np.testing.assert_array_equal(common, full)
+        assert common.dtype == np.float32 and common.shape == (2, 28, 28, 1)
+    # An in-range value always takes the common path, except -0.0 (its sign bit is set).
+    in_range = bool(0.0 <= value <= 1.0)
+    assert (common is not None) == (in_range and not np.signbit(np.float32(value)))
+
+
+@pytest.mark.parametrize(
+    "shape, nbytes, datatype, name",
+    [
+        ([1, 784], 3136, "FP32", "images"),  # accepted, but not the common shape
+        ([1, 28, 28], 3136, "FP32", "images"),
+        ([0, 28, 28, 1], 0, "FP32", "images"),
+        ([65, 28, 28, 1], 65 * 3136, "FP32", "images"),
+        ([1, 28, 28, 1], 3135, "FP32", "images"),
+        ([1, 28, 28, 1], 3136, "INT32", "images"),
+        ([1, 28, 28, 1], 3136, "FP32", "input_1"),
+        ([1, 28, 28, 1, 1], 3136, "FP32", "images"),
+    ],
+)
+def test_common_path_leaves_everything_else_to_the_full_checks(
+    shape, nbytes, datatype, name
+) -> None:
+    assert decode_common_kserve_input(name, datatype, shape, bytes(nbytes), 64) is None
+
+
+def test_common_path_decodes_uint8_as_the_full_checks_do(digits: np.ndarray) -> None:
+    raw = digits[:3].tobytes()
+    common = decode_common_kserve_input("images", "UINT8", [3, 28, 28, 1], raw, 64)
+    np.testing.assert_array_equal(common, full_decode([3, 28, 28, 1], raw, "UINT8"))

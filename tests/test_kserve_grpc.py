@@ -120,6 +120,16 @@ BAD_KSERVE = [
         "3135 bytes",
     ),
     (
+        "out of range",
+        "FP32",
+        [1, 28, 28, 1],
+        np.full(784, 1.5, "<f4").tobytes(),
+        "mnist",
+        "",
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "holds 1.5 at image 0, pixel 0, outside [0, 1]",
+    ),
+    (
         "NaN",
         "FP32",
         [1, 28, 28, 1],

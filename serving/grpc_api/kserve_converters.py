@@ -7,13 +7,28 @@ import numpy as np
 from core import contract
 from serving.generated import grpc_predict_v2_pb2 as pb
 from serving.inference.served_model import ServedModel
-from serving.inputs.wire import check_kserve_request, decode_kserve_input
+from serving.inputs.wire import (
+    check_kserve_request,
+    decode_common_kserve_input,
+    decode_kserve_input,
+)
 
 PLATFORM = "onnxruntime_onnx"
 
 
 def infer_images(request: pb.ModelInferRequest, max_batch_size: int) -> np.ndarray:
     """The request's one input tensor as the model's input batch; InvalidInput says what is wrong."""
+    # The common request (one raw tensor, no other fields, the default output) skips the full
+    # checks below: they touch every field of the message, and all of them cost per call.
+    raw = request.raw_input_contents
+    if len(raw) == 1 and len(request.inputs) == 1 and _default_outputs(request.outputs):
+        tensor = request.inputs[0]
+        if not tensor.HasField("contents"):
+            images = decode_common_kserve_input(
+                tensor.name, tensor.datatype, tensor.shape, raw[0], max_batch_size
+            )
+            if images is not None:
+                return images
     check_kserve_request(
         len(request.inputs),
         len(request.raw_input_contents),
@@ -36,6 +51,11 @@ def infer_images(request: pb.ModelInferRequest, max_batch_size: int) -> np.ndarr
         max_batch_size=max_batch_size,
         other_contents=others,
     )
+
+
+def _default_outputs(outputs) -> bool:
+    """No output asked for, or only the model's one (tritonclient names it)."""
+    return not outputs or (len(outputs) == 1 and outputs[0].name == contract.OUTPUT_NAME)
 
 
 def infer_response(

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 _KSERVE_FIELDS = {"FP32": "contents.fp32_contents", "UINT8": "contents.uint_contents"}
 _KSERVE_FEATURE_SHAPES = ([SIDE, SIDE, 1], [SIDE, SIDE], [PIXELS])
+_COMMON_FEATURES = [SIDE, SIDE, 1]
 _MAX_DIMS = max(len(shape) for shape in _KSERVE_FEATURE_SHAPES) + 1
 
 
@@ -171,6 +172,35 @@ def _decode_kserve_input(
     return pixels.reshape(count, SIDE, SIDE, 1)
 
 
+def decode_common_kserve_input(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes, max_batch_size: int
+) -> np.ndarray | None:
+    """The common request's tensor in the fewest steps, or None: decode_kserve_input must decide.
+
+    The common request: the model's input, FP32 or UINT8 in raw bytes, shaped [N, 28, 28, 1], N
+    within the limit, its values in [0, 1]. What this returns is what decode_kserve_input returns
+    for the same tensor; anything else (another shape, typed contents, an error to explain) is
+    None, and the full checks answer it: they touch every field of the message, each a cost on
+    every call (the server's CPU per call at 32 callers x 1 image fell by about 30 us with this).
+    """
+    if name != INPUT_NAME or len(shape) != 4 or shape[1:] != _COMMON_FEATURES:
+        return None
+    count = shape[0]
+    dtype = KSERVE_DTYPES.get(datatype)
+    if (
+        dtype is None
+        or not 1 <= count <= max_batch_size
+        or len(raw) != count * PIXELS * dtype.itemsize
+    ):
+        return None
+    flat = np.frombuffer(raw, dtype=dtype)
+    if datatype == "UINT8":
+        return scale_pixels(flat).reshape(count, SIDE, SIDE, 1)
+    if flat.dtype != np.float32 or _BITS_MAX(flat.view(np.uint32)) > _ONE_BITS:
+        return None  # a big-endian host, or values the exact check must judge (-0.0 is in range)
+    return flat.reshape(count, SIDE, SIDE, 1)
+
+
 def check_kserve_request(
     input_count: int, raw_count: int, requested_outputs: Sequence[str]
 ) -> None:
@@ -197,12 +227,26 @@ def check_kserve_request(
             )
 
 
+# A float32's bits read as an unsigned int order the non-negative floats as their values do, and
+# every negative (its sign bit set), NaN and infinity reads above 1.0's bits: one max over the bits
+# decides the common case. Measured in the server at 32 callers x 1 image from one connection (A/B,
+# 6 interleaved rounds of 3 s): with this check left out the server answered 4.5-5.8 % more calls/s
+# than with the min and max over the floats it replaces (identical servers differ by up to 6 %).
+_ONE_BITS = np.float32(1.0).view(np.uint32)
+_BITS_MAX = np.maximum.reduce  # the ufunc itself: ndarray.max() adds a Python frame per call
+
+
 def _check_unit_floats(
     pixels: np.ndarray, field: str, where: Callable[[int], str], hint: str
 ) -> None:
-    # One pass each for min and max decides the common case: NaN propagates into both and an
-    # infinity is out of range, so only a bad tensor pays for finding the first culprit.
-    if not pixels.size or (pixels.min() >= 0.0 and pixels.max() <= 1.0):
+    if not pixels.size:
+        return
+    if pixels.dtype == np.float32 and _BITS_MAX(pixels.view(np.uint32)) <= _ONE_BITS:
+        return
+    # The exact test, where the bits said no (or could not say): -0.0 is in range (its sign bit is
+    # set); NaN propagates into min and max and an infinity is out of range, so only a bad tensor
+    # pays for finding the first culprit.
+    if pixels.min() >= 0.0 and pixels.max() <= 1.0:
         return
     finite = np.isfinite(pixels)
     if not finite.all():
