@@ -188,3 +188,95 @@ def test_a_worker_is_busy_on_the_board_from_its_first_run_to_its_last() -> None:
     assert board[0] == math.inf and not other.others_idle()
     mine.finished()
     assert board[0] < math.inf
+
+
+class Recorder:
+    """A BatchObserver that keeps what the batcher reported."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[int, int]] = []
+        self.finished: list[int] = []
+        self.dropped: list[str] = []
+
+    def batch_started(self, images: int, requests: int, waits: list[float]) -> None:
+        self.started.append((images, requests))
+
+    def batch_finished(self, images: int, seconds: float) -> None:
+        self.finished.append(images)
+
+    def request_dropped(self, reason: str) -> None:
+        self.dropped.append(reason)
+
+    def queue_depth(self, requests: int) -> None: ...
+
+
+def _saturated(model, observer=None) -> DynamicBatcher:
+    """A batcher whose loop reads as saturated, with a second core free: lone images leave it."""
+    clocks = Clocks()
+    load = LoopLoad(lambda: clocks.cpu, lambda: clocks.wall)
+    clocks.spend(LoopLoad.WINDOW * 2, busy=0.95)
+    return DynamicBatcher(
+        model, max_batch_size=4, parallel=lambda: 2, loop_load=load, observer=observer
+    )
+
+
+def test_a_lone_image_in_the_thread_is_a_batch_and_later_calls_form_the_next() -> None:
+    async def scenario() -> tuple[GatedModel, Recorder]:
+        model, observer = GatedModel(), Recorder()
+        batcher = _saturated(model, observer)
+        batcher.start()
+        lone = asyncio.ensure_future(batcher.submit(_images(0, 1)))
+        await _wait_started(model, 1)
+        # Arrivals while it runs queue (it counts as the running batch) and go together after it.
+        rest = [asyncio.ensure_future(batcher.submit(_images(k * 3_000, 1))) for k in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        assert model.sizes == [1] and not lone.done()
+        model.gate.set()
+        np.testing.assert_array_equal(await lone, _expected(_images(0, 1)))
+        for k, task in zip((1, 2, 3), rest, strict=True):
+            np.testing.assert_array_equal(await task, _expected(_images(k * 3_000, 1)))
+        await batcher.close()
+        return model, observer
+
+    model, observer = asyncio.run(scenario())
+    assert model.sizes == [1, 3] and all(t.startswith("inference") for t in model.threads)
+    assert observer.started == [(1, 1), (3, 3)] and observer.finished == [1, 3]
+
+
+def test_a_lone_image_in_the_thread_survives_its_caller_and_close_waits_for_it() -> None:
+    async def scenario() -> tuple[GatedModel, Recorder]:
+        model, observer = GatedModel(), Recorder()
+        batcher = _saturated(model, observer)
+        batcher.start()
+        gone = asyncio.ensure_future(batcher.submit(_images(0, 1)))
+        await _wait_started(model, 1)
+        gone.cancel()  # the caller goes away: the run goes on, and still counts as running
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(batcher.submit(_images(5_000, 1)))
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        assert model.sizes == [1] and not closing.done() and not waiting.done()
+        model.gate.set()
+        await closing
+        np.testing.assert_array_equal(await waiting, _expected(_images(5_000, 1)))
+        assert gone.cancelled()
+        return model, observer
+
+    model, observer = asyncio.run(scenario())
+    assert model.sizes == [1, 1] and observer.finished == [1, 1]
+
+
+def test_a_failing_lone_image_in_the_thread_fails_its_caller_only() -> None:
+    def broken(images: np.ndarray) -> np.ndarray:
+        raise RuntimeError("the model broke")
+
+    async def scenario() -> None:
+        batcher = _saturated(broken)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="the model broke"):
+            await batcher.submit(_images(0, 1))
+        with pytest.raises(RuntimeError, match="the model broke"):  # the next one runs too
+            await batcher.submit(_images(0, 1))
+        await batcher.close()  # the failures were the callers'; closing raises nothing
+
+    asyncio.run(scenario())

@@ -137,7 +137,7 @@ class DynamicBatcher:
         self._worker: asyncio.Task | None = None
         self._closing = False
         self._running = 0  # batches being run (on the loop or in the threads)
-        self._batches: set[asyncio.Task] = set()
+        self._batches: set[asyncio.Future] = set()  # batch tasks, and lone images' thread runs
         self._loop_load = loop_load or LoopLoad()
 
     def start(self) -> None:
@@ -156,8 +156,10 @@ class DynamicBatcher:
             raise ValueError(
                 f"{len(images)} images exceed the batch limit of {self.max_batch_size}"
             )
-        if len(images) == 1 and self.run_lone_inline and self._idle() and self._inline_pays():
-            return self._run_alone(images, deadline)
+        if len(images) == 1 and self.run_lone_inline and self._idle():
+            if self._inline_pays():
+                return self._run_alone(images, deadline)
+            return await self._run_alone_in_thread(images, deadline)
         future = asyncio.get_running_loop().create_future()
         trace = tracing.queued() if tracing.on else None
         self._queue.append(_Pending(images, future, time.monotonic(), deadline, trace))
@@ -201,6 +203,40 @@ class DynamicBatcher:
         self._observer.batch_finished(len(images), time.monotonic() - started)
         return outputs
 
+    async def _run_alone_in_thread(self, images: np.ndarray, deadline: float | None) -> np.ndarray:
+        """A batch of one request, run in a thread straight from the caller's task (the loop is busy).
+
+        The queue's path would add the worker's and the batch task's turns of the loop, a future and
+        the queue's bookkeeping to the thread's round trip (measured at 32 callers x 1 image from one
+        connection, where most lone images leave the loop: 2.6 % more calls/s, within the noise of
+        such runs). Calls that arrive meanwhile queue, and the worker runs them as the next batch
+        once this one is done.
+        """
+        if deadline is not None and deadline <= time.monotonic():
+            self._observer.request_dropped("deadline")
+            raise DeadlinePassed("the deadline passed before the request could run")
+        self._observer.batch_started(len(images), 1, [0.0])
+        infer = self._infer
+        if tracing.on:
+            calls = [tracing.queued()]
+            infer = lambda images: self._traced(calls, images, self._infer)  # noqa: E731
+        self._running += 1
+        run = asyncio.get_running_loop().run_in_executor(self._executor, infer, images)
+        started = time.monotonic()
+        # Done (answered or failed) when the thread is, whatever happens to the caller meanwhile;
+        # close() waits for it as for the batches.
+        self._batches.add(run)
+        run.add_done_callback(lambda run: self._alone_done(run, len(images), started))
+        return await asyncio.shield(run)  # a caller that goes away does not end the run early
+
+    def _alone_done(self, run: asyncio.Future, images: int, started: float) -> None:
+        self._batches.discard(run)
+        self._running -= 1
+        if not run.cancelled() and run.exception() is None:
+            self._observer.batch_finished(images, time.monotonic() - started)
+        if self._queue:
+            self._arrived.set()  # the worker runs what queued meanwhile
+
     @staticmethod
     def _traced(
         calls: list, images: np.ndarray, infer: Callable[[np.ndarray], np.ndarray]
@@ -224,7 +260,7 @@ class DynamicBatcher:
         if self._worker:
             await self._worker
         if self._batches:
-            await asyncio.gather(*self._batches)
+            await asyncio.gather(*self._batches, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     async def _run(self) -> None:
