@@ -220,13 +220,19 @@ def _saturated(model, observer=None) -> DynamicBatcher:
     )
 
 
+async def _lone_image_running() -> tuple[GatedModel, Recorder, DynamicBatcher, asyncio.Future]:
+    """A saturated batcher whose lone image 0 is inside the (gated) model, on its thread."""
+    model, observer = GatedModel(), Recorder()
+    batcher = _saturated(model, observer)
+    batcher.start()
+    lone = asyncio.ensure_future(batcher.submit(_images(0, 1)))
+    await _wait_started(model, 1)
+    return model, observer, batcher, lone
+
+
 def test_a_lone_image_in_the_thread_is_a_batch_and_later_calls_form_the_next() -> None:
     async def scenario() -> tuple[GatedModel, Recorder]:
-        model, observer = GatedModel(), Recorder()
-        batcher = _saturated(model, observer)
-        batcher.start()
-        lone = asyncio.ensure_future(batcher.submit(_images(0, 1)))
-        await _wait_started(model, 1)
+        model, observer, batcher, lone = await _lone_image_running()
         # Arrivals while it runs queue (it counts as the running batch) and go together after it.
         rest = [asyncio.ensure_future(batcher.submit(_images(k * 3_000, 1))) for k in (1, 2, 3)]
         await asyncio.sleep(0.05)
@@ -245,11 +251,7 @@ def test_a_lone_image_in_the_thread_is_a_batch_and_later_calls_form_the_next() -
 
 def test_a_lone_image_in_the_thread_survives_its_caller_and_close_waits_for_it() -> None:
     async def scenario() -> tuple[GatedModel, Recorder]:
-        model, observer = GatedModel(), Recorder()
-        batcher = _saturated(model, observer)
-        batcher.start()
-        gone = asyncio.ensure_future(batcher.submit(_images(0, 1)))
-        await _wait_started(model, 1)
+        model, observer, batcher, gone = await _lone_image_running()
         gone.cancel()  # the caller goes away: the run goes on, and still counts as running
         await asyncio.sleep(0.05)
         waiting = asyncio.ensure_future(batcher.submit(_images(5_000, 1)))
