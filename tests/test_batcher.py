@@ -330,6 +330,34 @@ def test_a_lone_image_runs_on_the_loop_and_batches_in_the_worker_thread():
     assert on_loop == threading.main_thread().name and in_worker.startswith("inference")
 
 
+def test_the_thread_that_finishes_a_batch_starts_the_next_one_while_the_loop_is_busy():
+    """A chain of batches: what queued during a batch runs next on the same inference thread,
+    with no turn of the event loop in between (the loop is blocked here while it starts)."""
+
+    async def scenario():
+        gate = threading.Event()
+        model = RecordingModel(gate=gate)
+        batcher = DynamicBatcher(model, max_batch_size=2)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(batch_of(1.0, count=2)))
+        await model.running()
+        second = asyncio.ensure_future(batcher.submit(batch_of(2.0, count=2)))
+        await queued(first, second)
+        model.entered.clear()
+        gate.set()
+        # Blocking the loop: only the thread itself can take the second batch now.
+        assert model.entered.wait(HANG), "the second batch waited for the event loop"
+        answers = await asyncio.gather(first, second)
+        await batcher.close()
+        return model, answers
+
+    model, (first, second) = run(scenario())
+    assert len(set(model.threads)) == 1 and model.threads[0].startswith("inference")
+    assert [len(b) for b in model.batches] == [2, 2]
+    np.testing.assert_array_equal(first[:, 0], [784.0, 784.0])
+    np.testing.assert_array_equal(second[:, 0], [2 * 784.0, 2 * 784.0])
+
+
 def test_close_answers_everything_queued_and_running_before_it_returns():
     async def scenario():
         gate = threading.Event()

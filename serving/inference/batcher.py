@@ -24,6 +24,13 @@ form the next batch.
 faster, but it left waiting calls in gRPC's own queues, beyond shedding and
 draining.)
 
+A thread that finishes a batch takes the next one itself while calls wait (a chain of batches),
+instead of handing the answers to the loop and waiting for the loop to hand it the next batch:
+under load the loop is busy receiving calls, and each such round trip left the thread idle.
+Measured at 8 callers x 64 images from one connection (2 cores, one worker busy, batches on one
+onnxruntime thread each): 1.1-1.6 ms idle per 2.7 ms batch with the round trip, each inference
+thread busy 0.69-0.74 of the time. The loop still answers every call (one wake-up per batch).
+
 Two exceptions use the cores that other --workers leave idle (`parallel`, the
 number of batches that may run at once now; serving.inference.activity):
 - a lone image leaves the loop for the thread when the loop itself is the
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -130,6 +138,10 @@ class DynamicBatcher:
         self.run_lone_inline = run_lone_inline
         self._observer = observer or _NoObserver()
         self._queue: deque[_Pending] = deque()
+        # The queue is taken from by the loop and by inference threads (chains of batches):
+        # appends, takes and the image count change under this lock.
+        self._queue_lock = threading.Lock()
+        self._queued = 0  # images in the queue
         self._arrived = asyncio.Event()
         self._parallel = parallel
         threads = 1 if parallel is None else max(1, len(os.sched_getaffinity(0)))
@@ -162,7 +174,9 @@ class DynamicBatcher:
             return await self._run_alone_in_thread(images, deadline)
         future = asyncio.get_running_loop().create_future()
         trace = tracing.queued() if tracing.on else None
-        self._queue.append(_Pending(images, future, time.monotonic(), deadline, trace))
+        with self._queue_lock:
+            self._queue.append(_Pending(images, future, time.monotonic(), deadline, trace))
+            self._queued += len(images)
         self._observer.queue_depth(len(self._queue))
         self._arrived.set()
         try:
@@ -274,17 +288,17 @@ class DynamicBatcher:
                 continue
             if self.max_queue_delay > 0 and not self._closing and not self._running:
                 await self._wait_for_company()
-            batch = self._take_batch()
+            batch = self._take_batch(self._expire)
             if not batch:
                 continue
             self._running += 1
-            if self._parallel is None:  # one batch at a time: run it here
+            if self._parallel is None:  # one batch at a time: run it (and its chain) here
                 try:
-                    await self._run_batch(batch, loop)
+                    await self._run_chain(batch, loop)
                 finally:
                     self._running -= 1
                 continue
-            task = loop.create_task(self._run_batch(batch, loop))
+            task = loop.create_task(self._run_chain(batch, loop))
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
 
@@ -292,50 +306,86 @@ class DynamicBatcher:
         """Nothing runs, or a full batch waits and another core is free for it."""
         if not self._running:
             return True
-        return self._running < self._slots() and self._queued_images() >= self.max_batch_size
+        return self._running < self._slots() and self._queued >= self.max_batch_size
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._batches.discard(task)
         self._running -= 1
         self._arrived.set()  # the worker may start the next batch
 
-    async def _run_batch(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+    async def _run_chain(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        """Run `batch`, then, in the same thread, the batches that queued meanwhile (_chain)."""
+        if (
+            len(batch) == 1
+            and len(batch[0].images) == 1
+            and self.run_lone_inline
+            and not self._queue
+            and self._running == 1
+            and self._inline_pays()
+        ):
+            # A lone image on an idle server: the thread hand-off would cost more than the model.
+            self._answer(batch, *self._compute(batch))
+            return
+        await loop.run_in_executor(self._executor, self._chain, batch, loop)
+
+    def _chain(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        """On an inference thread: run batches until none may follow; the loop answers each."""
+        expire = lambda pending: loop.call_soon_threadsafe(self._expire, pending)  # noqa: E731
+        while batch:
+            loop.call_soon_threadsafe(self._answer, batch, *self._compute(batch))
+            batch = self._take_batch(expire) if self._may_follow() else []
+
+    def _may_follow(self) -> bool:
+        """Whether a thread that finished a batch takes the next: as the worker would start it
+        (_may_start, with this chain's slot free), and never a partial batch that
+        --max-queue-delay asks to wait for company (the worker waits for it)."""
+        if not self._queue:
+            return False
+        full = self._queued >= self.max_batch_size
+        if self.max_queue_delay > 0 and not full and not self._closing:
+            return False
+        return self._running == 1 or (self._running <= self._slots() and full)
+
+    def _compute(self, batch: list[_Pending]) -> tuple[np.ndarray | None, Exception | None]:
+        """Run one batch (on the loop or a thread): its outputs, or the error its callers get."""
         started = time.monotonic()
         images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         self._observer.batch_started(len(images), len(batch), [started - p.enqueued for p in batch])
-        infer = self._infer
-        if tracing.on:
-            calls = [p.trace for p in batch]
-            infer = lambda images: self._traced(calls, images, self._infer)  # noqa: E731
         try:
-            if (
-                len(images) == 1
-                and self.run_lone_inline
-                and not self._queue
-                and self._running == 1
-                and self._inline_pays()
-            ):
-                # A lone image on an idle server: the thread hand-off would cost more than the model.
-                outputs = infer(images)
+            if tracing.on:
+                outputs = self._traced([p.trace for p in batch], images, self._infer)
             else:
-                outputs = await loop.run_in_executor(self._executor, infer, images)
+                outputs = self._infer(images)
         except Exception as err:  # noqa: BLE001 - the failure belongs to the callers, not the worker
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(err)
-            return
+            return None, err
         self._observer.batch_finished(len(images), time.monotonic() - started)
+        return outputs, None
+
+    @staticmethod
+    def _answer(batch: list[_Pending], outputs: np.ndarray | None, error: Exception | None) -> None:
+        """On the loop: each caller's share of the outputs, or the batch's error."""
         offset = 0
         for pending in batch:
             count = len(pending.images)
-            if not pending.future.done():
-                pending.future.set_result(outputs[offset : offset + count])
+            if not pending.future.done():  # its caller may have gone meanwhile
+                if error is not None:
+                    pending.future.set_exception(error)
+                else:
+                    pending.future.set_result(outputs[offset : offset + count])
             offset += count
+
+    @staticmethod
+    def _expire(pending: _Pending) -> None:
+        """On the loop: a request whose deadline passed while it was queued."""
+        if not pending.future.done():
+            pending.future.set_exception(
+                DeadlinePassed("the deadline passed while the request was queued")
+            )
 
     async def _wait_for_company(self) -> None:
         """Hold a partial batch until it fills or its oldest request has waited max_queue_delay."""
         oldest = self._queue[0].enqueued
-        while self._queued_images() < self.max_batch_size:
+        while self._queued < self.max_batch_size:
             remaining = oldest + self.max_queue_delay - time.monotonic()
             if remaining <= 0:
                 return
@@ -345,31 +395,33 @@ class DynamicBatcher:
             except asyncio.TimeoutError:
                 return
 
-    def _queued_images(self) -> int:
-        return sum(len(p.images) for p in self._queue)
-
-    def _take_batch(self) -> list[_Pending]:
-        """Pop requests in arrival order while they fit; drop the cancelled and the expired."""
+    def _take_batch(self, expire: Callable[[_Pending], None]) -> list[_Pending]:
+        """Pop requests in arrival order while they fit; drop the cancelled and the expired
+        (`expire` fails an expired one's caller, from the loop)."""
         batch: list[_Pending] = []
         size = 0
         now = time.monotonic()
-        while self._queue:
-            pending = self._queue[0]
-            if pending.future.done():  # cancelled by its caller while queued
-                self._queue.popleft()
-                self._observer.request_dropped("cancelled")
-                continue
-            if pending.deadline is not None and pending.deadline <= now:
-                self._queue.popleft()
-                pending.future.set_exception(
-                    DeadlinePassed("the deadline passed while the request was queued")
-                )
-                self._observer.request_dropped("deadline")
-                continue
-            if size + len(pending.images) > self.max_batch_size:
-                break
-            self._queue.popleft()
-            batch.append(pending)
-            size += len(pending.images)
-        self._observer.queue_depth(len(self._queue))
+        with self._queue_lock:
+            while self._queue:
+                pending = self._queue[0]
+                if pending.future.done():  # cancelled by its caller while queued
+                    self._pop()
+                    self._observer.request_dropped("cancelled")
+                    continue
+                if pending.deadline is not None and pending.deadline <= now:
+                    self._pop()
+                    expire(pending)
+                    self._observer.request_dropped("deadline")
+                    continue
+                if size + len(pending.images) > self.max_batch_size:
+                    break
+                batch.append(self._pop())
+                size += len(pending.images)
+            depth = len(self._queue)
+        self._observer.queue_depth(depth)
         return batch
+
+    def _pop(self) -> _Pending:
+        pending = self._queue.popleft()
+        self._queued -= len(pending.images)
+        return pending
