@@ -178,7 +178,13 @@ class DynamicBatcher:
             self._queue.append(_Pending(images, future, time.monotonic(), deadline, trace))
             self._queued += len(images)
         self._observer.queue_depth(len(self._queue))
-        self._arrived.set()
+        if not self._running or self._may_start():
+            # Else waking the worker would only show it that nothing may start yet: the running
+            # batch's end wakes it (_batch_done, _alone_done), or the chain takes this call.
+            # Measured at 32 x 1 from one connection (the loop is the bottleneck there), old and
+            # new code alternating, 3 rounds: the loop's CPU per call 0.40-0.54 ms against
+            # 0.47-0.56, 8-21 % more calls/s in each round (a machine with steal time: noisy).
+            self._arrived.set()
         try:
             return await future
         except asyncio.CancelledError:
