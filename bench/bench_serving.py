@@ -16,7 +16,8 @@ ModelInfer FP32 calls (raw_input_contents). Each runs, in alternating slices, ag
     naive synchronous server.
 The model's own ceiling is onnxruntime called in-process on the same batches, at several thread
 settings, measured between the rounds of the 8 x 64 scenarios (the best is the goal's reference).
-The load generator (bench/common.py) is this process, so on a small machine it competes with the
+The load generator (bench/common.py) is this process, or with `--generator tritonclient`
+tritonclient.grpc.aio in its own (bench/tritonclient_generator.py); on a small machine it competes with the
 servers for the cores: read ratios, not absolutes. Each server's CPU time (its processes, workers,
 all threads) over its slices is printed per call, beside the load generator's own.
 """
@@ -33,7 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import start_module_server, test_images, usable_cores
+from bench.common import (
+    measure,
+    measure_with_tritonclient,
+    start_module_server,
+    test_images,
+    usable_cores,
+)
 from bench.in_process import interleaved_in_process_table
 from bench.serving_report import report
 from bench.serving_scenarios import (
@@ -62,6 +69,10 @@ def parse_variants(texts: list[str]) -> dict[str, list[str]]:
             raise SystemExit(f"bench: error: --variant {text!r}: give NAME='FLAGS' with a new name")
         variants[name] = flags.split()
     return variants
+
+
+# --generator: who sends the calls (the figures must hold for any efficient load generator)
+GENERATORS = {"bench": measure, "tritonclient": measure_with_tritonclient}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,6 +118,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=[s.key for s in SCENARIOS],
         help="measure only this scenario (callers x images / connections; repeatable): "
         "for quick A/B runs; default: all of them",
+    )
+    parser.add_argument(
+        "--generator",
+        choices=sorted(GENERATORS),
+        default="bench",
+        help="the load generator: bench (bench/common.py: pre-serialized bytes, the lightest "
+        "client) or tritonclient (tritonclient.grpc.aio in its own process, as users' code calls: "
+        "more client CPU per call on the same cores)",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args(argv)
@@ -181,6 +200,7 @@ def run_scenarios(args, fp32, int8, variants, images: np.ndarray):
                 args.rounds,
                 args.seconds / args.rounds,
                 measure_slice if scenario.images == 64 else lambda: None,
+                GENERATORS[args.generator],
             )
     return results, ceilings_measured()
 
@@ -191,7 +211,8 @@ def header_line(args, fp32, int8, variants: dict[str, list[str]], load: float) -
         f"{' and ' + int8.name + ' v' + str(int8.version) if int8 else ''}; "
         f"{usable_cores()} cores, load average {load:.1f} at the start; {args.seconds:g} s per "
         f"scenario and server in {args.rounds} "
-        f"alternating slices; mnist-serve flags: {args.server_args or 'defaults'}"
+        f"alternating slices; load generator: {args.generator}; "
+        f"mnist-serve flags: {args.server_args or 'defaults'}"
         + "".join(f"; {name}: {' '.join(flags)}" for name, flags in variants.items())
     )
 

@@ -45,6 +45,7 @@ class Sample:
     errors: int
     seconds: float  # the measured window
     shed: int = 0
+    client_cpu_s: float = float("nan")  # the load generator's CPU time over the window
 
     @property
     def calls_per_s(self) -> float:
@@ -63,6 +64,7 @@ def merge(samples: Sequence[Sample]) -> Sample:
         sum(s.errors for s in samples),
         sum(s.seconds for s in samples),
         sum(s.shed for s in samples),
+        sum(s.client_cpu_s for s in samples),
     )
 
 
@@ -115,9 +117,15 @@ async def closed_loop(
         errors += sum(isinstance(reply, grpc.aio.AioRpcError) for reply in connected)
         measuring_from = time.perf_counter() + warmup
         until = measuring_from + seconds
-        if on_window is not None:
-            loop = asyncio.get_running_loop()
-            loop.call_at(loop.time() + warmup, on_window)
+        cpu: list[float] = []
+
+        def window() -> None:
+            cpu.append(time.process_time())
+            if on_window is not None:
+                on_window()
+
+        loop = asyncio.get_running_loop()
+        loop.call_at(loop.time() + warmup, window)
 
         async def caller(call, payloads: itertools.cycle) -> None:
             nonlocal errors, shed
@@ -132,16 +140,55 @@ async def closed_loop(
                     latencies.append(time.perf_counter() - now)
 
         await asyncio.gather(*(caller(stubs[use], cycles[k]) for k, use in enumerate(uses)))
-        if on_window is not None:
-            on_window()
+        window()
     finally:
         await asyncio.gather(*(channel.close() for channel in channels))
-    return Sample(tuple(latencies), errors, seconds, shed)
+    client_cpu = cpu[1] - cpu[0] if len(cpu) == 2 else float("nan")
+    return Sample(tuple(latencies), errors, seconds, shed, client_cpu)
 
 
 def measure(target: str, payload: bytes, **load) -> Sample:
     """closed_loop from synchronous code (a fresh event loop per measurement)."""
     return asyncio.run(closed_loop(target, payload, **load))
+
+
+def measure_with_tritonclient(
+    target: str,
+    payload: bytes,
+    *,
+    callers: int,
+    connections: int = 1,
+    seconds: float,
+    on_window: Callable[[], None] | None = None,
+) -> Sample:
+    """The same closed loop run by tritonclient.grpc.aio in its own process
+    (bench/tritonclient_generator.py): `on_window` is called as that process reports its window
+    opening and closing; its CPU time over the window is the load generator's."""
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".bin") as request:
+        request.write(payload)
+        request.flush()
+        command = [sys.executable, "-m", "bench.tritonclient_generator", target]
+        command += ["--payload", request.name, "--callers", str(callers)]
+        command += ["--connections", str(connections), "--seconds", str(seconds)]
+        with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True) as generator:
+            figures = None
+            for line in generator.stdout:
+                if line.startswith("window-"):
+                    if on_window is not None:
+                        on_window()
+                elif line.startswith("{"):
+                    figures = json.loads(line)
+        if generator.returncode or figures is None:
+            raise RuntimeError(f"bench.tritonclient_generator exited {generator.returncode}")
+    return Sample(
+        tuple(figures["latencies"]),
+        figures["errors"],
+        figures["seconds"],
+        client_cpu_s=figures["client_cpu_s"],
+    )
 
 
 async def rest_closed_loop(

@@ -5,7 +5,6 @@ server's figures (calls/s, images/s, p50/p99, CPU time per call, its own and the
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,30 +100,31 @@ def compare(
     rounds: int,
     seconds: float,
     between_rounds: Callable[[], None] = lambda: None,
+    generator: Callable[..., Sample] = measure,
 ) -> list[Result]:
     """Alternate short slices between the servers, so the machine's drifts hit all of them alike.
 
     `targets`: name -> (address, serialized request, server pid or None); `between_rounds` runs
-    after each round (the in-process ceilings, so that they are interleaved with the servers too).
+    after each round (the in-process ceilings, so that they are interleaved with the servers too);
+    `generator`: bench.common's measure (this process) or measure_with_tritonclient.
     """
     samples: dict[str, list[Sample]] = {name: [] for name in targets}
     server_cpu = dict.fromkeys(targets, 0.0)
     client_cpu = dict.fromkeys(targets, 0.0)
     for _ in range(rounds):
         for name, (target, payload, pid) in targets.items():
-            marks: list[tuple[float, float]] = []  # (server, client) CPU s: window opens, closes
-            samples[name].append(
-                measure(
-                    target,
-                    payload,
-                    callers=scenario.callers,
-                    connections=scenario.connections,
-                    seconds=seconds,
-                    on_window=lambda pid=pid: marks.append((cpu_seconds(pid), time.process_time())),
-                )
+            marks: list[float] = []  # the server's CPU s as the window opens and closes
+            sample = generator(
+                target,
+                payload,
+                callers=scenario.callers,
+                connections=scenario.connections,
+                seconds=seconds,
+                on_window=lambda pid=pid: marks.append(cpu_seconds(pid)),
             )
-            server_cpu[name] += marks[1][0] - marks[0][0]
-            client_cpu[name] += marks[1][1] - marks[0][1]
+            samples[name].append(sample)
+            server_cpu[name] += marks[1] - marks[0]
+            client_cpu[name] += sample.client_cpu_s
         between_rounds()
     return [
         summarize(name, scenario, merge(parts), server_cpu[name], client_cpu[name])

@@ -97,6 +97,7 @@ def test_closed_loop_from_one_connection_and_from_many(canned):
         sample = measure(canned, payload, callers=4, connections=connections, seconds=0.5)
         assert sample.errors == 0 and len(sample.latencies) > 10, sample
         assert 0 < percentile_ms(sample.latencies, 50) <= percentile_ms(sample.latencies, 99)
+        assert sample.client_cpu_s > 0, sample  # the generator's own CPU over the window
     refused = measure("127.0.0.1:1", payload, callers=1, seconds=0.2, timeout=0.5, warmup=0)
     assert refused.errors > 0 and not refused.latencies  # counted, never raised
 
@@ -106,6 +107,26 @@ def test_closed_loop_from_one_connection_and_from_many(canned):
         [{"name": "a", "x": 1.5}, {"name": "bb", "x": float("nan")}], [("name", ""), ("x", ".1f")]
     )
     assert text.splitlines()[2:] == ["a     1.5", "bb      -"]
+
+
+def test_the_tritonclient_generator_sends_the_same_request_from_its_own_process(canned):
+    from bench.bench_serving import infer_payload
+    from bench.common import measure_with_tritonclient, test_images
+
+    payload = infer_payload(test_images()[:3], "mnist")
+    windows = []
+    for connections in (1, 3):
+        sample = measure_with_tritonclient(
+            canned,
+            payload,
+            callers=4,
+            connections=connections,
+            seconds=0.5,
+            on_window=lambda: windows.append(connections),
+        )
+        assert sample.errors == 0 and len(sample.latencies) > 10, sample
+        assert sample.client_cpu_s > 0, sample
+    assert windows == [1, 1, 3, 3]  # the window opened and closed, as the process reported
 
 
 def short_bench(repository, mnist_path, tmp_path, *flags: str, timeout: float = 540):
@@ -168,6 +189,27 @@ def test_one_scenario_alone_for_quick_comparisons(trained_repository, mnist_path
         (1, 1, 1)
     }
     assert "1 x 1 p50:" in output and "32 x 1" not in output, output
+
+
+@pytest.mark.timeout(300)
+def test_make_bench_with_tritonclient_as_the_load_generator(
+    trained_repository, mnist_path, tmp_path
+):
+    output, figures = short_bench(
+        trained_repository,
+        mnist_path,
+        tmp_path,
+        "--scenario",
+        "8x64/8",
+        "--generator",
+        "tritonclient",
+        timeout=240,
+    )
+    assert "load generator: tritonclient" in output, output
+    results = figures["results"]
+    assert {r["target"] for r in results} == {"mnist-serve", "naive", "aio-inline", "canned"}
+    assert all(r["errors"] == 0 and r["requests_per_s"] > 0 for r in results), results
+    assert all(r["client_cpu_ms_per_call"] > 0 for r in results), results
 
 
 @pytest.mark.timeout(400)
