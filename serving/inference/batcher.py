@@ -308,11 +308,13 @@ class DynamicBatcher:
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
 
-    def _may_start(self) -> bool:
-        """Nothing runs, or a full batch waits and another core is free for it."""
-        if not self._running:
+    def _may_start(self, others: int | None = None) -> bool:
+        """Nothing else runs, or a full batch waits and another core is free for it (`others`:
+        the batches running besides the one to start; default: all that run)."""
+        others = self._running if others is None else others
+        if not others:
             return True
-        return self._running < self._slots() and self._queued >= self.max_batch_size
+        return others < self._slots() and self._queued >= self.max_batch_size
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._batches.discard(task)
@@ -347,10 +349,9 @@ class DynamicBatcher:
         --max-queue-delay asks to wait for company (the worker waits for it)."""
         if not self._queue:
             return False
-        full = self._queued >= self.max_batch_size
-        if self.max_queue_delay > 0 and not full and not self._closing:
+        if self.max_queue_delay > 0 and self._queued < self.max_batch_size and not self._closing:
             return False
-        return self._running == 1 or (self._running <= self._slots() and full)
+        return self._may_start(others=self._running - 1)
 
     def _compute(self, batch: list[_Pending]) -> tuple[np.ndarray | None, Exception | None]:
         """Run one batch (on the loop or a thread): its outputs, or the error its callers get."""
